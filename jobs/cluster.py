@@ -1,0 +1,34 @@
+"""Connecting to Ray: an existing cluster (--address / RAY_ADDRESS) or local Ray sized to this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+
+log = logging.getLogger("rayseg")
+
+
+def connect(address: str | None = None) -> float:
+    """Initialises Ray once per process; returns the seconds ray.init took.
+
+    With no address (and no RAY_ADDRESS), starts a local Ray with this machine's CPUs and
+    without the dashboard, which local runs don't need and which costs start-up time.
+    """
+    if ray.is_initialized():
+        return 0.0
+    started = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    seconds = time.perf_counter() - started
+    log.info("ray ready in %.1f s: %s", seconds, ray.cluster_resources())
+    return seconds
+
+
+def node_count() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))

@@ -1,0 +1,280 @@
+"""U-Net (Ronneberger et al., 2015): our own semantic segmentation network.
+
+A contracting path (two 3×3 conv blocks, 2×2 max-pool, channels doubling) and an
+expanding path (2×2 transposed-convolution upsampling, concatenation with the skip
+connection from the same level, two 3×3 conv blocks), then a 1×1 head with one channel
+per class. Convolutions are padded ("same"), so the output has the input's size; any input
+size is accepted by padding to a multiple of 2**depth and cropping back — the FCN property.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from .base import Segment
+from .categories import SHAPES, Category, parse_categories
+from .weights import RANDOM, WeightsError, check_sha256, read_bytes, warn_random
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Inputs are scaled to [0, 1] and normalised with ImageNet statistics, the usual choice.
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output length of a convolution along one axis: ⌊(n + 2p − d(k − 1) − 1) / s⌋ + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_transpose_output_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, output_padding: int = 0, dilation: int = 1
+) -> int:
+    """Output length of a transposed convolution along one axis: (n − 1)s − 2p + d(k − 1) + op + 1."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def padded_size(size: int, depth: int) -> int:
+    """Smallest multiple of 2**depth ≥ size: what `depth` poolings halve exactly."""
+    multiple = 2**depth
+    return -(-size // multiple) * multiple
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild the network; saved as config.json beside the weights.
+
+    categories: one per output channel, in channel order.
+    width: channels of the first level; level i has width * 2**i.
+    depth: number of poolings (the bottleneck is at 1 / 2**depth resolution).
+    """
+
+    categories: list[Category] = field(default_factory=lambda: list(SHAPES))
+    width: int = 16
+    depth: int = 4
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1 or self.in_channels < 1:
+            raise ValueError(f"U-Net width, depth and in_channels must be ≥ 1, got {self}")
+        if not self.categories:
+            raise ValueError("U-Net needs at least one category")
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["categories"] = [c.to_dict() for c in self.categories]
+        return json.dumps({"architecture": "unet", **data}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> UNetConfig:
+        data = json.loads(text)
+        if data.pop("architecture", "unet") != "unet":
+            raise WeightsError(f"config is not a U-Net config: {data}")
+        categories = parse_categories(data.pop("categories"))
+        unknown = set(data) - {"width", "depth", "in_channels"}
+        if unknown:
+            raise WeightsError(f"unknown U-Net config keys: {sorted(unknown)}")
+        return cls(categories=categories, **data)
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3×3 same-padded convolutions, each followed by batch norm and ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UpBlock(nn.Module):
+    """Transposed convolution ×2 upsampling, concatenation with the skip, conv block."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = ConvBlock(2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """float (N, C_in, H, W) → logits float (N, num_classes, H, W), for any H, W ≥ 1."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        widths = [config.width * 2**level for level in range(config.depth + 1)]
+        self.stem = ConvBlock(config.in_channels, widths[0])
+        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(config.depth))
+        self.up = nn.ModuleList(UpBlock(widths[i + 1], widths[i]) for i in reversed(range(config.depth)))
+        self.head = nn.Conv2d(widths[0], len(config.categories), kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        depth = self.config.depth
+        x = F.pad(x, (0, padded_size(width, depth) - width, 0, padded_size(height, depth) - height))
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2)))
+        x = skips.pop()
+        for block in self.up:
+            x = block(x, skips.pop())
+        return self.head(x)[..., :height, :width]
+
+
+def unet_weights_file(weights: str) -> str:
+    """The .safetensors file of a checkpoint given as its directory or as the file itself."""
+    base = weights.rstrip("/")
+    return base if base.endswith(".safetensors") else posixpath.join(base, WEIGHTS_FILE)
+
+
+def load_unet(weights: str, *, sha256: str | None = None, storage_options: dict | None = None) -> tuple[UNet, str | None]:
+    """Builds a U-Net from `weights` and returns it with the weights file's sha256.
+
+    weights: "random" (the shapes-dataset config, random init), a checkpoint directory
+    holding config.json + model.safetensors, or the .safetensors file itself with
+    config.json beside it — each a local path or an fsspec URI.
+    """
+    if weights == RANDOM:
+        warn_random("unet")
+        return UNet(UNetConfig()).eval(), None
+    weights_uri = unet_weights_file(weights)
+    config_uri = posixpath.join(posixpath.dirname(weights_uri), CONFIG_FILE)
+    config = UNetConfig.from_json(read_bytes(config_uri, storage_options).decode())
+    data = read_bytes(weights_uri, storage_options)
+    digest = check_sha256(data, sha256, weights_uri)
+    model = UNet(config)
+    try:
+        model.load_state_dict(load_safetensors(data))
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"{weights_uri} does not match its config {config_uri}: {e}") from e
+    return model.eval(), digest
+
+
+def save_unet(model: UNet, directory: str, storage_options: dict | None = None) -> str:
+    """Writes config.json + model.safetensors under `directory`; returns the weights' sha256."""
+    fs, root = fsspec.core.url_to_fs(directory, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    data = save_safetensors(state)
+    with fs.open(f"{root}/{WEIGHTS_FILE}", "wb") as f:
+        f.write(data)
+    with fs.open(f"{root}/{CONFIG_FILE}", "w") as f:
+        f.write(model.config.to_json())
+    return check_sha256(data, None, directory)
+
+
+class UNetSegmenter:
+    """The U-Net behind the model protocol: semantic output, one segment per class present.
+
+    A segment's score is the mean softmax probability of its class over its pixels.
+    """
+
+    name = "unet"
+    task = "semantic"
+
+    def __init__(
+        self,
+        network: UNet,
+        *,
+        device: torch.device | str = "cpu",
+        score_threshold: float = 0.0,
+        weights: str = RANDOM,
+        weights_sha256: str | None = None,
+    ):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.categories = network.config.categories
+        self.score_threshold = score_threshold
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
+        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors.
+
+        Images are grouped by size rather than padded together so an image's prediction
+        never depends on which other images share its batch.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.shape[:2], []).append(index)
+        return [
+            (indices, torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2))
+            for indices in groups.values()
+        ]
+
+    @torch.inference_mode()
+    def forward(self, batch: list[tuple[list[int], torch.Tensor]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Per size group: (indices, labels int64 (N, H, W), max probability float (N, H, W))."""
+        outputs = []
+        for indices, pixels in batch:
+            x = (pixels.to(self.device, non_blocking=True).float() - self._mean) / self._std
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                logits = self.network(x)
+            probabilities, labels = logits.float().softmax(dim=1).max(dim=1)
+            outputs.append((indices, labels, probabilities))
+        return outputs
+
+    def postprocess(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        results: list[list[Segment]] = [[] for _ in sizes]
+        for indices, labels, probabilities in raw:
+            num_classes = len(self.categories)
+            flat_labels = labels.flatten(1)
+            # Per image and class: pixel count and probability sum, in two scatter-adds.
+            counts = torch.zeros(len(indices), num_classes, device=labels.device).scatter_add_(
+                1, flat_labels, torch.ones_like(flat_labels, dtype=torch.float32)
+            )
+            sums = torch.zeros_like(counts).scatter_add_(1, flat_labels, probabilities.flatten(1))
+            scores = (sums / counts.clamp(min=1)).cpu().numpy()
+            counts = counts.cpu().numpy()
+            labels_host = labels.to(torch.uint8 if num_classes <= 256 else torch.int32).cpu().numpy()
+            for row, index in enumerate(indices):
+                for channel in np.flatnonzero(counts[row]):
+                    score = float(scores[row, channel])
+                    if score < self.score_threshold:
+                        continue
+                    results[index].append(
+                        Segment(self.categories[channel].id, score, labels_host[row] == channel)
+                    )
+        return results
+
+
+def build_unet(
+    weights: str = RANDOM,
+    *,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+) -> UNetSegmenter:
+    network, digest = load_unet(weights, sha256=weights_sha256, storage_options=storage_options)
+    return UNetSegmenter(
+        network,
+        device=device,
+        score_threshold=0.0 if score_threshold is None else score_threshold,
+        weights=weights,
+        weights_sha256=digest,
+    )

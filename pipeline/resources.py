@@ -1,0 +1,106 @@
+"""How many inference actors, with what CPUs and GPUs: defaults from the cluster, checked early.
+
+Two mistakes hang a Ray Data job instead of failing it, so both are refused here before any
+work starts: asking for GPUs on a cluster that has none, and giving the actor pool so many
+CPUs that no decode/encode task can ever run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class ResourceError(ValueError):
+    """A resource request this cluster can never satisfy."""
+
+
+# Decode and encode are short CPU tasks; half a CPU each lets two overlap per core (one
+# waiting on storage, one decoding) and, being unlike the actor's request, keeps decode a
+# separate stage instead of being fused into the actor.
+TASK_CPUS = 0.5
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The resolved request: actor pool size, per-actor CPUs/GPUs, batch size, torch threads."""
+
+    min_actors: int
+    max_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    batch_size: int
+    torch_threads: int
+    task_cpus: float = TASK_CPUS
+
+
+def parse_actors(value: str | int | None) -> tuple[int, int] | None:
+    """'N' or 'MIN:MAX' → (min, max); None stays None (use the default)."""
+    if value is None:
+        return None
+    text = str(value)
+    try:
+        low, _, high = text.partition(":")
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ResourceError(f"--actors takes N or MIN:MAX, got {text!r}") from None
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise ResourceError(f"--actors needs 1 ≤ MIN ≤ MAX, got {text!r}")
+    return bounds
+
+
+def plan_resources(
+    cluster: dict[str, float],
+    *,
+    nodes: int = 1,
+    actors: tuple[int, int] | None = None,
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float | None = None,
+    batch_size: int | None = None,
+) -> Resources:
+    """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
+
+    GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
+    CPU cluster: actors get half the CPUs (the rest decode and encode), batch 8.
+    """
+    cluster_cpus = cluster.get("CPU", 0.0)
+    cluster_gpus = cluster.get("GPU", 0.0)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster_gpus else 0.0
+    if gpus_per_actor < 0 or (cpus_per_actor is not None and cpus_per_actor <= 0):
+        raise ResourceError("--gpus-per-actor must be ≥ 0 and --cpus-per-actor > 0")
+    if gpus_per_actor > 0 and cluster_gpus == 0:
+        raise ResourceError(
+            f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs but the cluster has none; "
+            "use --gpus-per-actor 0 to run on CPUs"
+        )
+    if gpus_per_actor > 0:
+        default_actors = max(1, math.floor(cluster_gpus / gpus_per_actor))
+        cpus_per_actor = 1.0 if cpus_per_actor is None else cpus_per_actor
+    else:
+        if cpus_per_actor is None:
+            cpus_per_actor = max(min(cluster_cpus / 2, 8.0), 0.5)
+        default_actors = max(1, math.floor(cluster_cpus / 2 / cpus_per_actor))
+    min_actors, max_actors = actors or (1, default_actors)
+    if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
+        raise ResourceError(
+            f"{min_actors} actors × {gpus_per_actor:g} GPUs exceeds the cluster's {cluster_gpus:g} GPUs"
+        )
+    if max_actors * cpus_per_actor + TASK_CPUS > cluster_cpus:
+        raise ResourceError(
+            f"{max_actors} actors × {cpus_per_actor:g} CPUs leaves no CPU for decode/encode tasks "
+            f"on a cluster of {cluster_cpus:g} CPUs (the job would stall); lower --actors or --cpus-per-actor"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise ResourceError(f"--batch-size must be ≥ 1, got {batch_size}")
+    # On one machine a lone actor may use every core for torch's intra-op threads: the
+    # decode tasks are short and the forward pass dominates. Across nodes, its own share.
+    threads = math.floor(cluster_cpus / max_actors) if nodes == 1 else math.ceil(cpus_per_actor)
+    return Resources(
+        min_actors=min_actors,
+        max_actors=max_actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=batch_size or (16 if gpus_per_actor > 0 else 8),
+        torch_threads=max(1, threads),
+    )

@@ -1,0 +1,118 @@
+"""The pipeline as a Python API: a lazy `ray.data.Dataset` in, a lazy dataset of output rows out.
+
+    ds = read_source("s3://bucket/images")                # {image_id, uri}
+    rows = segment(ds, ModelSpec("unet", "weights/"), plan_resources(ray.cluster_resources()))
+    summary = write_run(rows, "s3://bucket/out", run_id=..., run_info={...})
+
+`segment` also takes a dataset of decoded images (`image` uint8 (H, W, 3), `image_id`,
+optional `uri`), e.g. from `ray.data.read_images`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy
+
+from ..models.registry import get_entry
+from ..models.weights import RANDOM, WeightsError
+from .decode import DEFAULT_MAX_PIXELS, decode_batch
+from .encode import encode_batch
+from .inference import SegmentImages
+from .resources import Resources
+from .schema import STATUS_OK
+from .storage import filesystem
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, from which weights, with which post-processing options."""
+
+    name: str
+    weights: str = RANDOM
+    weights_sha256: str | None = None
+    score_threshold: float | None = None
+
+
+def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSpec:
+    """`spec` with `weights_sha256` set to the checkpoint's digest, read once on the driver.
+
+    Checks the checkpoint exists (and matches a given sha256) before any actor starts, and
+    every actor then verifies the same digest, so all of them load identical weights.
+    """
+    entry = get_entry(spec.name)
+    if spec.weights == RANDOM:
+        return spec
+    uri = entry.weights_file(spec.weights)
+    digest = hashlib.sha256()
+    try:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise WeightsError(f"weights not found: {uri}") from None
+    actual = digest.hexdigest()
+    if spec.weights_sha256 is not None and actual != spec.weights_sha256.strip().lower():
+        raise WeightsError(f"sha256 mismatch for {uri}: expected {spec.weights_sha256}, got {actual}")
+    return replace(spec, weights_sha256=actual)
+
+
+def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows that arrive already decoded: status ok, size from the image."""
+    count = len(batch["image"])
+    return {
+        **batch,
+        "uri": batch.get("uri", np.full(count, None, dtype=object)),
+        "height": np.array([image.shape[0] for image in batch["image"]], dtype=np.int32),
+        "width": np.array([image.shape[1] for image in batch["image"]], dtype=np.int32),
+        "status": np.full(count, STATUS_OK, dtype=object),
+        "error": np.full(count, None, dtype=object),
+    }
+
+
+def segment(
+    dataset: ray.data.Dataset,
+    model: ModelSpec,
+    resources: Resources,
+    *,
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ray.data.Dataset:
+    """{image_id, uri} (or decoded `image`) rows → output rows (pipeline/schema.py), lazily.
+
+    Unless `model` is already pinned (`pin_weights`), checks its weights on the driver
+    first (WeightsError), so a bad checkpoint fails before any cluster work.
+    """
+    if model.weights_sha256 is None:
+        model = pin_weights(model, storage_options)
+    if "image" in dataset.columns():
+        decoded = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
+    else:
+        decoded = dataset.map_batches(
+            decode_batch,
+            fn_kwargs={"storage_options": storage_options, "max_pixels": max_pixels},
+            num_cpus=resources.task_cpus,
+            udf_modifying_row_count=False,
+        )
+    inferred = decoded.map_batches(
+        SegmentImages,
+        fn_constructor_args=(model.name, model.weights),
+        fn_constructor_kwargs={
+            "weights_sha256": model.weights_sha256,
+            "storage_options": storage_options,
+            "score_threshold": model.score_threshold,
+            "torch_threads": resources.torch_threads,
+        },
+        compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        batch_size=resources.batch_size,
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+        udf_modifying_row_count=False,
+    )
+    return inferred.map_batches(
+        encode_batch, batch_format="pyarrow", num_cpus=resources.task_cpus, udf_modifying_row_count=False
+    )

@@ -1,0 +1,140 @@
+"""Sink: output rows → Parquet under OUTPUT, committed, then `_run.json` last.
+
+Ray writes the run's files into OUTPUT/_staging/RUN_ID/ — invisible to pyarrow, pandas and
+DuckDB readers of OUTPUT, which skip `_`-prefixed paths — and only when every file is
+written are they moved up as OUTPUT/part-NNNNN.parquet and `_run.json` written. A run
+that dies leaves no part files and no `_run.json`: readers trust OUTPUT only when
+`_run.json` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from .resources import TASK_CPUS
+from .schema import OUTPUT_SCHEMA, STATUS_OK
+from .storage import arrow_filesystem, filesystem, full_uri
+
+RUN_FILE = "_run.json"
+STAGING_DIR = "_staging"
+# Rows of one output file: our rows are small (RLE strings), so thousands of rows make a
+# file of a few MB instead of one file per small block.
+ROWS_PER_FILE = 5000
+
+
+class OutputError(ValueError):
+    """An OUTPUT that cannot take this run."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a committed run holds; also the `counts` and `timings` of `_run.json`."""
+
+    run_id: str
+    output: str
+    images: int
+    ok: int
+    error: int
+    segments: int
+    files: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_output(output: str, storage_options: dict | None = None) -> None:
+    """Refuses an OUTPUT that already holds results; leftovers of an unfinished run are fine."""
+    fs, root = filesystem(output, storage_options)
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise OutputError(f"output exists and is not a directory: {output}")
+    leftovers = [p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")) != STAGING_DIR]
+    if leftovers:
+        raise OutputError(f"output is not empty: {output} holds {posixpath.basename(leftovers[0])}; choose a new OUTPUT")
+
+
+def write_run(
+    dataset: ray.data.Dataset,
+    output: str,
+    *,
+    run_id: str,
+    run_info: dict,
+    storage_options: dict | None = None,
+    started: float | None = None,
+) -> RunSummary:
+    """Executes `dataset` (output rows), commits its Parquet files, writes `_run.json`.
+
+    run_info: what the run was (model, weights, spec); stored in `_run.json` as given.
+    started: time.time() when the run began, for the timings (default: now).
+    """
+    started = time.time() if started is None else started
+    fs, root = filesystem(output, storage_options)
+    staging = posixpath.join(root, STAGING_DIR, run_id)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    dataset.write_parquet(
+        staging,
+        filesystem=arrow_filesystem(fs),
+        schema=OUTPUT_SCHEMA,
+        min_rows_per_file=ROWS_PER_FILE,
+        ray_remote_args={"num_cpus": TASK_CPUS},
+    )
+    staged = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
+    committed = [posixpath.join(root, f"part-{index:05d}.parquet") for index, _ in enumerate(staged)]
+    for source, target in zip(staged, committed):
+        fs.mv(source, target)
+    fs.rm(posixpath.join(root, STAGING_DIR), recursive=True)
+    summary = _count(fs, committed, run_id, full_uri(fs, root), time.time() - started)
+    record = {
+        "run_id": run_id,
+        "status": "complete",
+        **run_info,
+        "counts": {k: getattr(summary, k) for k in ("images", "ok", "error", "segments", "files")},
+        "timings": {
+            "started": _iso(started),
+            "finished": _iso(started + summary.seconds),
+            "seconds": round(summary.seconds, 3),
+            "images_per_second": round(summary.images_per_second, 3),
+        },
+        "files": [posixpath.basename(p) for p in committed],
+    }
+    with fs.open(posixpath.join(root, RUN_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return summary
+
+
+def read_run(output: str, storage_options: dict | None = None) -> dict:
+    """The `_run.json` of a committed run; OutputError if OUTPUT holds no committed run."""
+    fs, root = filesystem(output, storage_options)
+    path = posixpath.join(root, RUN_FILE)
+    if not fs.exists(path):
+        raise OutputError(f"no committed run in {output} ({RUN_FILE} missing)")
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:
+    """Counts read back from the committed files: the status column and one leaf of segments."""
+    ok = error = segments = 0
+    for path in files:
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read(columns=["status", "segments.list.element.category_id"])
+        rows_ok = pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+        ok += rows_ok
+        error += table.num_rows - rows_ok
+        segments += pc.sum(pc.list_value_length(table["segments"])).as_py() or 0
+    return RunSummary(run_id, output, ok + error, ok, error, segments, len(files), seconds)
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

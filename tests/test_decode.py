@@ -1,0 +1,81 @@
+"""Decode turns any image file into RGB uint8 in display orientation, or a clear error row."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rayseg.pipeline.decode import DecodeError, decode_batch, decode_image
+
+
+def encoded(image: Image.Image, format: str = "PNG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_args)
+    return buffer.getvalue()
+
+
+def test_rgb_png_decodes_to_its_pixels():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    decoded = decode_image(encoded(Image.fromarray(pixels)))
+    assert decoded.dtype == np.uint8 and decoded.shape == (5, 7, 3)
+    np.testing.assert_array_equal(decoded, pixels)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_other_modes_become_three_channel_rgb(mode):
+    image = Image.new(mode, (6, 4))
+    data = encoded(image, "JPEG" if mode == "CMYK" else "PNG")
+    decoded = decode_image(data)
+    assert decoded.shape == (4, 6, 3) and decoded.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied_and_swaps_width_and_height():
+    pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+    pixels[:, :5] = 255  # a white band on the left edge of the stored image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    decoded = decode_image(encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=100))
+    assert decoded.shape == (30, 10, 3)
+    assert decoded[:5].mean() > 200 and decoded[-5:].mean() < 50  # the band is now on top
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+    data = encoded(Image.new("RGB", (300, 200)))
+    assert decode_image(data, max_pixels=60000).shape == (200, 300, 3)
+    with pytest.raises(DecodeError, match="too large: 300x200"):
+        decode_image(data, max_pixels=59999)
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty file"),
+        (b"this is a text file", "not a decodable image"),
+        (b"<html><body>503 Service Unavailable</body></html>", "not a decodable image"),
+    ],
+)
+def test_non_images_raise_decode_errors(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_image_raises_decode_error():
+    data = encoded(Image.fromarray(np.full((64, 64, 3), 7, dtype=np.uint8)))
+    with pytest.raises(DecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decode_batch_turns_each_failure_into_its_own_error_row(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(encoded(Image.new("RGB", (8, 6), "red")))
+    (tmp_path / "text.png").write_text("hello")
+    uris = [str(good), str(tmp_path / "text.png"), str(tmp_path / "missing.png"), str(good)]
+    batch = {"image_id": np.array(["g", "t", "m", "g2"], dtype=object), "uri": np.array(uris, dtype=object)}
+    out = decode_batch(batch)
+    assert list(out["status"]) == ["ok", "error", "error", "ok"]
+    assert out["error"][0] is None
+    assert "not a decodable image" in out["error"][1]
+    assert "read failed: FileNotFoundError" in out["error"][2]
+    assert list(out["height"]) == [6, 0, 0, 6] and list(out["width"]) == [8, 0, 0, 8]
+    assert out["image"][0].shape == (6, 8, 3) and out["image"][1].shape == (0, 0, 3)

@@ -1,0 +1,68 @@
+"""Masks cross processes bit-packed and come out as COCO RLE that pycocotools decodes back."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pycocotools import mask as mask_utils
+
+from rayseg.pipeline.encode import encode_batch, encode_masks
+from rayseg.pipeline.inference import INFERENCE_SCHEMA
+from rayseg.pipeline.masks import pack_masks, unpack_masks
+from rayseg.pipeline.schema import OUTPUT_SCHEMA
+
+
+@pytest.mark.parametrize("count,height,width", [(1, 1, 1), (3, 7, 13), (2, 64, 48), (5, 33, 1)])
+def test_packed_masks_round_trip_exactly_and_unpack_fortran_ordered(count, height, width):
+    masks = np.random.default_rng(count).random((count, height, width)) > 0.5
+    packed = pack_masks(masks)
+    assert len(packed) == -(-count * height * width // 8)
+    unpacked = unpack_masks(packed, count, height, width)
+    assert unpacked.shape == (height, width, count)
+    assert unpacked.flags.f_contiguous
+    np.testing.assert_array_equal(unpacked.transpose(2, 0, 1), masks)
+
+
+def test_encoded_masks_decode_to_the_masks_with_their_area_and_bbox():
+    masks = np.zeros((2, 20, 30), dtype=bool)
+    masks[0, 2:5, 3:10] = True  # 3 rows × 7 columns at x=3, y=2
+    masks[1, 10:20, 0:1] = True
+    counts, areas, bboxes = encode_masks(unpack_masks(pack_masks(masks), 2, 20, 30))
+    assert all(isinstance(c, str) for c in counts)
+    for index, rle_counts in enumerate(counts):
+        decoded = mask_utils.decode({"size": [20, 30], "counts": rle_counts})
+        np.testing.assert_array_equal(decoded.astype(bool), masks[index])
+    assert areas.tolist() == [21, 10]
+    np.testing.assert_array_equal(bboxes, [[3, 2, 7, 3], [0, 10, 1, 10]])
+
+
+def test_encode_batch_produces_the_output_schema_with_empty_lists_for_error_rows():
+    mask = np.zeros((1, 4, 5), dtype=bool)
+    mask[0, 1:3, 1:4] = True
+    rows = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "uri": ["/a.png", "/b.png"],
+            "width": [5, 0],
+            "height": [4, 0],
+            "status": ["ok", "error"],
+            "error": [None, "not a decodable image"],
+            "model": ["unet", "unet"],
+            "category_ids": [[2], []],
+            "labels": [["square"], []],
+            "scores": [[0.75], []],
+            "segment_ids": [[None], []],
+            "iscrowd": [[False], []],
+            "masks": [pack_masks(mask), b""],
+        },
+        schema=INFERENCE_SCHEMA,
+    )
+    out = encode_batch(rows)
+    assert out.schema == OUTPUT_SCHEMA
+    first, second = out.to_pylist()
+    (segment,) = first["segments"]
+    assert segment["category_id"] == 2 and segment["label"] == "square"
+    assert segment["area"] == 6 and segment["bbox"] == [1.0, 1.0, 3.0, 2.0]
+    assert segment["score"] == pytest.approx(0.75)
+    decoded = mask_utils.decode({"size": [4, 5], "counts": segment["rle"]})
+    np.testing.assert_array_equal(decoded.astype(bool), mask[0])
+    assert second["segments"] == [] and second["status"] == "error"

@@ -1,0 +1,182 @@
+"""End to end on local Ray: every input gets exactly one row, in the output schema, committed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
+from rayseg.models.unet import UNet, UNetConfig, build_unet, save_unet
+from rayseg.pipeline.resources import plan_resources
+from rayseg.pipeline.schema import OUTPUT_SCHEMA
+from rayseg.pipeline.segment import ModelSpec, segment
+from rayseg.pipeline.sink import RUN_FILE, write_run
+from rayseg.pipeline.sources import read_source
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+runner = CliRunner()
+
+
+def rayseg(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def read_rows(output) -> list[dict]:
+    table = pq.read_table(output)
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    return table.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random U-Net saved in our format; its head is scaled up so that the predicted
+    classes vary across each image instead of one class winning everywhere."""
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(width=4, depth=2))
+    with torch.no_grad():
+        network.head.weight.mul_(100)
+    directory = tmp_path_factory.mktemp("unet")
+    save_unet(network, str(directory))
+    return directory
+
+
+def test_segment_writes_one_ok_row_per_image_with_decodable_rle(shapes, tmp_path):
+    output = tmp_path / "out"
+    result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    rows = read_rows(output)
+    expected_ids = sorted(p.name for p in shapes.images_dir.glob("*.png"))
+    assert sorted(row["image_id"] for row in rows) == expected_ids
+    for row in rows:
+        assert row["status"] == "ok" and row["error"] is None and row["model"] == "unet"
+        assert (row["height"], row["width"]) == (64, 64)
+        assert row["segments"], "a semantic model labels every pixel with some class"
+        union = np.zeros((64, 64), dtype=np.uint8)
+        for seg in row["segments"]:
+            mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": seg["rle"]})
+            assert mask.shape == (64, 64)
+            assert seg["area"] == mask.sum()
+            ys, xs = np.nonzero(mask)
+            assert seg["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert 0 <= seg["score"] <= 1 and seg["label"] and not seg["iscrowd"]
+            union += mask
+        assert (union == 1).all(), "semantic segments partition the image"
+    run = json.loads((output / RUN_FILE).read_text())
+    assert run["status"] == "complete" and run["model"] == "unet" and run["weights"] == "random"
+    assert run["counts"]["images"] == 20 and run["counts"]["ok"] == 20 and run["counts"]["error"] == 0
+    assert run["counts"]["segments"] == sum(len(r["segments"]) for r in rows)
+    assert not (output / "_staging").exists()
+
+
+def test_corrupt_and_non_image_files_become_error_rows_and_the_rest_succeed(shapes, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(shapes.images_dir, images)
+    good = (images / "000000.png").read_bytes()
+    (images / "truncated.png").write_bytes(good[: len(good) // 3])
+    (images / "notes.jpg").write_text("not an image at all")
+    (images / "empty.png").write_bytes(b"")
+    output = tmp_path / "out"
+    result = rayseg("segment", images, output, "--model", "unet", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    rows = {row["image_id"]: row for row in read_rows(output)}
+    assert len(rows) == 23
+    for bad in ("truncated.png", "notes.jpg", "empty.png"):
+        assert rows[bad]["status"] == "error" and rows[bad]["error"], bad
+        assert rows[bad]["segments"] == []
+    assert rows["empty.png"]["error"] == "empty file"
+    assert sum(row["status"] == "ok" for row in rows.values()) == 20
+    run = json.loads((output / RUN_FILE).read_text())
+    assert run["counts"] == {"images": 23, "ok": 20, "error": 3, "segments": run["counts"]["segments"], "files": 1}
+
+
+def test_pipeline_output_equals_the_model_run_directly_on_a_saved_checkpoint(shapes, checkpoint, tmp_path):
+    output = tmp_path / "out"
+    result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", checkpoint, "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    model = build_unet(str(checkpoint))
+    rows = read_rows(output)
+    assert sum(len(row["segments"]) for row in rows) > len(rows), "the checkpoint predicts several classes"
+    for row in rows:
+        image = np.asarray(Image.open(shapes.images_dir / row["image_id"]).convert("RGB"))
+        (expected,) = model.postprocess(model.forward(model.preprocess([image])), [image.shape[:2]])
+        assert [s["category_id"] for s in row["segments"]] == [s.category_id for s in expected]
+        for got, want in zip(row["segments"], expected):
+            mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": got["rle"]})
+            np.testing.assert_array_equal(mask.astype(bool), want.mask)
+            assert got["score"] == pytest.approx(want.score, abs=1e-5)
+    run = json.loads((output / RUN_FILE).read_text())
+    assert run["weights_sha256"] == model.weights_sha256
+
+
+def test_python_api_accepts_already_decoded_images(checkpoint, tmp_path):
+    rng = np.random.default_rng(1)
+    items = [{"image_id": f"img{i}", "image": rng.integers(0, 256, (24 + i, 40, 3), dtype=np.uint8)} for i in range(5)]
+    rows = segment(
+        ray.data.from_items(items), ModelSpec("unet", str(checkpoint)), plan_resources(ray.cluster_resources())
+    )
+    summary = write_run(rows, str(tmp_path / "out"), run_id="api", run_info={"model": "unet"})
+    assert (summary.images, summary.ok, summary.error) == (5, 5, 0)
+    by_id = {row["image_id"]: row for row in read_rows(tmp_path / "out")}
+    assert [(by_id[f"img{i}"]["height"], by_id[f"img{i}"]["width"]) for i in range(5)] == [(24 + i, 40) for i in range(5)]
+    assert all(row["uri"] is None for row in by_id.values())
+
+
+def test_limit_processes_only_the_first_images(shapes, tmp_path):
+    result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", "random", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["image_id"] for r in read_rows(tmp_path / "out")) == ["000000.png", "000001.png", "000002.png"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--weights", "random", "--model", "nope"], "unknown model 'nope'"),
+        (["--model", "unet"], "--weights is required"),
+        (["--model", "unet", "--weights", "/no/such/checkpoint"], "weights not found"),
+        (["--model", "unet", "--weights", "random", "--gpus-per-actor", "1"], "cluster has none"),
+        (["--model", "unet", "--weights", "random", "--actors", "2"], "leaves no CPU"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message_and_write_nothing(shapes, tmp_path, args, message):
+    output = tmp_path / "out"
+    result = rayseg("segment", shapes.images_dir, output, *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not output.exists()
+
+
+def test_wrong_weights_sha256_is_refused_before_any_work(shapes, checkpoint, tmp_path):
+    result = rayseg(
+        "segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", checkpoint, "--weights-sha256", "0" * 64
+    )
+    assert result.exit_code == 2
+    assert "sha256 mismatch" in result.output
+
+
+def test_an_output_holding_results_is_never_overwritten(shapes, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "part-00000.parquet").write_bytes(b"earlier results")
+    result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random")
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (output / "part-00000.parquet").read_bytes() == b"earlier results"
+
+
+def test_missing_and_empty_inputs_are_clear_errors(tmp_path):
+    assert "input not found" in rayseg("segment", tmp_path / "nowhere", tmp_path / "o", "--model", "unet", "--weights", "random").output
+    (tmp_path / "empty").mkdir()
+    result = rayseg("segment", tmp_path / "empty", tmp_path / "o", "--model", "unet", "--weights", "random")
+    assert result.exit_code == 2 and "no images" in result.output
