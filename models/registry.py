@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +14,8 @@ from .unet import build_unet, unet_weights_file
 class ModelEntry:
     """A registered model: its name, the task it performs, the weights it accepts, its builder.
 
-    build(weights, *, weights_sha256, device, storage_options, score_threshold) → model.
+    build(weights, *, weights_sha256, device, storage_options, score_threshold, **options)
+    → model, where options are the model's own keyword arguments (see `model_options`).
     weights_file(weights) → the file whose sha256 identifies a checkpoint.
     """
 
@@ -45,6 +47,27 @@ def get_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
-def build_model(name: str, weights: str, **options) -> SegmentationModel:
-    """Builds the registered model `name` from `weights` (see ModelEntry.build for options)."""
-    return get_entry(name).build(weights, **options)
+# Arguments every builder takes from the pipeline rather than from the user's options.
+_PIPELINE_ARGUMENTS = {"weights", "weights_sha256", "device", "storage_options", "score_threshold"}
+
+
+def model_options(name: str) -> list[str]:
+    """The model-specific options `name`'s builder accepts (e.g. max_detections)."""
+    parameters = inspect.signature(get_entry(name).build).parameters
+    return [p for p in parameters if p not in _PIPELINE_ARGUMENTS]
+
+
+def check_options(name: str, options: dict) -> None:
+    """Refuses options the model does not take, naming the ones it does, before any work."""
+    accepted = model_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )
+
+
+def build_model(name: str, weights: str, **arguments) -> SegmentationModel:
+    """Builds the registered model `name` from `weights` (see ModelEntry.build for arguments)."""
+    return get_entry(name).build(weights, **arguments)

@@ -78,7 +78,12 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, text: str) -> UNetConfig:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise WeightsError(f"U-Net config is not valid JSON: {e}") from e
+        if not isinstance(data, dict) or "categories" not in data:
+            raise WeightsError(f"U-Net config must be a JSON object with 'categories', got {text[:200]!r}")
         if data.pop("architecture", "unet") != "unet":
             raise WeightsError(f"config is not a U-Net config: {data}")
         categories = parse_categories(data.pop("categories"))
@@ -160,9 +165,13 @@ def load_unet(weights: str, *, sha256: str | None = None, storage_options: dict 
     config = UNetConfig.from_json(read_bytes(config_uri, storage_options).decode())
     data = read_bytes(weights_uri, storage_options)
     digest = check_sha256(data, sha256, weights_uri)
+    try:
+        state = load_safetensors(data)
+    except Exception as e:  # safetensors raises SafetensorError, which is no ValueError
+        raise WeightsError(f"{weights_uri} is not a valid safetensors file: {e}") from e
     model = UNet(config)
     try:
-        model.load_state_dict(load_safetensors(data))
+        model.load_state_dict(state)
     except (RuntimeError, ValueError) as e:
         raise WeightsError(f"{weights_uri} does not match its config {config_uri}: {e}") from e
     return model.eval(), digest

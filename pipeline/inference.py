@@ -63,6 +63,7 @@ class SegmentImages:
         storage_options: dict | None = None,
         score_threshold: float | None = None,
         torch_threads: int | None = None,
+        model_options: dict | None = None,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -74,6 +75,7 @@ class SegmentImages:
             device=str(self.device),
             storage_options=storage_options,
             score_threshold=score_threshold,
+            **(model_options or {}),
         )
         self.labels = {category.id: category.name for category in self.model.categories}
         log.info("built %s on %s", model_name, self.device)

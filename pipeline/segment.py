@@ -11,13 +11,13 @@ optional `uri`), e.g. from `ray.data.read_images`.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from ..models.registry import get_entry
+from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .decode import DEFAULT_MAX_PIXELS, decode_batch
 from .encode import encode_batch
@@ -29,12 +29,16 @@ from .storage import filesystem
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model, from which weights, with which post-processing options."""
+    """Which model, from which weights, with which post-processing options.
+
+    options: the model's own keyword arguments (`rayseg.models.registry.model_options`).
+    """
 
     name: str
     weights: str = RANDOM
     weights_sha256: str | None = None
     score_threshold: float | None = None
+    options: dict = field(default_factory=dict)
 
 
 def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSpec:
@@ -44,6 +48,7 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     every actor then verifies the same digest, so all of them load identical weights.
     """
     entry = get_entry(spec.name)
+    check_options(spec.name, spec.options)
     if spec.weights == RANDOM:
         return spec
     uri = entry.weights_file(spec.weights)
@@ -106,6 +111,7 @@ def segment(
             "storage_options": storage_options,
             "score_threshold": model.score_threshold,
             "torch_threads": resources.torch_threads,
+            "model_options": model.options,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_size,
