@@ -21,6 +21,7 @@ from ..pipeline.segment import ModelSpec, pin_weights
 from ..pipeline.segment import segment as segment_dataset
 from ..pipeline.sink import OutputError, RunSummary, check_output, write_run
 from ..pipeline.sources import SourceError, read_source
+from ..pipeline.storage import parse_storage_options
 from . import cluster
 from .fixtures import make_fixtures
 
@@ -48,7 +49,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -64,16 +65,6 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise typer.BadParameter(f"expected HxW, e.g. 128x128, got {text!r}") from None
     return height, width
-
-
-def parse_storage_options(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--storage-option takes KEY=VALUE, got {pair!r}")
-        options[key] = value
-    return options
 
 
 @app.command()
@@ -115,14 +106,19 @@ def segment(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
-    storage_option: Annotated[list[str], typer.Option(help="fsspec storage option KEY=VALUE (repeatable).")] = [],
+    storage_option: Annotated[list[str], typer.Option(help="fsspec storage option KEY=VALUE, JSON values typed (repeatable).")] = [],
+    image_root: Annotated[Optional[str], typer.Option(help="Root that manifest / COCO json file names are relative to.")] = None,
 ) -> None:
-    """Segment every image under INPUT and write one Parquet row per image to OUTPUT."""
-    storage_options = parse_storage_options(storage_option)
+    """Segment every image of INPUT and write one Parquet row per image to OUTPUT.
+
+    INPUT: a directory or URI prefix (listed), a Parquet/CSV manifest with a `uri` column
+    (optional `image_id`), or a COCO json (with --image-root).
+    """
     if weights is None:
         raise fail("--weights is required: a checkpoint path or URI, or 'random' for random initialisation")
     spec = ModelSpec(model, weights, weights_sha256, score_threshold)
     try:
+        storage_options = parse_storage_options(storage_option)
         get_entry(model)
         check_output(output, storage_options)
         actor_bounds = parse_actors(actors)
@@ -142,6 +138,7 @@ def segment(
         limit=limit,
         run_id=run_id,
         address=address,
+        image_root=image_root,
     )
     print_summary(summary)
 
@@ -159,13 +156,12 @@ def run_segment(
     limit: int | None = None,
     run_id: str | None = None,
     address: str | None = None,
+    image_root: str | None = None,
 ) -> RunSummary:
     """Connects to Ray, plans resources, runs the pipeline and commits the output."""
     import ray
 
     started = time.time()
-    if spec.weights == RANDOM:
-        log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", spec.name)
     ray_seconds = cluster.connect(address)
     try:
         resources = plan_resources(
@@ -178,14 +174,19 @@ def run_segment(
         )
         spec = pin_weights(spec, storage_options)
         parallelism = int(ray.cluster_resources().get("CPU", 1))
-        dataset = read_source(input, storage_options=storage_options, limit=limit, parallelism=parallelism)
+        dataset = read_source(
+            input, storage_options=storage_options, image_root=image_root, limit=limit, parallelism=parallelism
+        )
         rows = segment_dataset(dataset, spec, resources, storage_options=storage_options)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
+    if spec.weights == RANDOM:
+        log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", spec.name)
     run_id = run_id or new_run_id()
     run_info = {
         "rayseg_version": __version__,
         "input": input,
+        "image_root": image_root,
         "model": spec.name,
         "weights": spec.weights,
         "weights_sha256": spec.weights_sha256,

@@ -15,19 +15,31 @@ def connect(address: str | None = None) -> float:
     """Initialises Ray once per process; returns the seconds ray.init took.
 
     With no address (and no RAY_ADDRESS), starts a local Ray with this machine's CPUs and
-    without the dashboard, which local runs don't need and which costs start-up time.
+    without the dashboard, which local runs don't need and which costs start-up time; its
+    workers inherit this process's environment.
     """
     if ray.is_initialized():
         return 0.0
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Workers on other machines do not share our environment: storage endpoints and
+        # credentials travel with the job, in its runtime environment (never logged).
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage_env()})
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     seconds = time.perf_counter() - started
     log.info("ray ready in %.1f s: %s", seconds, ray.cluster_resources())
     return seconds
+
+
+# Environment variables the storage libraries read (s3fs/botocore, pyarrow, gcsfs, adlfs).
+STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_")
+
+
+def storage_env() -> dict[str, str]:
+    """The storage configuration in this process's environment, for the job's workers."""
+    return {key: value for key, value in os.environ.items() if key.startswith(STORAGE_ENV_PREFIXES)}
 
 
 def node_count() -> int:

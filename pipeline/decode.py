@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +21,11 @@ from .storage import filesystem
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+
+# Files fetched per storage round trip (concurrently on object stores), and the decoded
+# pixels a decode task accumulates before it hands a batch on.
+READ_ROWS = 32
+MAX_BATCH_BYTES = 128 * 1024 * 1024
 
 
 class DecodeError(ValueError):
@@ -51,10 +57,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 def _read_all(uris: list[str], storage_options: dict | None) -> dict[str, bytes | Exception]:
     """Bytes of each uri, or the exception that reading it raised; one cat() per filesystem."""
     groups: dict[int, tuple] = {}
-    for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        groups.setdefault(id(fs), (fs, {}))[1][path] = uri
     results: dict[str, bytes | Exception] = {}
+    for uri in uris:
+        try:
+            fs, path = filesystem(uri, storage_options)
+        except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol: this row's error
+            results[uri] = e
+            continue
+        groups.setdefault(id(fs), (fs, {}))[1][path] = uri
     for fs, uri_of in groups.values():
         # cat() of a list fetches concurrently on object stores and returns each failure.
         for path, content in fs.cat(list(uri_of), on_error="return").items():
@@ -62,32 +72,60 @@ def _read_all(uris: list[str], storage_options: dict | None) -> dict[str, bytes 
     return results
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray], storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {image_id, uri} → + image, width, height, status, error."""
-    uris = [str(uri) for uri in batch["uri"]]
-    contents = _read_all(list(dict.fromkeys(uris)), storage_options)
-    images, statuses, errors = [], [], []
-    for uri in uris:
-        content = contents[uri]
-        try:
-            if isinstance(content, Exception):
-                raise DecodeError(f"read failed: {type(content).__name__}: {content}")
-            images.append(decode_image(content, max_pixels))
-            statuses.append(STATUS_OK)
-            errors.append(None)
-        except DecodeError as e:
-            images.append(EMPTY_IMAGE)
-            statuses.append(STATUS_ERROR)
-            errors.append(str(e))
+def decode_images(
+    batch: dict[str, np.ndarray],
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    rows_per_read: int = READ_ROWS,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch generator: {image_id, uri} → + image, width, height, status, error.
+
+    Reads `rows_per_read` files at a time and yields decoded rows whenever they reach
+    `max_batch_bytes`, so a task holds a bounded amount of pixels however large its
+    input block is.
+    """
+    count = len(batch["uri"])
+    pending: list[tuple[int, np.ndarray, str | None]] = []
+    pending_bytes = 0
+    for start in range(0, count, rows_per_read):
+        uris = [uri if isinstance(uri, str) else None for uri in batch["uri"][start : start + rows_per_read]]
+        contents = _read_all([uri for uri in dict.fromkeys(uris) if uri is not None], storage_options)
+        for offset, uri in enumerate(uris):
+            content = contents[uri] if uri is not None else DecodeError("no uri")
+            image, error = _decode_content(content, max_pixels)
+            pending.append((start + offset, image, error))
+            pending_bytes += image.nbytes
+            if pending_bytes >= max_batch_bytes:
+                yield _decoded_rows(batch, pending)
+                pending, pending_bytes = [], 0
+    if pending:
+        yield _decoded_rows(batch, pending)
+
+
+def _decode_content(content: bytes | Exception, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    """(image, None) or (EMPTY_IMAGE, reason)."""
+    try:
+        if isinstance(content, DecodeError):
+            raise content
+        if isinstance(content, Exception):
+            raise DecodeError(f"read failed: {type(content).__name__}: {content}")
+        return decode_image(content, max_pixels), None
+    except DecodeError as e:
+        return EMPTY_IMAGE, str(e)
+
+
+def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray, str | None]]) -> dict[str, np.ndarray]:
+    indices = [index for index, _, _ in rows]
+    images = [image for _, image, _ in rows]
+    errors = [error for _, _, error in rows]
     return {
-        "image_id": batch["image_id"],
-        "uri": batch["uri"],
+        "image_id": batch["image_id"][indices],
+        "uri": batch["uri"][indices],
         "image": _object_array(images),
         "height": np.array([image.shape[0] for image in images], dtype=np.int32),
         "width": np.array([image.shape[1] for image in images], dtype=np.int32),
-        "status": np.array(statuses, dtype=object),
+        "status": np.array([STATUS_OK if error is None else STATUS_ERROR for error in errors], dtype=object),
         "error": np.array(errors, dtype=object),
     }
 

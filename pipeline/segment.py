@@ -19,7 +19,7 @@ from ray.data import ActorPoolStrategy
 
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
-from .decode import DEFAULT_MAX_PIXELS, decode_batch
+from .decode import DEFAULT_MAX_PIXELS, decode_images
 from .encode import encode_batch
 from .inference import SegmentImages
 from .resources import Resources
@@ -98,7 +98,7 @@ def segment(
         decoded = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
     else:
         decoded = dataset.map_batches(
-            decode_batch,
+            decode_images,
             fn_kwargs={"storage_options": storage_options, "max_pixels": max_pixels},
             num_cpus=resources.task_cpus,
             udf_modifying_row_count=False,

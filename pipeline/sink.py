@@ -89,11 +89,15 @@ def write_run(
         min_rows_per_file=ROWS_PER_FILE,
         ray_remote_args={"num_cpus": TASK_CPUS},
     )
+    # Ray's workers wrote these files; listings this process cached before are stale.
+    fs.invalidate_cache(root)
     staged = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
     committed = [posixpath.join(root, f"part-{index:05d}.parquet") for index, _ in enumerate(staged)]
     for source, target in zip(staged, committed):
         fs.mv(source, target)
-    fs.rm(posixpath.join(root, STAGING_DIR), recursive=True)
+    # Object stores have no directories: once its files moved, the staging prefix is gone.
+    if fs.exists(staging_root := posixpath.join(root, STAGING_DIR)):
+        fs.rm(staging_root, recursive=True)
     summary = _count(fs, committed, run_id, full_uri(fs, root), time.time() - started)
     record = {
         "run_id": run_id,

@@ -1,24 +1,44 @@
-"""Sources: an INPUT (directory or URI prefix) → a dataset of {image_id, uri}."""
+"""Sources: an INPUT → a dataset of {image_id, uri}.
+
+INPUT is one of
+- a directory or URI prefix: listed once, recursively, for image files;
+- a Parquet or CSV manifest with a `uri` column (optional `image_id`), read as a Ray
+  dataset — millions of rows are streamed, never loaded into the driver, never listed;
+- a COCO json: `images[].file_name` joined to `image_root`, `image_id` = the COCO id.
+Relative manifest uris are joined to `image_root` when it is given.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import posixpath
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
-from .storage import filesystem, full_uri
+from .storage import arrow_filesystem, filesystem, full_uri, join_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+MANIFEST_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "coco"}
 
-# Rows per input block. Few, large blocks keep the driver's per-block overhead low; Ray
-# Data splits blocks further when decoded images grow past its target block size.
-ROWS_PER_BLOCK = 1000
+# Rows per input block: enough blocks for every decode task to have work from the start,
+# few enough that the driver's per-block bookkeeping stays small. Decoding streams each
+# block out in bounded batches (pipeline/decode.py), so this does not bound memory.
+ROWS_PER_BLOCK = 256
 
 
 class SourceError(ValueError):
     """An INPUT that names no images or cannot be read."""
+
+
+def source_kind(input_uri: str) -> str:
+    """'parquet', 'csv' or 'coco' for manifest files (by extension), else 'directory'."""
+    return MANIFEST_EXTENSIONS.get(posixpath.splitext(input_uri.rstrip("/"))[1].lower(), "directory")
 
 
 def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table:
@@ -31,11 +51,9 @@ def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table
     if not fs.exists(root):
         raise SourceError(f"input not found: {input_uri}")
     if not fs.isdir(root):
-        raise SourceError(f"input is not a directory: {input_uri}")
+        raise SourceError(f"input is neither a directory nor a manifest (.parquet, .csv, .json): {input_uri}")
     root = root.rstrip("/")
-    paths = sorted(
-        path for path in fs.find(root) if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-    )
+    paths = sorted(path for path in fs.find(root) if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input_uri}")
     return pa.table(
@@ -46,18 +64,104 @@ def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table
     )
 
 
+def coco_images(annotations_uri: str, image_root: str, storage_options: dict | None = None) -> pa.Table:
+    """{image_id: str(COCO id), uri: image_root/file_name} for every image of a COCO json."""
+    fs, path = filesystem(annotations_uri, storage_options)
+    with fs.open(path, "rb") as f:
+        data = json.load(f)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not images:
+        raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
+    try:
+        return pa.table(
+            {
+                "image_id": [str(image["id"]) for image in images],
+                "uri": [join_uri(image_root, image["file_name"]) for image in images],
+            }
+        )
+    except KeyError as e:
+        raise SourceError(f"{annotations_uri}: every COCO image needs 'id' and 'file_name' (missing {e})") from None
+
+
+def _manifest_columns(fs, path: str, kind: str) -> list[str]:
+    """Column names of a manifest, read from its Parquet footer or CSV header only."""
+    if kind == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).names
+    with fs.open(path, "rt", newline="") as f:
+        return next(csv.reader(io.StringIO(f.readline())), [])
+
+
+def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
+    """Manifest rows → {image_id, uri}: uris joined to `image_root`, ids derived when absent.
+
+    A derived image_id is the uri as written in the manifest (relative to `image_root`
+    when given), so it stays stable if the images move. A row without a uri is kept (as
+    an error row downstream), never dropped.
+    """
+    written = pc.cast(batch["uri"], pa.string())
+    uris = [u if u is None or image_root is None else join_uri(image_root, u) for u in written.to_pylist()]
+    ids = pc.cast(batch["image_id"], pa.string()) if "image_id" in batch.column_names else written
+    ids = pc.fill_null(pc.coalesce(ids, written), "")
+    return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string())})
+
+
+def read_manifest(
+    manifest_uri: str, kind: str, *, image_root: str | None = None, storage_options: dict | None = None
+) -> ray.data.Dataset:
+    """A Parquet or CSV manifest as a lazy Ray dataset of {image_id, uri}."""
+    fs, path = filesystem(manifest_uri, storage_options)
+    if not fs.exists(path):
+        raise SourceError(f"manifest not found: {manifest_uri}")
+    columns = _manifest_columns(fs, path, kind)
+    if "uri" not in columns:
+        raise SourceError(f"manifest {manifest_uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
+    wanted = [c for c in ("image_id", "uri") if c in columns]
+    if kind == "parquet":
+        dataset = ray.data.read_parquet(path, filesystem=arrow_filesystem(fs)).select_columns(wanted)
+    else:
+        import pyarrow.csv as pacsv
+
+        dataset = ray.data.read_csv(
+            path,
+            filesystem=arrow_filesystem(fs),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=wanted, column_types={c: pa.string() for c in wanted}
+            ),
+        )
+    return dataset.map_batches(
+        normalise_manifest, fn_kwargs={"image_root": image_root}, batch_format="pyarrow", udf_modifying_row_count=False
+    ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
 def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
-    """A Ray dataset of `table` in at least `parallelism` blocks (if it has that many rows)."""
+    """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, at least `parallelism` of them."""
     blocks = max(min(table.num_rows, parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
     size = math.ceil(table.num_rows / blocks)
     return ray.data.from_arrow([table.slice(start, size) for start in range(0, table.num_rows, size)])
 
 
 def read_source(
-    input_uri: str, *, storage_options: dict | None = None, limit: int | None = None, parallelism: int = 2
+    input_uri: str,
+    *,
+    storage_options: dict | None = None,
+    image_root: str | None = None,
+    limit: int | None = None,
+    parallelism: int = 2,
 ) -> ray.data.Dataset:
-    """The {image_id, uri} dataset for INPUT, optionally only its first `limit` images."""
-    table = list_images(input_uri, storage_options)
+    """The lazy {image_id, uri} dataset for INPUT (see the module docstring), at most `limit` rows."""
+    kind = source_kind(input_uri)
+    if kind in ("parquet", "csv"):
+        dataset = read_manifest(input_uri, kind, image_root=image_root, storage_options=storage_options)
+        return dataset.limit(limit) if limit is not None else dataset
+    if kind == "coco":
+        if image_root is None:
+            raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")
+        table = coco_images(input_uri, image_root, storage_options)
+    else:
+        if image_root is not None:
+            raise SourceError("--image-root applies to manifest and COCO json inputs, not to a directory")
+        table = list_images(input_uri, storage_options)
     if limit is not None:
         table = table.slice(0, limit)
     return dataset_from_table(table, parallelism)

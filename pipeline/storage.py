@@ -1,15 +1,36 @@
-"""Filesystems for paths and URIs (local, s3://, gs://, file://) through fsspec."""
+"""Filesystems for paths and URIs (local, s3://, gs://, file://) through fsspec.
+
+Endpoints, regions and credentials come from the standard places (AWS_* / GOOGLE_* env
+vars, profiles, instance metadata) or from explicit storage options; transient errors are
+retried by the storage libraries themselves, configured here.
+"""
 
 from __future__ import annotations
+
+import json
+import posixpath
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+# botocore's standard retry mode: exponential backoff on throttling, 5xx and connection
+# errors; s3fs retries on top of it for its own set of errors.
+S3_RETRIES = {"retries": {"max_attempts": 8, "mode": "standard"}}
+
+
+def with_defaults(uri: str, storage_options: dict | None) -> dict:
+    """The user's storage options plus our defaults for the filesystem of `uri` (theirs win)."""
+    options = dict(storage_options or {})
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol in ("s3", "s3a"):
+        options.setdefault("config_kwargs", S3_RETRIES)
+    return options
+
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving `uri` and the path within it (protocol stripped)."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fsspec.core.url_to_fs(uri, **with_defaults(uri, storage_options))
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -18,7 +39,28 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """The same filesystem for pyarrow and Ray's Parquet writer."""
+    """The same filesystem for pyarrow and Ray's Parquet reader and writer."""
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def join_uri(root: str, path: str) -> str:
+    """`path` under `root`, unless `path` is already absolute or a URI."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return posixpath.join(root.rstrip("/"), path)
+
+
+def parse_storage_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs → options; values that parse as JSON (true, 3, {"a": 1}) are typed."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option takes KEY=VALUE, got {key!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -9,8 +10,44 @@ import pytest
 from rayseg.jobs.fixtures import make_fixtures
 
 
+# A credential the tests plant to prove it never reaches an output file or a log.
+PLANTED_SECRET = "rayseg-test-secret-7f3a9c1e"
+BUCKET = "rayseg-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1, configured through the standard AWS_* env.
+
+    Started before Ray so that local Ray workers inherit the same environment.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="rayseg-test-key",
+        AWS_SECRET_ACCESS_KEY=PLANTED_SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_endpoint):
     """Local Ray (2 CPUs, no dashboard) in a temp dir, shut down at the end of the session."""
     import ray
 

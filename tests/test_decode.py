@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rayseg.pipeline.decode import DecodeError, decode_batch, decode_image
+from rayseg.pipeline.decode import DecodeError, decode_image, decode_images
 
 
 def encoded(image: Image.Image, format: str = "PNG", **save_args) -> bytes:
@@ -66,16 +66,28 @@ def test_truncated_image_raises_decode_error():
         decode_image(data[: len(data) // 2])
 
 
-def test_decode_batch_turns_each_failure_into_its_own_error_row(tmp_path):
+def test_decoding_turns_each_failure_into_its_own_error_row(tmp_path):
     good = tmp_path / "good.png"
     good.write_bytes(encoded(Image.new("RGB", (8, 6), "red")))
     (tmp_path / "text.png").write_text("hello")
     uris = [str(good), str(tmp_path / "text.png"), str(tmp_path / "missing.png"), str(good)]
     batch = {"image_id": np.array(["g", "t", "m", "g2"], dtype=object), "uri": np.array(uris, dtype=object)}
-    out = decode_batch(batch)
+    (out,) = decode_images(batch)
     assert list(out["status"]) == ["ok", "error", "error", "ok"]
     assert out["error"][0] is None
     assert "not a decodable image" in out["error"][1]
     assert "read failed: FileNotFoundError" in out["error"][2]
     assert list(out["height"]) == [6, 0, 0, 6] and list(out["width"]) == [8, 0, 0, 8]
     assert out["image"][0].shape == (6, 8, 3) and out["image"][1].shape == (0, 0, 3)
+
+
+def test_decoded_rows_are_yielded_in_bounded_batches_in_input_order(tmp_path):
+    for index in range(5):
+        (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", (10, 10), (index, 0, 0))))
+    uris = np.array([str(tmp_path / f"{i}.png") for i in range(5)], dtype=object)
+    batch = {"image_id": np.arange(5).astype(str).astype(object), "uri": uris}
+    # 300 bytes per decoded image: a 600-byte budget yields batches of two.
+    batches = list(decode_images(batch, rows_per_read=3, max_batch_bytes=600))
+    assert [len(b["image_id"]) for b in batches] == [2, 2, 1]
+    assert [img[0, 0, 0] for b in batches for img in b["image"]] == [0, 1, 2, 3, 4]
+    assert [i for b in batches for i in b["image_id"]] == ["0", "1", "2", "3", "4"]

@@ -1,0 +1,258 @@
+"""Object storage (a real S3 API on 127.0.0.1) and manifests: the same rows as local runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import ray
+import s3fs
+import torch
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
+from rayseg.models.unet import UNet, UNetConfig, save_unet
+from rayseg.pipeline.schema import OUTPUT_SCHEMA
+from rayseg.pipeline.sources import normalise_manifest, source_kind
+from rayseg.pipeline.storage import join_uri, parse_storage_options
+
+from .conftest import BUCKET, PLANTED_SECRET
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+runner = CliRunner()
+
+
+def rayseg(*args) -> object:
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def s3() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def rows_by_id(table: pa.Table) -> dict[str, dict]:
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+def read_s3_output(prefix: str) -> pa.Table:
+    fs = s3()
+    files = sorted(p for p in fs.find(prefix) if p.endswith(".parquet"))
+    assert files and not any("/_staging/" in p for p in files)
+    return pa.concat_tables(pq.read_table(p, filesystem=fs) for p in files)
+
+
+@pytest.fixture(scope="module")
+def uploaded(shapes, tmp_path_factory):
+    """The shapes images and a U-Net checkpoint under s3://BUCKET/, uploaded with boto3."""
+    client = boto3.client("s3")
+    for path in sorted(shapes.images_dir.glob("*.png")):
+        client.upload_file(str(path), BUCKET, f"images/{path.name}")
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(width=4, depth=2))
+    with torch.no_grad():
+        network.head.weight.mul_(100)  # varied classes, so comparisons compare something
+    local = tmp_path_factory.mktemp("unet")
+    save_unet(network, str(local))
+    for name in ("config.json", "model.safetensors"):
+        client.upload_file(str(local / name), BUCKET, f"unet/{name}")
+    return {"images": f"s3://{BUCKET}/images", "weights": f"s3://{BUCKET}/unet", "local_weights": local}
+
+
+@pytest.fixture(scope="module")
+def local_rows(shapes, uploaded, tmp_path_factory):
+    output = tmp_path_factory.mktemp("local") / "out"
+    result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", uploaded["local_weights"])
+    assert result.exit_code == 0, result.output
+    return rows_by_id(pq.read_table(output))
+
+
+def same_predictions(got: dict, want: dict) -> None:
+    for key in ("width", "height", "status", "segments"):
+        assert got[key] == want[key], key
+
+
+def test_s3_input_weights_and_output_give_the_same_rows_as_a_local_run(uploaded, local_rows):
+    output = f"s3://{BUCKET}/runs/s3-end-to-end"
+    result = rayseg("segment", uploaded["images"], output, "--model", "unet", "--weights", uploaded["weights"])
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(read_s3_output(output))
+    assert rows.keys() == local_rows.keys()
+    for image_id, row in rows.items():
+        assert row["uri"] == f"{uploaded['images']}/{image_id}"
+        same_predictions(row, local_rows[image_id])
+    fs = s3()
+    run = json.loads(fs.cat(f"{output}/_run.json"))
+    assert run["counts"]["images"] == 20 and run["counts"]["ok"] == 20
+    assert run["weights"] == uploaded["weights"] and len(run["weights_sha256"]) == 64
+    assert not fs.exists(f"{output}/_staging")
+
+
+def test_parquet_manifest_naming_a_missing_object_gives_one_error_row(uploaded, local_rows, tmp_path):
+    names = sorted(local_rows)[:5]
+    uris = [f"{uploaded['images']}/{n}" for n in names] + [f"{uploaded['images']}/missing.png"]
+    manifest = f"s3://{BUCKET}/manifests/images.parquet"
+    with s3().open(manifest, "wb") as f:
+        pq.write_table(pa.table({"image_id": names + ["missing"], "uri": uris, "extra": list(range(6))}), f)
+    output = tmp_path / "out"
+    result = rayseg("segment", manifest, output, "--model", "unet", "--weights", uploaded["weights"])
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(pq.read_table(output))
+    assert sorted(rows) == sorted(names + ["missing"])
+    assert rows["missing"]["status"] == "error" and "FileNotFoundError" in rows["missing"]["error"]
+    for name in names:
+        same_predictions(rows[name], local_rows[name])
+
+
+def test_csv_manifest_with_relative_uris_joins_them_to_the_image_root(uploaded, local_rows, tmp_path):
+    names = sorted(local_rows)[5:9]
+    manifest = tmp_path / "images.csv"
+    pacsv.write_csv(pa.table({"uri": names}), manifest)
+    output = tmp_path / "out"
+    result = rayseg(
+        "segment", manifest, output, "--model", "unet", "--weights", uploaded["weights"], "--image-root", uploaded["images"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(pq.read_table(output))
+    assert sorted(rows) == names, "without an image_id column, the id is the uri as written"
+    for name in names:
+        assert rows[name]["uri"] == f"{uploaded['images']}/{name}"
+        same_predictions(rows[name], local_rows[name])
+
+
+def test_coco_json_input_uses_coco_image_ids(shapes, uploaded, local_rows, tmp_path):
+    coco = json.loads(shapes.instances_json.read_text())
+    coco_uri = f"s3://{BUCKET}/annotations/instances.json"
+    s3().pipe(coco_uri, json.dumps(coco).encode())
+    output = tmp_path / "out"
+    result = rayseg(
+        "segment", coco_uri, output, "--model", "unet", "--weights", uploaded["weights"], "--image-root", uploaded["images"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(pq.read_table(output))
+    assert sorted(rows, key=int) == [str(image["id"]) for image in coco["images"]]
+    for image in coco["images"]:
+        same_predictions(rows[str(image["id"])], local_rows[image["file_name"]])
+
+
+@pytest.fixture
+def other_s3_endpoint():
+    """A second S3 server in its own process (so with its own state), named by no env var."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_storage_options_on_the_command_line_reach_every_worker(shapes, tmp_path, other_s3_endpoint):
+    # Ray's workers inherited an environment naming the session's S3 server, which has no
+    # bucket "elsewhere": only the --storage-option leads the listing and every decode
+    # task to the other server.
+    client = boto3.client("s3", endpoint_url=other_s3_endpoint)
+    client.create_bucket(Bucket="elsewhere")
+    for path in sorted(shapes.images_dir.glob("*.png"))[:4]:
+        client.upload_file(str(path), "elsewhere", f"images/{path.name}")
+    output = tmp_path / "out"
+    result = rayseg(
+        "segment", "s3://elsewhere/images", output, "--model", "unet", "--weights", "random",
+        "--storage-option", f"endpoint_url={other_s3_endpoint}",
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in pq.read_table(output).to_pylist()] == ["ok"] * 4
+
+
+def test_credentials_never_reach_outputs_or_logs(uploaded, tmp_path, caplog):
+    output = f"s3://{BUCKET}/runs/secret-check"
+    result = rayseg(
+        "segment", uploaded["images"], output, "--model", "unet", "--weights", uploaded["weights"], "--limit", "3",
+        "--storage-option", "key=rayseg-test-key", "--storage-option", f"secret={PLANTED_SECRET}",
+    )
+    assert result.exit_code == 0, result.output
+    fs = s3()
+    for path in fs.find(output):
+        assert PLANTED_SECRET.encode() not in fs.cat(path), path
+    assert PLANTED_SECRET not in result.output
+    assert PLANTED_SECRET not in caplog.text
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    for log_file in logs.rglob("*"):
+        if log_file.is_file():
+            assert PLANTED_SECRET.encode() not in log_file.read_bytes(), log_file
+
+
+def test_a_manifest_without_a_uri_column_is_refused_before_any_work(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": ["a.png"]}), manifest)
+    result = rayseg("segment", manifest, tmp_path / "out", "--model", "unet", "--weights", "random")
+    assert result.exit_code == 2 and "no 'uri' column" in result.output
+
+
+def test_a_coco_json_input_needs_an_image_root(shapes, tmp_path):
+    result = rayseg("segment", shapes.instances_json, tmp_path / "out", "--model", "unet", "--weights", "random")
+    assert result.exit_code == 2 and "--image-root" in result.output
+
+
+@pytest.mark.parametrize(
+    "uri,kind",
+    [("s3://b/m.parquet", "parquet"), ("m.CSV", "csv"), ("gs://b/coco.json", "coco"), ("s3://b/images/", "directory"), ("/data", "directory")],
+)
+def test_source_kind_follows_the_extension(uri, kind):
+    assert source_kind(uri) == kind
+
+
+def test_manifest_rows_keep_their_ids_and_rows_without_ids_or_uris_are_kept():
+    table = pa.table({"image_id": ["a", None, None], "uri": ["x/1.png", "x/2.png", None]})
+    out = normalise_manifest(table, image_root="s3://b/root")
+    assert out.to_pylist() == [
+        {"image_id": "a", "uri": "s3://b/root/x/1.png"},
+        {"image_id": "x/2.png", "uri": "s3://b/root/x/2.png"},
+        {"image_id": "", "uri": None},
+    ]
+
+
+def test_join_uri_keeps_absolute_paths_and_uris():
+    assert join_uri("s3://b/root/", "a/b.png") == "s3://b/root/a/b.png"
+    assert join_uri("/data", "a.png") == "/data/a.png"
+    assert join_uri("/data", "gs://other/a.png") == "gs://other/a.png"
+    assert join_uri("/data", "/abs/a.png") == "/abs/a.png"
+
+
+def test_storage_option_values_are_typed_when_they_are_json():
+    assert parse_storage_options(["anon=false", "endpoint_url=http://h:1", "retries=3", 'client_kwargs={"region_name": "x"}']) == {
+        "anon": False,
+        "endpoint_url": "http://h:1",
+        "retries": 3,
+        "client_kwargs": {"region_name": "x"},
+    }
+    with pytest.raises(ValueError):
+        parse_storage_options(["novalue"])
