@@ -202,7 +202,15 @@ def run_segment(
         "ray_init_seconds": round(ray_seconds, 3),
     }
     try:
-        return write_run(rows, output, run_id=run_id, run_info=run_info, storage_options=storage_options, started=started)
+        return write_run(
+            rows,
+            output,
+            run_id=run_id,
+            run_info=run_info,
+            storage_options=storage_options,
+            started=started,
+            write_cpus=resources.task_cpus,
+        )
     except Exception as e:
         log.exception("run %s failed", run_id)
         raise fail(f"run {run_id} failed: {type(e).__name__}: {e}", code=1) from None

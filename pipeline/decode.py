@@ -26,6 +26,7 @@ EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 # pixels a decode task accumulates before it hands a batch on.
 READ_ROWS = 32
 MAX_BATCH_BYTES = 128 * 1024 * 1024
+DECODE_TASK_MEMORY = 2 * MAX_BATCH_BYTES
 
 
 class DecodeError(ValueError):

@@ -15,10 +15,21 @@ class ResourceError(ValueError):
     """A resource request this cluster can never satisfy."""
 
 
-# Decode and encode are short CPU tasks; half a CPU each lets two overlap per core (one
-# waiting on storage, one decoding) and, being unlike the actor's request, keeps decode a
-# separate stage instead of being fused into the actor.
-TASK_CPUS = 0.5
+def task_cpus(cluster_cpus: float) -> float:
+    """CPUs asked by each decode and encode/write task: a whole one on clusters of 8+ CPUs,
+    down to a quarter on small machines.
+
+    Every stage must be able to run at once — a manifest reader (1 CPU, Ray's default,
+    alive while the manifest streams), decode, the actors, encode/write — or the first
+    results wait for the slowest stage to finish. Logical CPUs are scheduling tokens:
+    fractions let the stages share the cores the OS gives them.
+    """
+    return min(1.0, max(0.25, cluster_cpus / 8))
+
+
+def reserved_cpus(cluster_cpus: float) -> float:
+    """CPUs a default pool leaves to the stages around it: a reader, a decode and an encode task."""
+    return 1.0 + 2 * task_cpus(cluster_cpus)
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,7 @@ class Resources:
     gpus_per_actor: float
     batch_size: int
     torch_threads: int
-    task_cpus: float = TASK_CPUS
+    task_cpus: float
 
 
 def parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -61,7 +72,8 @@ def plan_resources(
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
-    CPU cluster: actors get half the CPUs (the rest decode and encode), batch 8.
+    CPU cluster: actors get half the CPUs, at most all but `reserved_cpus` (at least half
+    a CPU), up to 8 per actor; batch 8.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
@@ -78,15 +90,17 @@ def plan_resources(
         default_actors = max(1, math.floor(cluster_gpus / gpus_per_actor))
         cpus_per_actor = 1.0 if cpus_per_actor is None else cpus_per_actor
     else:
+        pool_cpus = max(min(cluster_cpus / 2, cluster_cpus - reserved_cpus(cluster_cpus)), 0.5)
         if cpus_per_actor is None:
-            cpus_per_actor = max(min(cluster_cpus / 2, 8.0), 0.5)
-        default_actors = max(1, math.floor(cluster_cpus / 2 / cpus_per_actor))
+            cpus_per_actor = min(pool_cpus, 8.0)
+        default_actors = max(1, math.floor(pool_cpus / cpus_per_actor))
     min_actors, max_actors = actors or (1, default_actors)
     if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
         raise ResourceError(
             f"{min_actors} actors × {gpus_per_actor:g} GPUs exceeds the cluster's {cluster_gpus:g} GPUs"
         )
-    if max_actors * cpus_per_actor + TASK_CPUS > cluster_cpus:
+    tasks = task_cpus(cluster_cpus)
+    if max_actors * cpus_per_actor + tasks > cluster_cpus:
         raise ResourceError(
             f"{max_actors} actors × {cpus_per_actor:g} CPUs leaves no CPU for decode/encode tasks "
             f"on a cluster of {cluster_cpus:g} CPUs (the job would stall); lower --actors or --cpus-per-actor"
@@ -103,4 +117,5 @@ def plan_resources(
         gpus_per_actor=gpus_per_actor,
         batch_size=batch_size or (16 if gpus_per_actor > 0 else 8),
         torch_threads=max(1, threads),
+        task_cpus=tasks,
     )

@@ -19,7 +19,7 @@ from ray.data import ActorPoolStrategy
 
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
-from .decode import DEFAULT_MAX_PIXELS, decode_images
+from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images
 from .encode import encode_batch
 from .inference import SegmentImages
 from .resources import Resources
@@ -86,21 +86,32 @@ def segment(
     *,
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decoded: bool | None = None,
 ) -> ray.data.Dataset:
     """{image_id, uri} (or decoded `image`) rows → output rows (pipeline/schema.py), lazily.
+
+    decoded: whether rows already carry an `image`; by default taken from the dataset's
+    schema when Ray knows it without executing anything, else rows are {image_id, uri}.
 
     Unless `model` is already pinned (`pin_weights`), checks its weights on the driver
     first (WeightsError), so a bad checkpoint fails before any cluster work.
     """
     if model.weights_sha256 is None:
         model = pin_weights(model, storage_options)
-    if "image" in dataset.columns():
+    if decoded is None:
+        schema = dataset.schema(fetch_if_missing=False)
+        decoded = schema is not None and "image" in schema.names
+    if decoded:
         decoded = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
     else:
         decoded = dataset.map_batches(
             decode_images,
             fn_kwargs={"storage_options": storage_options, "max_pixels": max_pixels},
             num_cpus=resources.task_cpus,
+            # What a decode task holds at most: a batch of pixels and the files it came
+            # from. Declaring it also keeps decode a stage of its own: Ray fuses a task
+            # stage into the actor when their resource requests are equal.
+            memory=DECODE_TASK_MEMORY,
             udf_modifying_row_count=False,
         )
     inferred = decoded.map_batches(

@@ -18,7 +18,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from .resources import TASK_CPUS
 from .schema import OUTPUT_SCHEMA, STATUS_OK
 from .storage import arrow_filesystem, filesystem, full_uri
 
@@ -71,11 +70,14 @@ def write_run(
     run_info: dict,
     storage_options: dict | None = None,
     started: float | None = None,
+    write_cpus: float = 1.0,
 ) -> RunSummary:
     """Executes `dataset` (output rows), commits its Parquet files, writes `_run.json`.
 
     run_info: what the run was (model, weights, spec); stored in `_run.json` as given.
     started: time.time() when the run began, for the timings (default: now).
+    write_cpus: CPUs per write task; equal to the encode stage's, so encode and write fuse
+    into one task (`Resources.task_cpus`).
     """
     started = time.time() if started is None else started
     fs, root = filesystem(output, storage_options)
@@ -87,7 +89,7 @@ def write_run(
         filesystem=arrow_filesystem(fs),
         schema=OUTPUT_SCHEMA,
         min_rows_per_file=ROWS_PER_FILE,
-        ray_remote_args={"num_cpus": TASK_CPUS},
+        ray_remote_args={"num_cpus": write_cpus},
     )
     # Ray's workers wrote these files; listings this process cached before are stale.
     fs.invalidate_cache(root)

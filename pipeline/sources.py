@@ -117,8 +117,11 @@ def read_manifest(
     if "uri" not in columns:
         raise SourceError(f"manifest {manifest_uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
     wanted = [c for c in ("image_id", "uri") if c in columns]
+    # Read, normalise and re-block fuse into one streaming task of one CPU, alive while
+    # the manifest streams (pipeline/resources.py leaves room for it).
     if kind == "parquet":
-        dataset = ray.data.read_parquet(path, filesystem=arrow_filesystem(fs)).select_columns(wanted)
+        dataset = ray.data.read_parquet(path, filesystem=arrow_filesystem(fs))
+        dataset = dataset.select_columns(wanted)
     else:
         import pyarrow.csv as pacsv
 
@@ -130,7 +133,10 @@ def read_manifest(
             ),
         )
     return dataset.map_batches(
-        normalise_manifest, fn_kwargs={"image_root": image_root}, batch_format="pyarrow", udf_modifying_row_count=False
+        normalise_manifest,
+        fn_kwargs={"image_root": image_root},
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
     ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 

@@ -147,7 +147,7 @@ def test_limit_processes_only_the_first_images(shapes, tmp_path):
         (["--model", "unet"], "--weights is required"),
         (["--model", "unet", "--weights", "/no/such/checkpoint"], "weights not found"),
         (["--model", "unet", "--weights", "random", "--gpus-per-actor", "1"], "cluster has none"),
-        (["--model", "unet", "--weights", "random", "--actors", "2"], "leaves no CPU"),
+        (["--model", "unet", "--weights", "random", "--actors", "4"], "leaves no CPU"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message_and_write_nothing(shapes, tmp_path, args, message):

@@ -2,16 +2,24 @@
 
 import pytest
 
-from rayseg.pipeline.resources import TASK_CPUS, ResourceError, parse_actors, plan_resources
+from rayseg.pipeline.resources import ResourceError, parse_actors, plan_resources
 
 
-def test_two_core_cpu_machine_gets_one_actor_leaving_a_core_for_decode_and_encode():
+def test_two_core_cpu_machine_gets_one_actor_leaving_room_for_a_reader_and_a_decoder():
     plan = plan_resources({"CPU": 2.0})
     assert (plan.min_actors, plan.max_actors) == (1, 1)
     assert plan.gpus_per_actor == 0
-    assert plan.cpus_per_actor == 1.0
-    assert plan.max_actors * plan.cpus_per_actor + TASK_CPUS <= 2
-    assert plan.torch_threads == 2
+    assert plan.cpus_per_actor == 0.5 and plan.task_cpus == 0.25
+    # A manifest reader (1 CPU), the actor, a decode and an encode task all fit at once.
+    assert 1.0 + plan.max_actors * plan.cpus_per_actor + 2 * plan.task_cpus <= 2
+    assert plan.task_cpus != plan.cpus_per_actor, "equal requests would fuse decode into the actor"
+    assert plan.torch_threads == 2, "the lone actor's torch still uses both cores"
+
+
+def test_larger_cpu_machines_give_half_their_cpus_to_actors_of_at_most_8():
+    assert (plan_resources({"CPU": 4.0}).cpus_per_actor, plan_resources({"CPU": 4.0}).max_actors) == (2.0, 1)
+    plan = plan_resources({"CPU": 64.0}, nodes=4)
+    assert (plan.cpus_per_actor, plan.max_actors, plan.torch_threads, plan.task_cpus) == (8.0, 4, 8, 1.0)
 
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
