@@ -129,6 +129,15 @@ def read_run(output: str, storage_options: dict | None = None) -> dict:
         return json.load(f)
 
 
+def committed_files(output: str, storage_options: dict | None = None) -> list[str]:
+    """URIs of the Parquet files of the committed run in OUTPUT, as its `_run.json` lists them.
+
+    Readers that go through this never see a run that is still committing or died.
+    """
+    fs, root = filesystem(output, storage_options)
+    return [full_uri(fs, posixpath.join(root, name)) for name in read_run(output, storage_options)["files"]]
+
+
 def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:
     """Counts read back from the committed files: the status column and one leaf of segments."""
     ok = error = segments = 0

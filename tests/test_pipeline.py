@@ -19,7 +19,7 @@ from rayseg.models.unet import UNet, UNetConfig, build_unet, save_unet
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
-from rayseg.pipeline.sink import RUN_FILE, write_run
+from rayseg.pipeline.sink import RUN_FILE, OutputError, committed_files, write_run
 from rayseg.pipeline.sources import read_source
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -180,3 +180,13 @@ def test_missing_and_empty_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     result = rayseg("segment", tmp_path / "empty", tmp_path / "o", "--model", "unet", "--weights", "random")
     assert result.exit_code == 2 and "no images" in result.output
+
+
+def test_readers_find_a_committed_run_through_its_run_file(shapes, tmp_path):
+    output = tmp_path / "out"
+    assert rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", "--limit", "2").exit_code == 0
+    files = committed_files(str(output))
+    assert files == [str(output / "part-00000.parquet")]
+    (output / RUN_FILE).unlink()  # as if the run had died before committing
+    with pytest.raises(OutputError, match="no committed run"):
+        committed_files(str(output))
