@@ -23,6 +23,7 @@ class Segment:
 
     mask: bool (H, W) at the original image size.
     segment_id: panoptic id within the image; None for semantic and instance output.
+    annotation_id: for prompted output, the annotation the prompt came from; else None.
     """
 
     category_id: int
@@ -30,6 +31,21 @@ class Segment:
     mask: np.ndarray
     segment_id: int | None = None
     iscrowd: bool = False
+    annotation_id: int | None = None
+
+
+@dataclass
+class Prompts:
+    """Box prompts for one image, travelling with it through the pipeline.
+
+    boxes: float32 (K, 4) [x0, y0, x1, y1] in pixels of the decoded image.
+    category_ids: int32 (K,) the category each box stands for (kept on its mask).
+    annotation_ids: int64 (K,) the annotation each box came from, -1 when it has none.
+    """
+
+    boxes: np.ndarray
+    category_ids: np.ndarray
+    annotation_ids: np.ndarray
 
 
 @runtime_checkable
@@ -39,7 +55,10 @@ class SegmentationModel(Protocol):
     categories: list[Category]
 
     def preprocess(self, images: list[np.ndarray]) -> Any:
-        """uint8 (H, W, 3) RGB images, any sizes → a model-specific batch (still on the CPU)."""
+        """uint8 (H, W, 3) RGB images, any sizes → a model-specific batch (still on the CPU).
+
+        Promptable models also take `prompts: list[Prompts | None]`, one per image.
+        """
 
     def forward(self, batch: Any) -> Any:
         """Runs the network on the model's device; returns raw outputs for `postprocess`."""

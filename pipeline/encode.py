@@ -40,8 +40,9 @@ def encode_batch(batch: pa.Table) -> pa.Table:
                     "rle": rle,
                     "segment_id": segment_id,
                     "iscrowd": iscrowd,
+                    "annotation_id": annotation_id,
                 }
-                for category_id, label, score, bbox, area, rle, segment_id, iscrowd in zip(
+                for category_id, label, score, bbox, area, rle, segment_id, iscrowd, annotation_id in zip(
                     category_ids,
                     columns["labels"][row],
                     columns["scores"][row],
@@ -50,6 +51,7 @@ def encode_batch(batch: pa.Table) -> pa.Table:
                     counts,
                     columns["segment_ids"][row],
                     columns["iscrowd"][row],
+                    columns["annotation_ids"][row],
                 )
             ]
         )

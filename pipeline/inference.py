@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..models.base import Segment, SegmentationModel
+from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.registry import build_model
 from .masks import pack_masks
 from .schema import STATUS_ERROR, STATUS_OK
@@ -37,9 +37,36 @@ INFERENCE_SCHEMA = pa.schema(
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("segment_ids", pa.list_(pa.int32())),
         pa.field("iscrowd", pa.list_(pa.bool_())),
+        pa.field("annotation_ids", pa.list_(pa.int64())),
         pa.field("masks", pa.binary()),
     ]
 )
+
+
+PROMPT_COLUMNS = ("prompt_boxes", "prompt_category_ids", "prompt_annotation_ids")
+
+
+def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | None] | None:
+    """The box prompts of `rows`, when the dataset carries prompt columns; else None.
+
+    prompt_boxes: per row a list of [x0, y0, x1, y1]; a row without prompts has none.
+    """
+    if PROMPT_COLUMNS[0] not in batch:
+        return None
+    prompts: list[Prompts | None] = []
+    for row in rows:
+        boxes = batch["prompt_boxes"][row]
+        if boxes is None or len(boxes) == 0:
+            prompts.append(None)
+            continue
+        prompts.append(
+            Prompts(
+                boxes=np.asarray([np.asarray(box, dtype=np.float32) for box in boxes], dtype=np.float32).reshape(-1, 4),
+                category_ids=np.asarray(batch["prompt_category_ids"][row], dtype=np.int32),
+                annotation_ids=np.asarray(batch["prompt_annotation_ids"][row], dtype=np.int64),
+            )
+        )
+    return prompts
 
 
 def select_device() -> torch.device:
@@ -80,9 +107,10 @@ class SegmentImages:
         self.labels = {category.id: category.name for category in self.model.categories}
         log.info("built %s on %s", model_name, self.device)
 
-    def _segment(self, images: list[np.ndarray]) -> list[list[Segment]]:
+    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[list[Segment]]:
         sizes = [image.shape[:2] for image in images]
-        return self.model.postprocess(self.model.forward(self.model.preprocess(images)), sizes)
+        batch = self.model.preprocess(images) if prompts is None else self.model.preprocess(images, prompts=prompts)
+        return self.model.postprocess(self.model.forward(batch), sizes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["image_id"])
@@ -92,14 +120,15 @@ class SegmentImages:
         results: list[list[Segment]] = [[] for _ in range(count)]
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]
+        prompts = prompts_of(batch, ready)
         try:
-            for index, segments in zip(ready, self._segment(images)):
+            for index, segments in zip(ready, self._segment(images, prompts)):
                 results[index] = segments
         except Exception:  # noqa: BLE001 - isolate the failing image(s), below
             log.warning("batch of %d failed; retrying its images one by one", len(ready), exc_info=True)
-            for index, image in zip(ready, images):
+            for position, (index, image) in enumerate(zip(ready, images)):
                 try:
-                    results[index] = self._segment([image])[0]
+                    results[index] = self._segment([image], None if prompts is None else [prompts[position]])[0]
                 except Exception as e:  # noqa: BLE001 - becomes this image's error row
                     statuses[index] = STATUS_ERROR
                     errors[index] = f"inference failed: {type(e).__name__}: {e}"
@@ -124,6 +153,7 @@ class SegmentImages:
                 "scores": [[s.score for s in segments] for segments in results],
                 "segment_ids": [[s.segment_id for s in segments] for segments in results],
                 "iscrowd": [[s.iscrowd for s in segments] for segments in results],
+                "annotation_ids": [[s.annotation_id for s in segments] for segments in results],
                 "masks": masks,
             },
             schema=INFERENCE_SCHEMA,

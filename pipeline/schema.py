@@ -14,6 +14,7 @@ SEGMENT_TYPE = pa.struct(
         pa.field("rle", pa.string(), nullable=False),  # compressed COCO RLE counts, size [h, w]
         pa.field("segment_id", pa.int32()),  # panoptic only
         pa.field("iscrowd", pa.bool_(), nullable=False),
+        pa.field("annotation_id", pa.int64()),  # prompted only: the prompt's source annotation
     ]
 )
 

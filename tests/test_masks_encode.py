@@ -52,6 +52,7 @@ def test_encode_batch_produces_the_output_schema_with_empty_lists_for_error_rows
             "scores": [[0.75], []],
             "segment_ids": [[None], []],
             "iscrowd": [[False], []],
+            "annotation_ids": [[None], []],
             "masks": [pack_masks(mask), b""],
         },
         schema=INFERENCE_SCHEMA,
