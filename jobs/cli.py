@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,17 +11,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .. import __version__
-from ..models.registry import REGISTRY, get_entry
+from ..models.registry import REGISTRY, model_options
 from ..models.weights import RANDOM, WeightsError
-from ..pipeline.resources import ResourceError, parse_actors, plan_resources
-from ..pipeline.segment import ModelSpec, pin_weights
-from ..pipeline.segment import segment as segment_dataset
-from ..pipeline.sink import OutputError, RunSummary, check_output, write_run
-from ..pipeline.sources import SourceError, read_source
+from ..pipeline.resources import ResourceError
+from ..pipeline.sink import OutputError, RunSummary
+from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
-from . import cluster
 from .fixtures import make_fixtures
+from .runner import new_run_id, run_segment_spec
+from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
 
 app = typer.Typer(
     name="rayseg",
@@ -35,8 +31,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 log = logging.getLogger("rayseg")
 
-# Errors in what the user asked for: reported in one line, exit 2, before any cluster work.
-USER_ERRORS = (SourceError, OutputError, WeightsError, ResourceError, ValueError)
+# Errors in what the user asked for: reported, exit 2, before any cluster work.
+USER_ERRORS = (SpecError, SourceError, OutputError, WeightsError, ResourceError, ValueError)
 
 
 @app.callback()
@@ -53,11 +49,6 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def new_run_id() -> str:
-    """UTC time plus a random suffix: sortable, and unique across concurrent runs."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """'HxW' → (height, width)."""
     try:
@@ -70,9 +61,9 @@ def parse_size(text: str) -> tuple[int, int]:
 @app.command()
 def models() -> None:
     """List the registered models, their task and the weights they accept."""
-    table = Table("model", "task", "weights")
+    table = Table("model", "task", "weights", "options")
     for entry in REGISTRY.values():
-        table.add_row(entry.name, entry.task, entry.weights)
+        table.add_row(entry.name, entry.task, entry.weights, ", ".join(model_options(entry.name)))
     Console().print(table)
 
 
@@ -93,7 +84,7 @@ def fixtures(
 
 @app.command()
 def segment(
-    input: Annotated[str, typer.Argument(help="Directory or URI prefix of images.")],
+    input: Annotated[str, typer.Argument(help="Directory/URI prefix, Parquet/CSV manifest, or COCO json.")],
     output: Annotated[str, typer.Argument(help="Output directory or URI (must be new or empty).")],
     model: Annotated[str, typer.Option(help="Registered model name (see `rayseg models`).")],
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint path or URI, or 'random'.")] = None,
@@ -103,8 +94,11 @@ def segment(
     gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor [GPU: 1; CPU: half the cluster].")] = None,
     score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this.")] = None,
+    model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
+    category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
+    resume: Annotated[bool, typer.Option(help="Finish the interrupted run --run-id: only images without a staged row.")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
     storage_option: Annotated[list[str], typer.Option(help="fsspec storage option KEY=VALUE, JSON values typed (repeatable).")] = [],
     image_root: Annotated[Optional[str], typer.Option(help="Root that manifest / COCO json file names are relative to.")] = None,
@@ -112,108 +106,85 @@ def segment(
     """Segment every image of INPUT and write one Parquet row per image to OUTPUT.
 
     INPUT: a directory or URI prefix (listed), a Parquet/CSV manifest with a `uri` column
-    (optional `image_id`), or a COCO json (with --image-root).
+    (optional `image_id`), or a COCO json (with --image-root). The flags are a job spec
+    (`rayseg run`), written on the command line.
     """
     if weights is None:
         raise fail("--weights is required: a checkpoint path or URI, or 'random' for random initialisation")
-    spec = ModelSpec(model, weights, weights_sha256, score_threshold)
     try:
+        options = parse_storage_options(model_option)
+        if category_file is not None:
+            options["category_file"] = category_file
+        spec = parse_spec(
+            {
+                "kind": "segment",
+                "input": input,
+                "output": output,
+                "image_root": image_root,
+                "model": {
+                    "name": model,
+                    "weights": weights,
+                    "weights_sha256": weights_sha256,
+                    "score_threshold": score_threshold,
+                    "options": options,
+                },
+                "resources": {
+                    "actors": actors,
+                    "gpus_per_actor": gpus_per_actor,
+                    "cpus_per_actor": cpus_per_actor,
+                    "batch_size": batch_size,
+                },
+                "limit": limit,
+                "run_id": run_id,
+                "resume": resume,
+            },
+            source="arguments",
+        )
+        # Typed on the command line, storage options are the user's own to pass inline
+        # (a spec file may only reference secrets); they are used, never stored.
         storage_options = parse_storage_options(storage_option)
-        get_entry(model)
-        check_output(output, storage_options)
-        actor_bounds = parse_actors(actors)
-        if limit is not None and limit < 1:
-            raise ValueError(f"--limit must be ≥ 1, got {limit}")
+    except SpecError as e:
+        raise fail("\n".join(e.errors)) from None
+    except ValueError as e:
+        raise fail(str(e)) from None
+    print_summary(execute(spec, address, storage_options))
+
+
+@app.command()
+def run(
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A segment or relabel spec (YAML).")],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
+) -> None:
+    """Run a job spec (kind: segment or relabel) — what `rayseg submit` runs on the cluster."""
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as e:
+        raise fail(str(e)) from None
+    if isinstance(spec, RelabelSpec):
+        raise fail("relabel specs run with `rayseg relabel SPEC`")
+    print_summary(execute(spec, address))
+
+
+@app.command()
+def validate(spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A job spec (YAML).")]) -> None:
+    """Check a job spec and report every error with its field path; no cluster work."""
+    try:
+        spec = load_spec(spec_file)
+        spec.storage.resolve()
+    except SpecError as e:
+        raise fail(str(e)) from None
+    console.print(f"{spec_file}: valid {spec.kind} spec (model {spec.model.name})")
+
+
+def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None = None) -> RunSummary:
+    """Runs a segment spec; user errors exit 2, failures of the job itself exit 1."""
+    try:
+        return run_segment_spec(spec, address=address, storage_options=storage_options)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
-    summary = run_segment(
-        input,
-        output,
-        spec,
-        storage_options=storage_options,
-        actors=actor_bounds,
-        gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor,
-        batch_size=batch_size,
-        limit=limit,
-        run_id=run_id,
-        address=address,
-        image_root=image_root,
-    )
-    print_summary(summary)
-
-
-def run_segment(
-    input: str,
-    output: str,
-    spec: ModelSpec,
-    *,
-    storage_options: dict,
-    actors: tuple[int, int] | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float | None = None,
-    batch_size: int | None = None,
-    limit: int | None = None,
-    run_id: str | None = None,
-    address: str | None = None,
-    image_root: str | None = None,
-) -> RunSummary:
-    """Connects to Ray, plans resources, runs the pipeline and commits the output."""
-    import ray
-
-    started = time.time()
-    ray_seconds = cluster.connect(address)
-    try:
-        resources = plan_resources(
-            ray.cluster_resources(),
-            nodes=cluster.node_count(),
-            actors=actors,
-            cpus_per_actor=cpus_per_actor,
-            gpus_per_actor=gpus_per_actor,
-            batch_size=batch_size,
-        )
-        spec = pin_weights(spec, storage_options)
-        parallelism = int(ray.cluster_resources().get("CPU", 1))
-        dataset = read_source(
-            input, storage_options=storage_options, image_root=image_root, limit=limit, parallelism=parallelism
-        )
-        rows = segment_dataset(dataset, spec, resources, storage_options=storage_options)
-    except USER_ERRORS as e:
-        raise fail(str(e)) from None
-    if spec.weights == RANDOM:
-        log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", spec.name)
-    run_id = run_id or new_run_id()
-    run_info = {
-        "rayseg_version": __version__,
-        "input": input,
-        "image_root": image_root,
-        "model": spec.name,
-        "weights": spec.weights,
-        "weights_sha256": spec.weights_sha256,
-        "spec": {
-            "score_threshold": spec.score_threshold,
-            "limit": limit,
-            "min_actors": resources.min_actors,
-            "max_actors": resources.max_actors,
-            "cpus_per_actor": resources.cpus_per_actor,
-            "gpus_per_actor": resources.gpus_per_actor,
-            "batch_size": resources.batch_size,
-        },
-        "ray_init_seconds": round(ray_seconds, 3),
-    }
-    try:
-        return write_run(
-            rows,
-            output,
-            run_id=run_id,
-            run_info=run_info,
-            storage_options=storage_options,
-            started=started,
-            write_cpus=resources.task_cpus,
-        )
     except Exception as e:
-        log.exception("run %s failed", run_id)
-        raise fail(f"run {run_id} failed: {type(e).__name__}: {e}", code=1) from None
+        log.exception("run failed")
+        raise fail(f"run failed: {type(e).__name__}: {e}", code=1) from None
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -239,8 +210,8 @@ def demo(
     console.print(f"fixtures: {images} images in {made.images_dir}")
     run_id = new_run_id()
     output = workdir / "runs" / run_id
-    summary = run_segment(
-        str(made.images_dir), str(output), ModelSpec("unet", RANDOM), storage_options={}, run_id=run_id, address=address
+    spec = SegmentSpec(
+        input=str(made.images_dir), output=str(output), model={"name": "unet", "weights": RANDOM}, run_id=run_id
     )
-    print_summary(summary)
+    print_summary(execute(spec, address))
     console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")

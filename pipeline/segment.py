@@ -133,3 +133,19 @@ def segment(
     return inferred.map_batches(
         encode_batch, batch_format="pyarrow", num_cpus=resources.task_cpus, udf_modifying_row_count=False
     )
+
+
+def without_done(dataset: ray.data.Dataset, done_ids: ray.data.Dataset | None, partitions: int) -> ray.data.Dataset:
+    """`dataset` minus the rows whose image_id is in `done_ids`: a distributed anti-join,
+    so no process ever holds every done id."""
+    if done_ids is None:
+        return dataset
+    return dataset.join(
+        done_ids,
+        join_type="left_anti",
+        num_partitions=partitions,
+        on=("image_id",),
+        # The join's aggregators finish before inference starts; a quarter CPU each keeps
+        # them schedulable next to a running actor pool on small machines.
+        aggregator_ray_remote_args={"num_cpus": 0.25},
+    )

@@ -10,6 +10,7 @@ that dies leaves no part files and no `_run.json`: readers trust OUTPUT only whe
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import ray
 
 from .schema import OUTPUT_SCHEMA, STATUS_OK
 from .storage import arrow_filesystem, filesystem, full_uri
+
+log = logging.getLogger("rayseg.pipeline")
 
 RUN_FILE = "_run.json"
 STAGING_DIR = "_staging"
@@ -51,7 +54,7 @@ class RunSummary:
 
 
 def check_output(output: str, storage_options: dict | None = None) -> None:
-    """Refuses an OUTPUT that already holds results; leftovers of an unfinished run are fine."""
+    """Refuses an OUTPUT that already holds results; an unfinished run's staging is fine."""
     fs, root = filesystem(output, storage_options)
     if not fs.exists(root):
         return
@@ -71,6 +74,8 @@ def write_run(
     storage_options: dict | None = None,
     started: float | None = None,
     write_cpus: float = 1.0,
+    rows_per_file: int = ROWS_PER_FILE,
+    resume: bool = False,
 ) -> RunSummary:
     """Executes `dataset` (output rows), commits its Parquet files, writes `_run.json`.
 
@@ -78,17 +83,19 @@ def write_run(
     started: time.time() when the run began, for the timings (default: now).
     write_cpus: CPUs per write task; equal to the encode stage's, so encode and write fuse
     into one task (`Resources.task_cpus`).
+    resume: keep what an earlier attempt of `run_id` staged (its rows must be absent from
+    `dataset`: see `staged_image_ids`) and commit it together with the new rows.
     """
     started = time.time() if started is None else started
     fs, root = filesystem(output, storage_options)
     staging = posixpath.join(root, STAGING_DIR, run_id)
-    if fs.exists(staging):
+    if fs.exists(staging) and not resume:
         fs.rm(staging, recursive=True)
     dataset.write_parquet(
         staging,
         filesystem=arrow_filesystem(fs),
         schema=OUTPUT_SCHEMA,
-        min_rows_per_file=ROWS_PER_FILE,
+        min_rows_per_file=rows_per_file,
         ray_remote_args={"num_cpus": write_cpus},
     )
     # Ray's workers wrote these files; listings this process cached before are stale.
@@ -127,6 +134,32 @@ def read_run(output: str, storage_options: dict | None = None) -> dict:
         raise OutputError(f"no committed run in {output} ({RUN_FILE} missing)")
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def staged_image_ids(output: str, run_id: str, storage_options: dict | None = None) -> ray.data.Dataset | None:
+    """The image ids an interrupted attempt of `run_id` already staged, as a lazy dataset.
+
+    Files a killed writer left unreadable (no Parquet footer) are deleted first: their rows
+    are simply processed again. The ids stay in the cluster — they are never collected
+    into this process — so resuming costs no driver memory however much was done.
+    """
+    fs, root = filesystem(output, storage_options)
+    staging = posixpath.join(root, STAGING_DIR, run_id)
+    if not fs.exists(staging):
+        return None
+    fs.invalidate_cache(staging)
+    complete = []
+    for path in sorted(p for p in fs.find(staging) if p.endswith(".parquet")):
+        try:
+            with fs.open(path, "rb") as f:
+                pq.read_metadata(f)
+            complete.append(path)
+        except Exception:  # noqa: BLE001 - a torn file: drop it, its rows are redone
+            log.warning("removing incomplete staged file %s", full_uri(fs, path))
+            fs.rm(path)
+    if not complete:
+        return None
+    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs)).select_columns(["image_id"])
 
 
 def committed_files(output: str, storage_options: dict | None = None) -> list[str]:

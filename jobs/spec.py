@@ -1,0 +1,189 @@
+"""Job specs: one YAML file says what a run is. `rayseg segment` flags build the same model.
+
+    kind: segment                       # or: relabel
+    input: s3://bucket/manifests/images.parquet
+    output: s3://bucket/masks/2026-11
+    image_root: s3://bucket/images      # for manifests / COCO json with relative names
+    model:
+      name: unet
+      weights: s3://bucket/models/unet/
+      weights_sha256: null
+      score_threshold: null
+      options: {}                       # the model's own options (`rayseg models`)
+    resources: {actors: "1:4", gpus_per_actor: 1, cpus_per_actor: 1, batch_size: 16}
+    storage:
+      options: {endpoint_url: "https://minio.internal:9000"}   # never secrets
+      env: {key: AWS_ACCESS_KEY_ID, secret: AWS_SECRET_ACCESS_KEY}  # option ← env var
+
+A relabel spec names `source` and `output_root` (and an informational `schedule`) instead
+of input and output. Secrets are only ever referenced by environment variable name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..models.registry import REGISTRY, model_options
+from ..pipeline.resources import parse_actors
+
+# Storage option names whose values are credentials: allowed only by env reference.
+SECRET_OPTION = re.compile(r"(secret|password|passwd|token|credential|private|key$|^key|session)", re.IGNORECASE)
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `errors` lists every problem as 'field.path: message'."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Strict):
+    name: str
+    weights: str = Field(description="checkpoint path or URI, or 'random'")
+    weights_sha256: Optional[str] = None
+    score_threshold: Optional[float] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def registered(cls, name: str) -> str:
+        if name not in REGISTRY:
+            raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+        return name
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def hex_digest(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value.strip()):
+            raise ValueError("must be 64 hexadecimal characters")
+        return value
+
+    @model_validator(mode="after")
+    def known_options(self) -> ModelSection:
+        unknown = sorted(set(self.options) - set(model_options(self.name)))
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r} does not take option(s) {', '.join(unknown)}; "
+                f"it takes: {', '.join(model_options(self.name)) or 'none'}"
+            )
+        return self
+
+
+class ResourcesSection(Strict):
+    actors: Optional[Union[int, str]] = Field(None, description="N or 'MIN:MAX'")
+    gpus_per_actor: Optional[float] = Field(None, ge=0)
+    cpus_per_actor: Optional[float] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, ge=1)
+
+    @field_validator("actors")
+    @classmethod
+    def actor_bounds(cls, value):
+        parse_actors(value)
+        return value
+
+
+class StorageSection(Strict):
+    options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options, no secrets")
+    env: dict[str, str] = Field(default_factory=dict, description="storage option ← environment variable name")
+
+    @field_validator("options")
+    @classmethod
+    def no_inline_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        secrets = sorted(k for k in options if SECRET_OPTION.search(k))
+        if secrets:
+            raise ValueError(
+                f"inline secret(s) {', '.join(secrets)}: reference an environment variable instead, "
+                f"e.g. storage.env: {{{secrets[0]}: AWS_SECRET_ACCESS_KEY}}"
+            )
+        return options
+
+    def resolve(self, environ: Optional[dict] = None) -> dict[str, Any]:
+        """The storage options with env references filled in; missing variables are an error."""
+        environ = os.environ if environ is None else environ
+        missing = sorted(name for name in self.env.values() if name not in environ)
+        if missing:
+            raise SpecError("storage.env", [f"storage.env: environment variable(s) not set: {', '.join(missing)}"])
+        return {**self.options, **{option: environ[name] for option, name in self.env.items()}}
+
+
+class SegmentSpec(Strict):
+    kind: Literal["segment"] = "segment"
+    input: str
+    output: str
+    image_root: Optional[str] = None
+    model: ModelSection
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    limit: Optional[int] = Field(None, ge=1)
+    run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    resume: bool = False
+
+
+class RelabelSpec(Strict):
+    kind: Literal["relabel"]
+    source: str
+    output_root: str
+    image_root: Optional[str] = None
+    schedule: Optional[str] = Field(None, description="cron schedule, for the scheduler that runs it")
+    model: ModelSection
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+
+    @field_validator("schedule")
+    @classmethod
+    def cron(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError("must be a 5-field cron expression, e.g. '0 3 * * *'")
+        return value
+
+
+JobSpec = Annotated[Union[SegmentSpec, RelabelSpec], Field(discriminator="kind")]
+
+
+class _Document(BaseModel):
+    spec: JobSpec
+
+
+def parse_spec(data: Any, source: str = "spec") -> SegmentSpec | RelabelSpec:
+    """A validated spec from parsed YAML; SpecError lists every error with its field path."""
+    if not isinstance(data, dict):
+        raise SpecError(source, ["(top level): must be a mapping"])
+    data = {"kind": "segment", **data}
+    try:
+        return _Document(spec=data).spec
+    except ValidationError as e:
+        errors = []
+        for error in e.errors():
+            # Drop pydantic's wrapper and union-branch names from the path.
+            path = [str(p) for p in error["loc"][1:] if p not in ("segment", "relabel")]
+            message = error["msg"].removeprefix("Value error, ")
+            errors.append(f"{'.'.join(path) or '(top level)'}: {message}")
+        raise SpecError(source, errors) from None
+
+
+def load_spec(path: str) -> SegmentSpec | RelabelSpec:
+    """Reads and validates a YAML spec file (local path or fsspec URI)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(path, [f"(file): not found: {path}"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError(path, [f"(yaml): {e}"]) from None
+    return parse_spec(data, path)
+
+
+def dump_spec(spec: SegmentSpec | RelabelSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
