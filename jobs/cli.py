@@ -28,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths and messages stay copy-pasteable
 log = logging.getLogger("rayseg")
 
 # Errors in what the user asked for: reported, exit 2, before any cluster work.
@@ -45,7 +45,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
 
 

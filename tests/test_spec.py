@@ -1,0 +1,111 @@
+"""Job specs: every error reported with its field path before any cluster work; flags and
+specs are the same model."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
+from rayseg.jobs.spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
+
+runner = CliRunner()
+
+GOOD = {
+    "input": "s3://bucket/manifests/images.parquet",
+    "output": "s3://bucket/masks/2026-11",
+    "model": {"name": "unet", "weights": "s3://bucket/unet/", "score_threshold": 0.2},
+    "resources": {"actors": "1:4", "gpus_per_actor": 1, "batch_size": 16},
+    "storage": {"options": {"endpoint_url": "https://minio:9000"}, "env": {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}},
+}
+
+
+def write(tmp_path, data, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_good_spec_parses_with_defaults_filled():
+    spec = parse_spec(GOOD)
+    assert isinstance(spec, SegmentSpec) and spec.kind == "segment"
+    assert spec.model.weights == "s3://bucket/unet/" and spec.resources.actors == "1:4"
+    assert spec.limit is None and spec.resume is False
+
+
+def test_every_error_is_reported_with_its_field_path(tmp_path):
+    bad = {
+        "input": 3,
+        "model": {"name": "nope", "weights": "random"},
+        "resources": {"actors": "4:1", "batch_size": 0, "gpus": 1},
+        "storage": {"options": {"secret": "hunter2"}},
+    }
+    with pytest.raises(SpecError) as raised:
+        parse_spec(bad)
+    errors = "\n".join(raised.value.errors)
+    for expected in (
+        "input: Input should be a valid string",
+        "output: Field required",
+        "model.name: unknown model 'nope'",
+        "resources.actors:",
+        "resources.batch_size:",
+        "resources.gpus: Extra inputs are not permitted",
+        "storage.options: inline secret(s) secret",
+    ):
+        assert expected in errors, expected
+    assert "hunter2" not in str(raised.value), "a rejected secret is not echoed back"
+
+
+@pytest.mark.parametrize("option", ["secret", "key", "token", "aws_secret_access_key", "password", "session_token"])
+def test_inline_secrets_are_refused_whatever_they_are_called(option):
+    with pytest.raises(SpecError, match="inline secret"):
+        parse_spec({**GOOD, "storage": {"options": {option: "x"}}})
+
+
+def test_secrets_come_from_the_environment_by_reference(monkeypatch):
+    spec = parse_spec(GOOD)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
+    assert spec.storage.resolve() == {"endpoint_url": "https://minio:9000", "key": "id", "secret": "shh"}
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(SpecError, match="AWS_SECRET_ACCESS_KEY"):
+        spec.storage.resolve()
+
+
+def test_model_options_are_checked_against_the_model():
+    with pytest.raises(SpecError, match="does not take option"):
+        parse_spec({**GOOD, "model": {"name": "unet", "weights": "random", "options": {"max_detections": 5}}})
+
+
+def test_relabel_specs_need_a_source_and_an_output_root_and_a_valid_schedule():
+    spec = parse_spec({"kind": "relabel", "source": "s3://b/images", "output_root": "s3://b/relabel", "schedule": "0 3 * * *", "model": {"name": "unet", "weights": "random"}})
+    assert isinstance(spec, RelabelSpec)
+    with pytest.raises(SpecError) as raised:
+        parse_spec({"kind": "relabel", "source": "s3://b/images", "schedule": "daily", "model": {"name": "unet", "weights": "random"}})
+    assert any(e.startswith("output_root:") for e in raised.value.errors)
+    assert any(e.startswith("schedule:") for e in raised.value.errors)
+
+
+def test_validate_command_exits_2_listing_errors_and_0_for_a_good_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
+    good = runner.invoke(app, ["validate", str(write(tmp_path, GOOD))])
+    assert good.exit_code == 0 and "valid segment spec" in good.output
+    bad = runner.invoke(app, ["validate", str(write(tmp_path, {"model": {"name": "unet"}}, "bad.yaml"))])
+    assert bad.exit_code == 2
+    for field in ("input", "output", "model.weights"):
+        assert f"{field}:" in bad.output
+    missing = runner.invoke(app, ["validate", str(tmp_path / "absent.yaml")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_a_spec_file_round_trips_through_yaml(tmp_path):
+    spec = load_spec(str(write(tmp_path, GOOD)))
+    assert spec == parse_spec(GOOD)
+
+
+def test_command_line_flags_are_checked_as_a_spec():
+    result = runner.invoke(app, ["segment", "in", "out", "--model", "unet", "--weights", "random", "--batch-size", "0", "--actors", "3:1"])
+    assert result.exit_code == 2
+    assert "resources.batch_size" in result.output and "resources.actors" in result.output
