@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from ray.job_submission import JobStatus
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -20,6 +21,7 @@ from ..pipeline.storage import parse_storage_options
 from .fixtures import make_fixtures
 from .runner import new_run_id, run_segment_spec
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
+from .submit import submit_spec, wait_for
 
 app = typer.Typer(
     name="rayseg",
@@ -176,6 +178,30 @@ def validate(spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A jo
     console.print(f"{spec_file}: valid {spec.kind} spec (model {spec.model.name})")
 
 
+@app.command()
+def submit(
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A segment or relabel spec (YAML).")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API address, e.g. http://HEAD:8265.")],
+    wait: Annotated[bool, typer.Option(help="Stream the job's logs; exit with its status.")] = False,
+    submission_id: Annotated[Optional[str], typer.Option(help="Submission id [Ray chooses one].")] = None,
+) -> None:
+    """Submit a spec to a Ray cluster (Ray Jobs API); prints the submission id."""
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as e:
+        raise fail(str(e)) from None
+    try:
+        client, job_id = submit_spec(spec, address, submission_id=submission_id)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise fail(f"could not submit to {address}: {e}", code=1) from None
+    typer.echo(job_id)
+    if wait:
+        status = wait_for(client, job_id, on_logs=lambda text: typer.echo(text, nl=False, err=True))
+        console.print(f"job {job_id}: {status.value}")
+        if status != JobStatus.SUCCEEDED:
+            raise typer.Exit(1)
+
+
 def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None = None) -> RunSummary:
     """Runs a segment spec; user errors exit 2, failures of the job itself exit 1."""
     try:
@@ -215,3 +241,7 @@ def demo(
     )
     print_summary(execute(spec, address))
     console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
+
+
+if __name__ == "__main__":
+    app()

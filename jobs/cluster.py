@@ -10,6 +10,9 @@ import ray
 
 log = logging.getLogger("rayseg")
 
+# Set by Ray in the environment of a job's driver (the job's config, runtime env included).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 
 def connect(address: str | None = None) -> float:
     """Initialises Ray once per process; returns the seconds ray.init took.
@@ -22,7 +25,11 @@ def connect(address: str | None = None) -> float:
         return 0.0
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and os.environ.get(JOB_CONFIG_ENV):
+        # Running as a Ray job (`rayseg submit`): the job's runtime environment already
+        # carries the storage settings to every worker.
+        ray.init(address=address, log_to_driver=True)
+    elif address:
         # Workers on other machines do not share our environment: storage endpoints and
         # credentials travel with the job, in its runtime environment (never logged).
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage_env()})
@@ -37,9 +44,10 @@ def connect(address: str | None = None) -> float:
 STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_")
 
 
-def storage_env() -> dict[str, str]:
+def storage_env(environ: dict | None = None) -> dict[str, str]:
     """The storage configuration in this process's environment, for the job's workers."""
-    return {key: value for key, value in os.environ.items() if key.startswith(STORAGE_ENV_PREFIXES)}
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in environ.items() if key.startswith(STORAGE_ENV_PREFIXES)}
 
 
 def node_count() -> int:
