@@ -60,6 +60,13 @@ def parse_actors(value: str | int | None) -> tuple[int, int] | None:
     return bounds
 
 
+def _describe(cluster: dict[str, float]) -> str:
+    """The cluster's CPUs, GPUs and memory, for error messages."""
+    parts = [f"{cluster.get(name, 0):g} {name}" for name in ("CPU", "GPU")]
+    parts.append(f"{cluster.get('memory', 0) / 2**30:.1f} GiB memory")
+    return ", ".join(parts)
+
+
 def plan_resources(
     cluster: dict[str, float],
     *,
@@ -83,8 +90,8 @@ def plan_resources(
         raise ResourceError("--gpus-per-actor must be ≥ 0 and --cpus-per-actor > 0")
     if gpus_per_actor > 0 and cluster_gpus == 0:
         raise ResourceError(
-            f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs but the cluster has none; "
-            "use --gpus-per-actor 0 to run on CPUs"
+            f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs but the cluster has none "
+            f"({_describe(cluster)}); use --gpus-per-actor 0 to run on CPUs"
         )
     if gpus_per_actor > 0:
         default_actors = max(1, math.floor(cluster_gpus / gpus_per_actor))

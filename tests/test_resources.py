@@ -35,8 +35,8 @@ def test_fractional_gpus_pack_several_actors_per_gpu():
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_fails_fast():
-    with pytest.raises(ResourceError, match="cluster has none"):
-        plan_resources({"CPU": 2.0}, gpus_per_actor=1)
+    with pytest.raises(ResourceError, match=r"cluster has none \(2 CPU, 0 GPU, 4.0 GiB memory\)"):
+        plan_resources({"CPU": 2.0, "memory": 4 * 2**30}, gpus_per_actor=1)
 
 
 def test_actors_that_would_take_every_cpu_are_refused():
