@@ -19,6 +19,7 @@ from ..pipeline.sink import OutputError, RunSummary
 from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
 from .fixtures import make_fixtures
+from .relabel import list_versions, relabel
 from .runner import new_run_id, run_segment_spec
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
 from .submit import submit_spec, wait_for
@@ -163,8 +164,66 @@ def run(
     except SpecError as e:
         raise fail(str(e)) from None
     if isinstance(spec, RelabelSpec):
-        raise fail("relabel specs run with `rayseg relabel SPEC`")
-    print_summary(execute(spec, address))
+        run_relabel(spec, address)
+    else:
+        print_summary(execute(spec, address))
+
+
+@app.command("relabel")
+def relabel_command(
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A relabel spec (YAML).")],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
+) -> None:
+    """Re-label a dataset incrementally: a new version with only new or changed images run."""
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as e:
+        raise fail(str(e)) from None
+    if not isinstance(spec, RelabelSpec):
+        raise fail(f"{spec_file} is a {spec.kind} spec; `rayseg relabel` takes kind: relabel")
+    run_relabel(spec, address)
+
+
+def run_relabel(spec: RelabelSpec, address: str | None) -> None:
+    try:
+        summary = relabel(spec, address=address)
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+    except Exception as e:
+        log.exception("relabel failed")
+        raise fail(f"relabel failed: {type(e).__name__}: {e}", code=1) from None
+    if summary.version is None:
+        console.print(f"source unchanged since {summary.previous}: no new version")
+        return
+    images = summary.diff["images"]
+    console.print(
+        f"{summary.version}: {summary.processed} images segmented, {summary.carried} carried forward from "
+        f"{summary.previous or '(none)'}; {images['added']} added, {images['removed']} removed, "
+        f"{images['changed']} changed\n{summary.path}"
+    )
+
+
+@app.command()
+def versions(
+    root: Annotated[str, typer.Argument(help="A relabel spec's output_root.")],
+    storage_option: Annotated[list[str], typer.Option(help="fsspec storage option KEY=VALUE (repeatable).")] = [],
+) -> None:
+    """List the re-labelling versions under ROOT and their counts."""
+    try:
+        found = list_versions(root, parse_storage_options(storage_option))
+    except ValueError as e:
+        raise fail(str(e)) from None
+    table = Table("version", "finished", "images", "ok", "error", "segments", "segmented", "added", "removed", "changed")
+    for version in found:
+        counts, images = version.run["counts"], version.diff.get("images", {})
+        table.add_row(
+            version.name,
+            version.run["timings"]["finished"],
+            *(str(counts[k]) for k in ("images", "ok", "error", "segments")),
+            str(version.run.get("processed", "")),
+            *(str(images.get(k, "")) for k in ("added", "removed", "changed")),
+        )
+    Console().print(table)
 
 
 @app.command()

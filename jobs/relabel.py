@@ -1,0 +1,285 @@
+"""Incremental, versioned re-labelling of a dataset.
+
+ROOT/versions/v0001/, v0002/, ... each hold
+
+    predictions/     a complete, committed rayseg OUTPUT over the source as it was
+    coco.json        the version's predictions as a COCO dataset (for labelling tools)
+    diff.json, .md   what changed since the previous version
+    _index.parquet   image_id, uri, fingerprint of every source image of that version
+
+Only new or changed images (fingerprint: the object's etag, else size + mtime) go through
+the model; unchanged images' rows are carried forward from the previous version. A source
+without changes makes no new version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+
+from .. import __version__
+from ..pipeline.export import export_coco_dataset
+from ..pipeline.resources import parse_actors, plan_resources
+from ..pipeline.schema import OUTPUT_SCHEMA
+from ..pipeline.segment import pin_weights, segment
+from ..pipeline.sink import RUN_FILE, committed_files, write_run
+from ..pipeline.sources import IMAGE_EXTENSIONS, SourceError, dataset_from_table, source_kind
+from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri
+from . import cluster
+from .runner import model_spec
+from .spec import RelabelSpec
+
+log = logging.getLogger("rayseg")
+
+VERSIONS_DIR = "versions"
+INDEX_FILE = "_index.parquet"
+DIFF_FILE = "diff.json"
+COCO_FILE = "coco.json"
+PREDICTIONS_DIR = "predictions"
+INDEX_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("fingerprint", pa.string())])
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    path: str
+    run: dict
+    diff: dict
+
+
+def fingerprint(info: dict) -> str:
+    """What identifies an object's content without reading it: its etag, else size and mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def source_index(source: str, image_root: str | None, storage_options: dict) -> pa.Table:
+    """{image_id, uri, fingerprint} of every image of a directory/prefix or manifest source.
+
+    A listing returns each object's etag or size and mtime with its name; a manifest may
+    carry them (`etag`, or `size` + `mtime` columns), else each object is looked up.
+    """
+    kind = source_kind(source)
+    if kind == "directory":
+        fs, root = filesystem(source, storage_options)
+        if not fs.isdir(root):
+            raise SourceError(f"relabel source not found or not a directory: {source}")
+        root = root.rstrip("/")
+        found = fs.find(root, detail=True)
+        paths = sorted(p for p in found if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+        return pa.table(
+            {
+                "image_id": [posixpath.relpath(p, root) for p in paths],
+                "uri": [full_uri(fs, p) for p in paths],
+                "fingerprint": [fingerprint(found[p]) for p in paths],
+            },
+            schema=INDEX_SCHEMA,
+        )
+    if kind != "parquet" and kind != "csv":
+        raise SourceError(f"relabel sources are directories, prefixes or Parquet/CSV manifests, not {source}")
+    fs, path = filesystem(source, storage_options)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f) if kind == "parquet" else pacsv.read_csv(f)
+    if "uri" not in table.column_names:
+        raise SourceError(f"manifest {source} has no 'uri' column")
+    written = pc.cast(table["uri"], pa.string()).to_pylist()
+    uris = [join_uri(image_root, u) if image_root else u for u in written]
+    ids = pc.cast(table["image_id"], pa.string()).to_pylist() if "image_id" in table.column_names else written
+    if "etag" in table.column_names:
+        prints = [fingerprint({"etag": e}) for e in pc.cast(table["etag"], pa.string()).to_pylist()]
+    else:
+        prints = [fingerprint(filesystem(uri, storage_options)[0].info(uri)) for uri in uris]
+    return pa.table({"image_id": ids, "uri": uris, "fingerprint": prints}, schema=INDEX_SCHEMA)
+
+
+def list_versions(root: str, storage_options: dict | None = None) -> list[Version]:
+    """Committed versions under ROOT, oldest first (a version whose predictions never
+    committed does not count)."""
+    fs, base = filesystem(root, storage_options)
+    directory = posixpath.join(base, VERSIONS_DIR)
+    if not fs.exists(directory):
+        return []
+    versions = []
+    for path in sorted(fs.ls(directory, detail=False)):
+        name = posixpath.basename(path.rstrip("/"))
+        run_path = posixpath.join(path, PREDICTIONS_DIR, RUN_FILE)
+        index_path = posixpath.join(path, INDEX_FILE)
+        if not (name.startswith("v") and fs.exists(run_path) and fs.exists(index_path)):
+            continue
+        diff_path = posixpath.join(path, DIFF_FILE)
+        diff = json.loads(fs.cat(diff_path)) if fs.exists(diff_path) else {}
+        versions.append(Version(name, full_uri(fs, path), json.loads(fs.cat(run_path)), diff))
+    return versions
+
+
+def _next_name(root: str, storage_options: dict) -> str:
+    """v0001, v0002, ...: one past every directory present, committed or not, so a version
+    that died half-written is never overwritten."""
+    fs, base = filesystem(root, storage_options)
+    directory = posixpath.join(base, VERSIONS_DIR)
+    taken = [posixpath.basename(p.rstrip("/")) for p in fs.ls(directory, detail=False)] if fs.exists(directory) else []
+    numbers = [int(name[1:]) for name in taken if name[:1] == "v" and name[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1:04d}"
+
+
+def _predictions(version_path: str) -> str:
+    return posixpath.join(version_path, PREDICTIONS_DIR)
+
+
+def _read_index(version: Version, storage_options: dict) -> pa.Table:
+    fs, path = filesystem(version.path, storage_options)
+    with fs.open(posixpath.join(path, INDEX_FILE), "rb") as f:
+        return pq.read_table(f, schema=INDEX_SCHEMA)
+
+
+def _label_counts(files: list[str], ids: set[str], storage_options: dict) -> dict[str, Counter]:
+    """Per image in `ids`: how many segments of each label its row holds."""
+    counts: dict[str, Counter] = {}
+    for uri in files:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read(columns=["image_id", "segments.list.element.label"])
+        for image_id, segments in zip(table["image_id"].to_pylist(), table["segments"].to_pylist()):
+            if image_id in ids:
+                counts[image_id] = Counter(s["label"] for s in segments)
+    return counts
+
+
+def diff_versions(
+    previous_files: list[str], current_files: list[str], added: set, removed: set, changed: set, storage_options: dict
+) -> dict:
+    """Images added/removed/changed and, per label, segments added and removed."""
+    before = _label_counts(previous_files, removed | changed, storage_options)
+    after = _label_counts(current_files, added | changed, storage_options)
+    per_label: dict[str, dict[str, int]] = {}
+    for image_id in added | removed | changed:
+        old, new = before.get(image_id, Counter()), after.get(image_id, Counter())
+        for label in old.keys() | new.keys():
+            entry = per_label.setdefault(label, {"added": 0, "removed": 0})
+            entry["added"] += max(0, new[label] - old[label])
+            entry["removed"] += max(0, old[label] - new[label])
+    return {
+        "images": {"added": len(added), "removed": len(removed), "changed": len(changed)},
+        "segments_by_label": dict(sorted(per_label.items())),
+        "examples": {
+            "added": sorted(added)[:10],
+            "removed": sorted(removed)[:10],
+            "changed": sorted(changed)[:10],
+        },
+    }
+
+
+def _diff_markdown(name: str, previous: str | None, diff: dict) -> str:
+    images = diff["images"]
+    lines = [
+        f"# {name} vs {previous or '(nothing)'}",
+        "",
+        f"Images: {images['added']} added, {images['removed']} removed, {images['changed']} changed.",
+        "",
+        "| label | segments added | segments removed |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {label} | {c['added']} | {c['removed']} |" for label, c in diff["segments_by_label"].items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RelabelSummary:
+    version: str | None
+    path: str | None
+    previous: str | None
+    processed: int
+    carried: int
+    diff: dict
+
+
+def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
+    """One re-labelling run of `spec`: a new version, or none when the source is unchanged."""
+    started = time.time()
+    storage_options = spec.storage.resolve()
+    model = pin_weights(model_spec(spec), storage_options)
+    current = source_index(spec.source, spec.image_root, storage_options)
+    versions = list_versions(spec.output_root, storage_options)
+    previous = versions[-1] if versions else None
+    previous_index = _read_index(previous, storage_options) if previous else INDEX_SCHEMA.empty_table()
+    keys = ["image_id", "fingerprint"]
+    todo = current.join(previous_index.select(keys), keys=keys, join_type="left anti")
+    unchanged = current.join(previous_index.select(keys), keys=keys, join_type="left semi")
+    removed = set(previous_index.join(current.select(["image_id"]), keys="image_id", join_type="left anti")["image_id"].to_pylist())
+    known = set(previous_index["image_id"].to_pylist())
+    todo_ids = todo["image_id"].to_pylist()
+    added = {i for i in todo_ids if i not in known}
+    changed = set(todo_ids) - added
+    if previous and not todo_ids and not removed:
+        log.info("source unchanged since %s: no new version", previous.name)
+        return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
+
+    name = _next_name(spec.output_root, storage_options)
+    fs, base = filesystem(spec.output_root, storage_options)
+    version_path = posixpath.join(base, VERSIONS_DIR, name)
+    fs.makedirs(version_path, exist_ok=True)
+    with fs.open(posixpath.join(version_path, INDEX_FILE), "wb") as f:
+        pq.write_table(current, f)
+
+    ray_seconds = cluster.connect(address)
+    resources = plan_resources(
+        ray.cluster_resources(),
+        nodes=cluster.node_count(),
+        actors=parse_actors(spec.resources.actors),
+        cpus_per_actor=spec.resources.cpus_per_actor,
+        gpus_per_actor=spec.resources.gpus_per_actor,
+        batch_size=spec.resources.batch_size,
+    )
+    parallelism = int(ray.cluster_resources().get("CPU", 1))
+    rows = segment(dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options)
+    previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
+    if previous_files and unchanged.num_rows:
+        prev_fs, _ = filesystem(previous_files[0], storage_options)
+        carried = ray.data.read_parquet(
+            [filesystem(u, storage_options)[1] for u in previous_files], filesystem=arrow_filesystem(prev_fs), schema=OUTPUT_SCHEMA
+        ).join(
+            ray.data.from_arrow(unchanged.select(["image_id"])),
+            join_type="left_semi",
+            num_partitions=parallelism,
+            on=("image_id",),
+            aggregator_ray_remote_args={"num_cpus": 0.25},
+        )
+        rows = rows.union(carried) if todo_ids else carried
+    run_info = {
+        "rayseg_version": __version__,
+        "kind": "relabel",
+        "source": spec.source,
+        "version": name,
+        "previous_version": previous.name if previous else None,
+        "model": model.name,
+        "weights": model.weights,
+        "weights_sha256": model.weights_sha256,
+        "spec": spec.model_dump(mode="json", exclude={"storage"}),
+        "processed": len(todo_ids),
+        "carried_forward": unchanged.num_rows,
+        "ray_init_seconds": round(ray_seconds, 3),
+    }
+    version_uri = full_uri(fs, version_path)
+    predictions = _predictions(version_uri)
+    write_run(rows, predictions, run_id=name, run_info=run_info, storage_options=storage_options, started=started, write_cpus=resources.task_cpus)
+    export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)
+    diff = diff_versions(previous_files, committed_files(predictions, storage_options), added, removed, changed, storage_options)
+    diff["previous_version"] = previous.name if previous else None
+    with fs.open(posixpath.join(version_path, DIFF_FILE), "w") as f:
+        json.dump(diff, f, indent=2)
+    with fs.open(posixpath.join(version_path, "diff.md"), "w") as f:
+        f.write(_diff_markdown(name, previous.name if previous else None, diff))
+    return RelabelSummary(name, version_uri, previous.name if previous else None, len(todo_ids), unchanged.num_rows, diff)

@@ -1,0 +1,99 @@
+"""Re-labelling: each run a new version; only new or changed images go through the model, the
+rest are carried forward; a COCO export and a diff against the previous version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
+from rayseg.jobs.relabel import list_versions
+from rayseg.models.unet import UNet, UNetConfig, save_unet
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+runner = CliRunner()
+
+
+def rows_by_id(directory) -> dict[str, dict]:
+    return {row["image_id"]: row for row in pq.read_table(directory).to_pylist()}
+
+
+def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_path):
+    source = tmp_path / "images"
+    shutil.copytree(shapes.images_dir, source)
+    for extra in sorted(source.glob("*.png"))[12:]:
+        extra.unlink()  # 12 images: 000000 … 000011
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(width=4, depth=2))
+    with torch.no_grad():
+        network.head.weight.mul_(100)
+    weights = tmp_path / "unet"
+    save_unet(network, str(weights))
+    root = tmp_path / "relabel"
+    spec = tmp_path / "relabel.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "relabel", "source": str(source), "output_root": str(root), "schedule": "0 3 * * *",
+        "model": {"name": "unet", "weights": str(weights)},
+    }))
+
+    first = runner.invoke(app, ["relabel", str(spec)])
+    assert first.exit_code == 0, first.output
+    (v1,) = list_versions(str(root))
+    assert v1.name == "v0001" and v1.run["processed"] == 12 and v1.run["counts"]["images"] == 12
+    assert v1.diff["images"] == {"added": 12, "removed": 0, "changed": 0}
+
+    unchanged = runner.invoke(app, ["relabel", str(spec)])
+    assert unchanged.exit_code == 0 and "no new version" in unchanged.output
+    assert len(list_versions(str(root))) == 1
+
+    (source / "000003.png").write_bytes((shapes.images_dir / "000015.png").read_bytes())  # changed
+    shutil.copy(shapes.images_dir / "000016.png", source / "new.png")  # added
+    (source / "000007.png").unlink()  # removed
+    second = runner.invoke(app, ["relabel", str(spec)])
+    assert second.exit_code == 0, second.output
+    v1, v2 = list_versions(str(root))
+    assert v2.name == "v0002" and v2.run["previous_version"] == "v0001"
+    assert v2.run["processed"] == 2 and v2.run["carried_forward"] == 10
+    assert v2.diff["images"] == {"added": 1, "removed": 1, "changed": 1}
+    assert v2.diff["examples"] == {"added": ["new.png"], "removed": ["000007.png"], "changed": ["000003.png"]}
+
+    fresh = tmp_path / "fresh"
+    full = runner.invoke(app, ["segment", str(source), str(fresh), "--model", "unet", "--weights", str(weights)])
+    assert full.exit_code == 0, full.output
+    version_rows, fresh_rows = rows_by_id(root / "versions" / "v0002" / "predictions"), rows_by_id(fresh)
+    assert version_rows.keys() == fresh_rows.keys()
+    for image_id, row in version_rows.items():
+        assert row["segments"] == fresh_rows[image_id]["segments"], image_id
+
+    old = rows_by_id(root / "versions" / "v0001" / "predictions")
+    expected: dict[str, dict[str, int]] = {}
+    for image_id in ("new.png", "000007.png", "000003.png"):
+        before = Counter(s["label"] for s in old.get(image_id, {"segments": []})["segments"])
+        after = Counter(s["label"] for s in version_rows.get(image_id, {"segments": []})["segments"])
+        for label in before | after:
+            entry = expected.setdefault(label, {"added": 0, "removed": 0})
+            entry["added"] += max(0, after[label] - before[label])
+            entry["removed"] += max(0, before[label] - after[label])
+    assert v2.diff["segments_by_label"] == dict(sorted(expected.items()))
+    assert sum(c["removed"] for c in expected.values()) > 0, "the deleted image's segments count as removed"
+    coco = COCO(str(root / "versions" / "v0002" / "coco.json"))
+    assert len(coco.imgs) == 12 and len(coco.anns) == sum(len(r["segments"]) for r in version_rows.values())
+
+    listing = runner.invoke(app, ["versions", str(root)])
+    assert listing.exit_code == 0 and "v0001" in listing.output and "v0002" in listing.output
+
+
+def test_a_relabel_spec_is_not_a_segment_spec(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"input": "a", "output": "b", "model": {"name": "unet", "weights": "random"}}))
+    result = runner.invoke(app, ["relabel", str(spec)])
+    assert result.exit_code == 2 and "kind: relabel" in result.output
