@@ -18,6 +18,7 @@ from ..pipeline.resources import ResourceError
 from ..pipeline.sink import OutputError, RunSummary
 from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
+from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
 from .relabel import list_versions, relabel
 from .runner import new_run_id, run_segment_spec
@@ -36,6 +37,9 @@ log = logging.getLogger("rayseg")
 
 # Errors in what the user asked for: reported, exit 2, before any cluster work.
 USER_ERRORS = (SpecError, SourceError, OutputError, WeightsError, ResourceError, ValueError)
+
+
+register_evaluation(app)
 
 
 @app.callback()
@@ -285,11 +289,15 @@ def print_summary(summary: RunSummary) -> None:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Argument(help="Where fixtures and runs go.")] = Path("demo"),
+    workdir: Annotated[Path, typer.Argument(help="Where fixtures, runs and reports go.")] = Path("demo"),
     images: Annotated[int, typer.Option(help="Number of fixture images.")] = 64,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [local Ray].")] = None,
 ) -> None:
-    """Fixtures → segment on Ray → summary: the whole path on this machine's data."""
+    """Fixtures → segment on Ray → evaluate → report: the whole path on this machine's data."""
+    from ..pipeline.evaluation.report import write_report
+    from ..pipeline.evaluation.runner import evaluate_predictions
+    from .evaluate_commands import print_evaluation
+
     # A seed the tests never use: the demo runs on images no one tuned on.
     made = make_fixtures(workdir / "fixtures", images=images, size=(128, 128), seed=1000)
     console.print(f"fixtures: {images} images in {made.images_dir}")
@@ -300,7 +308,8 @@ def demo(
     )
     print_summary(execute(spec, address))
     console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
-
+    result = evaluate_predictions(str(output), str(made.semantic_dir), task="semantic")
+    print_evaluation(result, write_report(result, str(workdir / "reports" / run_id)))
 
 if __name__ == "__main__":
     app()

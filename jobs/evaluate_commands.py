@@ -36,20 +36,19 @@ def evaluate(
     predictions: Annotated[str, typer.Argument(help="A `rayseg segment` OUTPUT (directory or URI) or one Parquet file.")],
     annotations: Annotated[str, typer.Option(help="Ground truth: COCO instances json, COCO panoptic json, or a directory of label PNGs.")],
     report: Annotated[str, typer.Option(help="Directory or URI for report.json, report.md and index.html.")],
-    task: Annotated[Optional[str], typer.Option(help="instance | semantic | panoptic [inferred from --annotations].")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
+    task: Annotated[Optional[str], typer.Option(help="instance | semantic | panoptic (default: inferred from --annotations).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")] = None,
     storage_option: Annotated[list[str], typer.Option(help="fsspec storage option KEY=VALUE, JSON values typed (repeatable).")] = [],
-    ignore_label: Annotated[list[int], typer.Option(help="Semantic label value not evaluated (repeatable) [0 and 255].")] = [],
-    panoptic_root: Annotated[Optional[str], typer.Option(help="Directory of the panoptic PNGs [the json path without .json].")] = None,
+    ignore_label: Annotated[list[int], typer.Option(help="Semantic label value not evaluated, repeatable (default: 0 and 255).")] = [],
+    panoptic_root: Annotated[Optional[str], typer.Option(help="Directory of the panoptic PNGs (default: the json path without .json).")] = None,
     categories: Annotated[Optional[str], typer.Option(help="Semantic class names: a COCO json or a list of {id, name}.")] = None,
-    iou_type: Annotated[list[str], typer.Option(help="Instance IoU type, segm and/or bbox (repeatable) [both].")] = [],
+    iou_type: Annotated[list[str], typer.Option(help="Instance IoU type, segm or bbox, repeatable (default: both).")] = [],
     thumbnails: Annotated[int, typer.Option(help="Best and worst images drawn in the report (each); 0 for none.")] = 6,
     score_threshold: Annotated[float, typer.Option(help="Instance detections drawn and counted in the per-image ranking.")] = 0.5,
 ) -> None:
     """Evaluate PREDICTIONS against ground truth on Ray and write a report.
 
-    Joins rows to ground-truth images by COCO id (image_id as a string) or file name; only
-    images in both count. Rows with status "error" count as images without predictions.
+    Rows join ground-truth images by COCO id (image_id as a string) or by file name; only images in both count. Rows with status "error" count as images without predictions.
     """
     from ..pipeline.evaluation.report import write_report
     from ..pipeline.evaluation.runner import evaluate_predictions

@@ -1,0 +1,123 @@
+"""`rayseg export coco` (COCO results, loadRes-able) and `rayseg export dataset` (COCO dataset)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import typer
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from typer.testing import CliRunner
+
+from rayseg.jobs.evaluate_commands import register
+from rayseg.pipeline.evaluation import evaluate_predictions
+from rayseg.pipeline.evaluation import synthetic as syn
+from rayseg.pipeline.export import ExportError, export_coco_dataset, export_coco_results
+
+runner = CliRunner()
+
+
+def cli(*args):
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, as the real CLI is
+    register(app)
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture()
+def predictions(shapes, tmp_path):
+    gt = json.loads(shapes.instances_json.read_text())
+    rows = syn.perturbed_instances(gt, seed=0, extra=2.0, images_dir=str(shapes.images_dir))
+    rows[1] = syn.row(rows[1]["image_id"], 64, 64, [], status="error", error="decode failed")
+    for row in rows:
+        for segment in row["segments"]:
+            segment["label"] = {1: "circle", 2: "square", 3: "triangle"}[segment["category_id"]]
+    syn.write_predictions(rows, str(tmp_path / "pred"), rows_per_file=8, run_info={"model": "maskrcnn", "run_id": "r1"})
+    return gt, tmp_path / "pred"
+
+
+def silent(function, *args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args)
+
+
+def test_export_coco_is_accepted_by_load_res_and_reproduces_our_evaluation(shapes, predictions, tmp_path):
+    gt, pred = predictions
+    result = cli("export", "coco", pred, tmp_path / "results.json", "--annotations", shapes.instances_json)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    stored = pq.read_table(pred).to_pylist()
+    assert len(results) == sum(len(r["segments"]) for r in stored if r["status"] == "ok")
+    assert set(results[0]) == {"image_id", "category_id", "segmentation", "bbox", "score"}
+    assert all(isinstance(r["image_id"], int) for r in results), "file names mapped to COCO ids"
+    coco = silent(COCO, str(shapes.instances_json))
+    detections = silent(coco.loadRes, str(tmp_path / "results.json"))
+    assert len(detections.getAnnIds()) == len(results)
+    # pycocotools on the export equals `rayseg evaluate` (segm with mask areas: bbox dropped).
+    ours = evaluate_predictions(str(pred), str(shapes.instances_json), use_ray=False).metrics
+    for iou_type in ("segm", "bbox"):
+        stripped = [{k: v for k, v in r.items() if k != ("bbox" if iou_type == "segm" else "segmentation")} for r in results]
+        evaluation = COCOeval(coco, silent(coco.loadRes, stripped), iou_type)
+        silent(evaluation.evaluate)
+        silent(evaluation.accumulate)
+        silent(evaluation.summarize)
+        assert ours[iou_type]["stats"] == [float(s) for s in evaluation.stats]
+
+
+def test_export_coco_needs_ground_truth_to_map_file_names(predictions, tmp_path):
+    gt, pred = predictions
+    result = cli("export", "coco", pred, tmp_path / "results.json")
+    assert result.exit_code == 2
+    assert "--annotations" in " ".join(result.output.split())
+    with pytest.raises(ExportError):
+        export_coco_results(str(pred), str(tmp_path / "results.json"))
+
+
+def test_export_coco_with_numeric_ids_needs_no_ground_truth(shapes, tmp_path):
+    gt = json.loads(shapes.instances_json.read_text())
+    syn.write_predictions(syn.perturbed_instances(gt, seed=1, id_style="id"), str(tmp_path / "pred"))
+    summary = export_coco_results(str(tmp_path / "pred"), str(tmp_path / "out" / "results.json"))
+    assert summary.images == 20 and summary.error_rows == 0
+    detections = silent(silent(COCO, str(shapes.instances_json)).loadRes, str(tmp_path / "out" / "results.json"))
+    assert len(detections.getAnnIds()) == summary.annotations > 0
+
+
+def test_export_dataset_loads_with_coco_and_round_trips_masks(predictions, tmp_path):
+    gt, pred = predictions
+    result = cli("export", "dataset", pred, tmp_path / "dataset.json")
+    assert result.exit_code == 0, result.output
+    dataset = silent(COCO, str(tmp_path / "dataset.json"))
+    stored = [r for r in pq.read_table(pred).to_pylist() if r["status"] == "ok"]
+    assert len(dataset.getImgIds()) == len(stored) == 19, "the error row is left out"
+    assert {c["name"] for c in dataset.loadCats(dataset.getCatIds())} <= {"circle", "square", "triangle"}
+    assert dataset.dataset["info"]["model"] == "maskrcnn" and dataset.dataset["info"]["run_id"] == "r1"
+    by_file = {image["file_name"]: image for image in dataset.dataset["images"]}
+    for row in stored:
+        image = by_file[row["image_id"]]
+        assert (image["width"], image["height"]) == (row["width"], row["height"]) and image["uri"] == row["uri"]
+        annotations = dataset.loadAnns(dataset.getAnnIds(imgIds=[image["id"]]))
+        assert len(annotations) == len(row["segments"])
+        for annotation, segment in zip(annotations, row["segments"]):
+            expected = mask_utils.decode({"size": [row["height"], row["width"]], "counts": segment["rle"]})
+            np.testing.assert_array_equal(dataset.annToMask(annotation), expected)
+            assert annotation["area"] == segment["area"] == expected.sum()
+            assert annotation["score"] == segment["score"] and annotation["iscrowd"] == 0
+            assert annotation["category_id"] == segment["category_id"] and annotation["bbox"] == segment["bbox"]
+
+
+def test_export_dataset_takes_ids_and_file_names_from_ground_truth(shapes, predictions, tmp_path):
+    gt, pred = predictions
+    summary = export_coco_dataset(str(pred), str(tmp_path / "dataset.json"), annotations=str(shapes.instances_json))
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    gt_ids = {image["file_name"]: image["id"] for image in gt["images"]}
+    assert all(gt_ids[image["file_name"]] == image["id"] for image in dataset["images"])
+    assert summary.images == 19 and summary.error_rows == 1
