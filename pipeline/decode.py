@@ -29,6 +29,16 @@ MAX_BATCH_BYTES = 128 * 1024 * 1024
 DECODE_TASK_MEMORY = 2 * MAX_BATCH_BYTES
 
 
+# Single-channel integer modes PIL would clip, not scale, when converting to 8-bit RGB.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def _sixteen_bit_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """16-bit grey (H, W) → uint8 (H, W, 3), the full 0–65535 range mapped onto 0–255."""
+    scaled = (np.clip(pixels.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+    return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 class DecodeError(ValueError):
     """Bytes that are not an image we can decode, or one beyond the size limit."""
 
@@ -46,6 +56,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 if width * height > max_pixels:
                     raise DecodeError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
                 image = ImageOps.exif_transpose(image)
+                if image.mode in SIXTEEN_BIT_MODES:
+                    return _sixteen_bit_to_rgb(np.asarray(image))
                 return np.asarray(image.convert("RGB"))
     except DecodeError:
         raise
@@ -90,18 +102,28 @@ def decode_images(
     pending: list[tuple[int, np.ndarray, str | None]] = []
     pending_bytes = 0
     for start in range(0, count, rows_per_read):
-        uris = [uri if isinstance(uri, str) else None for uri in batch["uri"][start : start + rows_per_read]]
-        contents = _read_all([uri for uri in dict.fromkeys(uris) if uri is not None], storage_options)
-        for offset, uri in enumerate(uris):
-            content = contents[uri] if uri is not None else DecodeError("no uri")
-            image, error = _decode_content(content, max_pixels)
-            pending.append((start + offset, image, error))
+        rows = range(start, min(start + rows_per_read, count))
+        unreadable = {row: _source_error(batch, row) for row in rows}
+        uris = [batch["uri"][row] for row in rows if unreadable[row] is None]
+        contents = _read_all(list(dict.fromkeys(uris)), storage_options)
+        for row in rows:
+            reason = unreadable[row]
+            image, error = _decode_content(DecodeError(reason) if reason else contents[batch["uri"][row]], max_pixels)
+            pending.append((row, image, error))
             pending_bytes += image.nbytes
             if pending_bytes >= max_batch_bytes:
                 yield _decoded_rows(batch, pending)
                 pending, pending_bytes = [], 0
     if pending:
         yield _decoded_rows(batch, pending)
+
+
+def _source_error(batch: dict[str, np.ndarray], row: int) -> str | None:
+    """Why the source already knows `row` cannot be read (no uri, an undecodable name), or None."""
+    known = batch["error"][row] if "error" in batch else None
+    if isinstance(known, str):
+        return known
+    return None if isinstance(batch["uri"][row], str) else "no uri"
 
 
 def _decode_content(content: bytes | Exception, max_pixels: int) -> tuple[np.ndarray, str | None]:

@@ -7,12 +7,14 @@ the CPU stage after it, not on the accelerator's actor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 
 from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.registry import build_model
@@ -69,6 +71,38 @@ def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | 
     return prompts
 
 
+# Images beyond this many pixels are shown to the model downscaled (aspect kept) and their
+# masks scaled back to full size: models work at far lower resolutions, and a forward pass
+# at tens of megapixels would exhaust an accelerator's (or a CPU worker's) memory.
+MODEL_MAX_PIXELS = 4 * 1024 * 1024
+
+
+def fit_for_model(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """`image` itself when small enough, else a copy resized to at most `max_pixels` pixels."""
+    height, width = image.shape[:2]
+    if height * width <= max_pixels:
+        return image
+    scale = (max_pixels / (height * width)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def full_size(segment: Segment, size: tuple[int, int]) -> Segment:
+    """`segment` with its mask scaled (nearest neighbour) to `size` (H, W)."""
+    mask = segment.mask
+    rows = np.arange(size[0]) * mask.shape[0] // size[0]
+    cols = np.arange(size[1]) * mask.shape[1] // size[1]
+    return dataclasses.replace(segment, mask=mask[rows[:, None], cols[None, :]])
+
+
+def scale_prompts(prompts: Prompts | None, image: np.ndarray, shown: np.ndarray) -> Prompts | None:
+    """Box prompts in `image` pixels → the same boxes in the pixels of its downscaled `shown`."""
+    if prompts is None or shown is image:
+        return prompts
+    factors = np.array([shown.shape[1] / image.shape[1], shown.shape[0] / image.shape[0]] * 2, dtype=np.float32)
+    return dataclasses.replace(prompts, boxes=prompts.boxes * factors)
+
+
 def select_device() -> torch.device:
     """CUDA when this process has a GPU, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +125,7 @@ class SegmentImages:
         score_threshold: float | None = None,
         torch_threads: int | None = None,
         model_options: dict | None = None,
+        model_max_pixels: int = MODEL_MAX_PIXELS,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -105,12 +140,20 @@ class SegmentImages:
             **(model_options or {}),
         )
         self.labels = {category.id: category.name for category in self.model.categories}
+        self.model_max_pixels = model_max_pixels
         log.info("built %s on %s", model_name, self.device)
 
     def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[list[Segment]]:
-        sizes = [image.shape[:2] for image in images]
-        batch = self.model.preprocess(images) if prompts is None else self.model.preprocess(images, prompts=prompts)
-        return self.model.postprocess(self.model.forward(batch), sizes)
+        shown = [fit_for_model(image, self.model_max_pixels) for image in images]
+        if prompts is not None:
+            prompts = [scale_prompts(p, image, small) for p, image, small in zip(prompts, images, shown)]
+        sizes = [image.shape[:2] for image in shown]
+        batch = self.model.preprocess(shown) if prompts is None else self.model.preprocess(shown, prompts=prompts)
+        results = self.model.postprocess(self.model.forward(batch), sizes)
+        return [
+            segments if small is image else [full_size(segment, image.shape[:2]) for segment in segments]
+            for segments, image, small in zip(results, images, shown)
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["image_id"])

@@ -21,7 +21,7 @@ from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images
 from .encode import encode_batch
-from .inference import SegmentImages
+from .inference import MODEL_MAX_PIXELS, SegmentImages
 from .resources import Resources
 from .schema import STATUS_OK
 from .storage import filesystem
@@ -86,10 +86,13 @@ def segment(
     *,
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    model_max_pixels: int = MODEL_MAX_PIXELS,
     decoded: bool | None = None,
 ) -> ray.data.Dataset:
     """{image_id, uri} (or decoded `image`) rows → output rows (pipeline/schema.py), lazily.
 
+    max_pixels: larger images are refused (error rows) from their headers.
+    model_max_pixels: larger images are downscaled for the model; masks come back full size.
     decoded: whether rows already carry an `image`; by default taken from the dataset's
     schema when Ray knows it without executing anything, else rows are {image_id, uri}.
 
@@ -123,6 +126,7 @@ def segment(
             "score_threshold": model.score_threshold,
             "torch_threads": resources.torch_threads,
             "model_options": model.options,
+            "model_max_pixels": model_max_pixels,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_size,

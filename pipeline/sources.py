@@ -44,8 +44,9 @@ def source_kind(input_uri: str) -> str:
 def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table:
     """Every image file under a directory or URI prefix, recursively, sorted by path.
 
-    Returns a table with `image_id` (the path relative to the input, '/'-separated) and
-    `uri` (where to read it). Files with other extensions are skipped.
+    Returns a table with `image_id` (the path relative to the input, '/'-separated), `uri`
+    (where to read it) and `error` (why the file cannot be read, for names that are not
+    UTF-8; else null). Files with other extensions are skipped.
     """
     fs, root = filesystem(input_uri, storage_options)
     if not fs.exists(root):
@@ -56,16 +57,36 @@ def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table
     paths = sorted(path for path in fs.find(root) if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input_uri}")
-    return pa.table(
-        {
-            "image_id": [posixpath.relpath(path, root) for path in paths],
-            "uri": [full_uri(fs, path) for path in paths],
-        }
-    )
+    ids, uris, errors = [], [], []
+    for path in paths:
+        image_id, uri = posixpath.relpath(path, root), full_uri(fs, path)
+        if _utf8(uri):
+            errors.append(None)
+        else:
+            # Not representable in the output (Arrow strings are UTF-8): an error row whose
+            # id and uri show the undecodable bytes escaped.
+            image_id, uri = _escaped(image_id), _escaped(uri)
+            errors.append(f"file name is not valid UTF-8: {uri}")
+        ids.append(image_id)
+        uris.append(uri)
+    return pa.table({"image_id": ids, "uri": uris, "error": pa.array(errors, pa.string())})
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _escaped(text: str) -> str:
+    """A file name with undecodable bytes (surrogate-escaped by the OS layer) shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def coco_images(annotations_uri: str, image_root: str, storage_options: dict | None = None) -> pa.Table:
-    """{image_id: str(COCO id), uri: image_root/file_name} for every image of a COCO json."""
+    """{image_id: str(COCO id), uri: image_root/file_name, error: null} for every image of a COCO json."""
     fs, path = filesystem(annotations_uri, storage_options)
     with fs.open(path, "rb") as f:
         data = json.load(f)
@@ -77,6 +98,7 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
             {
                 "image_id": [str(image["id"]) for image in images],
                 "uri": [join_uri(image_root, image["file_name"]) for image in images],
+                "error": pa.nulls(len(images), pa.string()),
             }
         )
     except KeyError as e:
@@ -103,7 +125,8 @@ def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
     uris = [u if u is None or image_root is None else join_uri(image_root, u) for u in written.to_pylist()]
     ids = pc.cast(batch["image_id"], pa.string()) if "image_id" in batch.column_names else written
     ids = pc.fill_null(pc.coalesce(ids, written), "")
-    return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string())})
+    errors = pa.array([None if u is not None else "manifest row has no uri" for u in uris], pa.string())
+    return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string()), "error": errors})
 
 
 def read_manifest(

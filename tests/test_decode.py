@@ -91,3 +91,15 @@ def test_decoded_rows_are_yielded_in_bounded_batches_in_input_order(tmp_path):
     assert [len(b["image_id"]) for b in batches] == [2, 2, 1]
     assert [img[0, 0, 0] for b in batches for img in b["image"]] == [0, 1, 2, 3, 4]
     assert [i for b in batches for i in b["image_id"]] == ["0", "1", "2", "3", "4"]
+
+
+def test_sixteen_bit_greys_are_scaled_not_clipped():
+    levels = np.array([[0, 257, 32896], [65535, 1000, 60000]], dtype=np.uint16)
+    decoded = decode_image(encoded(Image.fromarray(levels)))
+    assert decoded.shape == (2, 3, 3)
+    np.testing.assert_array_equal(decoded[..., 0], [[0, 1, 128], [255, 4, 233]])
+    assert (decoded[..., 0] == decoded[..., 2]).all()
+
+
+def test_a_one_pixel_image_decodes():
+    assert decode_image(encoded(Image.new("RGB", (1, 1), (9, 8, 7)))).tolist() == [[[9, 8, 7]]]

@@ -234,9 +234,9 @@ def test_manifest_rows_keep_their_ids_and_rows_without_ids_or_uris_are_kept():
     table = pa.table({"image_id": ["a", None, None], "uri": ["x/1.png", "x/2.png", None]})
     out = normalise_manifest(table, image_root="s3://b/root")
     assert out.to_pylist() == [
-        {"image_id": "a", "uri": "s3://b/root/x/1.png"},
-        {"image_id": "x/2.png", "uri": "s3://b/root/x/2.png"},
-        {"image_id": "", "uri": None},
+        {"image_id": "a", "uri": "s3://b/root/x/1.png", "error": None},
+        {"image_id": "x/2.png", "uri": "s3://b/root/x/2.png", "error": None},
+        {"image_id": "", "uri": None, "error": "manifest row has no uri"},
     ]
 
 

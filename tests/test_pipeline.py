@@ -20,7 +20,6 @@ from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, OutputError, committed_files, write_run
-from rayseg.pipeline.sources import read_source
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -3,7 +3,6 @@ rest are carried forward; a COCO export and a diff against the previous version.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
 

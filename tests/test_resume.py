@@ -3,7 +3,6 @@ uninterrupted run — nothing lost, nothing twice."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

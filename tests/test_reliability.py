@@ -1,0 +1,228 @@
+"""The bad-input and fault matrix: every input gets exactly one row, a failure never costs
+other images' work, and the job exits 0 with the failures counted.
+
+Run alone with `pytest -m reliability`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
+from rayseg.models.base import Segment
+from rayseg.pipeline.inference import SegmentImages
+from rayseg.pipeline.resources import plan_resources
+from rayseg.pipeline.segment import ModelSpec, segment
+from rayseg.pipeline.sink import RUN_FILE, write_run
+from rayseg.pipeline.sources import read_source
+
+pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("ray_cluster")]
+
+runner = CliRunner()
+
+
+def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width × height but carries no pixels: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def rotated_jpeg() -> bytes:
+    pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+    pixels[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: stored 60 wide, shown 20 wide
+    return encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=95)
+
+
+RGB = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+GOOD_JPEG = encoded(Image.fromarray(RGB), "JPEG")
+
+# name → (file bytes, expected status, expected (height, width) or error text)
+MATRIX = {
+    "zero-byte.png": (b"", "error", "empty file"),
+    "truncated.jpg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], "error", "not a decodable image"),
+    "text.jpg": (b"just some notes, not a picture\n", "error", "not a decodable image"),
+    "html-error-page.png": (b"<html><body><h1>503 Service Unavailable</h1></body></html>", "error", "not a decodable image"),
+    "decompression-bomb.png": (png_header_only(30000, 30000), "error", "image too large"),
+    "sixteen-bit.png": (encoded(Image.fromarray(np.full((12, 16), 40000, dtype=np.uint16))), "ok", (12, 16)),
+    "cmyk.jpg": (encoded(Image.new("CMYK", (30, 20), (0, 128, 255, 0)), "JPEG"), "ok", (20, 30)),
+    "rgba.png": (encoded(Image.new("RGBA", (25, 15), (10, 20, 30, 0))), "ok", (15, 25)),
+    "palette.png": (encoded(Image.new("RGB", (22, 11), "red").convert("P")), "ok", (11, 22)),
+    "grayscale.png": (encoded(Image.new("L", (17, 13), 90)), "ok", (13, 17)),
+    "exif-rotated.jpg": (rotated_jpeg(), "ok", (60, 20)),
+    "one-pixel.png": (encoded(Image.new("RGB", (1, 1), "white")), "ok", (1, 1)),
+    "good.jpg": (GOOD_JPEG, "ok", (40, 50)),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bad-inputs")
+    for name, (data, _, _) in MATRIX.items():
+        (directory / name).write_bytes(data)
+    # A file name that is not UTF-8 (a Latin-1 'é' byte), as old archives carry.
+    with open(os.path.join(os.fsencode(directory), b"caf\xe9.png"), "wb") as f:
+        f.write(encoded(Image.new("RGB", (8, 8))))
+    return directory
+
+
+def test_every_bad_input_gets_its_own_row_and_the_job_exits_0(bad_inputs, tmp_path):
+    output = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(bad_inputs), str(output), "--model", "unet", "--weights", "random"])
+    assert result.exit_code == 0, result.output
+    rows = {row["image_id"]: row for row in pq.read_table(output).to_pylist()}
+    assert len(rows) == len(MATRIX) + 1
+    for name, (_, status, expected) in MATRIX.items():
+        row = rows[name]
+        assert row["status"] == status, (name, row["error"])
+        if status == "ok":
+            assert (row["height"], row["width"]) == expected, name
+            for seg in row["segments"]:
+                assert mask_utils.decode({"size": [row["height"], row["width"]], "counts": seg["rle"]}).shape == expected
+        else:
+            assert expected in row["error"], (name, row["error"])
+            assert row["segments"] == []
+    (odd,) = [row for image_id, row in rows.items() if image_id.startswith("caf")]
+    assert odd["status"] == "error" and "not valid UTF-8" in odd["error"] and "\\xe9" in odd["image_id"]
+    run = json.loads((output / RUN_FILE).read_text())
+    errors = sum(status == "error" for _, status, _ in MATRIX.values()) + 1
+    assert run["counts"]["error"] == errors and run["counts"]["ok"] == len(MATRIX) + 1 - errors
+    assert f"│ error    │ {errors}" in result.output
+
+
+def test_duplicate_uris_in_a_manifest_give_one_row_each(shapes, tmp_path):
+    image = str(shapes.images_dir / "000001.png")
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"image_id": ["first", "again"], "uri": [image, image]}), manifest)
+    result = runner.invoke(app, ["segment", str(manifest), str(tmp_path / "out"), "--model", "unet", "--weights", "random"])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["image_id"] for r in rows) == ["again", "first"] and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: permissions cannot be denied to it")
+def test_an_unreadable_file_is_an_error_row(shapes, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes((shapes.images_dir / "000000.png").read_bytes())
+    locked = images / "locked.png"
+    locked.write_bytes((shapes.images_dir / "000001.png").read_bytes())
+    locked.chmod(0)
+    result = runner.invoke(app, ["segment", str(images), str(tmp_path / "out"), "--model", "unet", "--weights", "random"])
+    rows = {r["image_id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert result.exit_code == 0 and rows["ok.png"]["status"] == "ok"
+    assert rows["locked.png"]["status"] == "error" and "PermissionError" in rows["locked.png"]["error"]
+
+
+def test_a_very_large_image_is_shown_downscaled_to_the_model_and_masked_at_full_size(tmp_path):
+    big = np.zeros((1200, 1500, 3), dtype=np.uint8)
+    big[:, 750:] = 255  # two halves
+    items = [{"image_id": "big", "image": big}, {"image_id": "small", "image": big[:60, 700:800].copy()}]
+    rows = segment(
+        ray.data.from_items(items), ModelSpec("unet"), plan_resources(ray.cluster_resources()), model_max_pixels=100_000
+    )
+    by_id = {r["image_id"]: r for r in rows.take_all()}
+    assert (by_id["big"]["height"], by_id["big"]["width"]) == (1200, 1500)
+    union = np.zeros((1200, 1500), dtype=np.uint8)
+    for seg in by_id["big"]["segments"]:
+        union += mask_utils.decode({"size": [1200, 1500], "counts": seg["rle"]})
+    assert (union == 1).all(), "full-size masks that still partition the image"
+
+
+class FailsOnMarkedImages:
+    """A model that raises whenever a batch contains an image whose first pixel is 13."""
+
+    name, task, categories = "fails", "semantic", []
+
+    def preprocess(self, images):
+        if any(image[0, 0, 0] == 13 for image in images):
+            raise RuntimeError("cannot handle this image")
+        return images
+
+    def forward(self, batch):
+        return batch
+
+    def postprocess(self, raw, sizes):
+        return [[Segment(1, 1.0, np.ones(size, dtype=bool))] for size in sizes]
+
+
+def test_a_model_that_raises_on_one_image_costs_only_that_images_row():
+    actor = SegmentImages("unet", "random", torch_threads=1)
+    actor.model = FailsOnMarkedImages()
+    actor.labels = {1: "thing"}
+    images = [np.full((4, 5, 3), value, dtype=np.uint8) for value in (1, 13, 2, 3)]
+    batch = {
+        "image_id": np.array(["a", "bad", "c", "d"], dtype=object),
+        "uri": np.array([None] * 4, dtype=object),
+        "image": np.array(images + [None], dtype=object)[:4],
+        "height": np.array([4] * 4, dtype=np.int32),
+        "width": np.array([5] * 4, dtype=np.int32),
+        "status": np.array(["ok"] * 4, dtype=object),
+        "error": np.array([None] * 4, dtype=object),
+    }
+    out = actor(batch).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "error", "ok", "ok"]
+    assert out[1]["error"] == "inference failed: RuntimeError: cannot handle this image"
+    assert [row["category_ids"] for row in out] == [[1], [], [1], [1]]
+
+
+def inference_actor_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "MapBatches(SegmentImages)" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_an_inference_actor_killed_mid_run_costs_nothing(tmp_path):
+    from rayseg.jobs.fixtures import make_fixtures
+
+    images = make_fixtures(tmp_path / "fixtures", images=60, size=(96, 96), seed=9).images_dir
+    killed = threading.Event()
+
+    def kill_one_actor():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed.is_set():
+            actors = inference_actor_processes()
+            if actors and (tmp_path / "out" / "_staging").exists():
+                actors[0].kill()  # SIGKILL
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_actor, daemon=True)
+    killer.start()
+    plan = plan_resources(ray.cluster_resources(), batch_size=2)
+    rows = segment(read_source(str(images)), ModelSpec("unet"), plan)
+    summary = write_run(rows, str(tmp_path / "out"), run_id="kill", run_info={}, write_cpus=plan.task_cpus, rows_per_file=4)
+    killer.join()
+    assert killed.is_set(), "the actor was never killed: the test proved nothing"
+    ids = [r["image_id"] for r in pq.read_table(tmp_path / "out").to_pylist()]
+    assert sorted(ids) == sorted(p.name for p in images.glob("*.png")), "every input exactly once"
+    assert summary.ok == 60
