@@ -29,14 +29,13 @@ import ray
 
 from .. import __version__
 from ..pipeline.export import export_coco_dataset
-from ..pipeline.resources import parse_actors, plan_resources
 from ..pipeline.schema import OUTPUT_SCHEMA
 from ..pipeline.segment import pin_weights, segment
 from ..pipeline.sink import RUN_FILE, committed_files, write_run
 from ..pipeline.sources import IMAGE_EXTENSIONS, SourceError, dataset_from_table, source_kind
 from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri
 from . import cluster
-from .runner import model_spec
+from .runner import model_spec, plan_on_cluster
 from .spec import RelabelSpec
 
 log = logging.getLogger("rayseg")
@@ -235,14 +234,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         pq.write_table(current, f)
 
     ray_seconds = cluster.connect(address)
-    resources = plan_resources(
-        ray.cluster_resources(),
-        nodes=cluster.node_count(),
-        actors=parse_actors(spec.resources.actors),
-        cpus_per_actor=spec.resources.cpus_per_actor,
-        gpus_per_actor=spec.resources.gpus_per_actor,
-        batch_size=spec.resources.batch_size,
-    )
+    resources = plan_on_cluster(spec.resources)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     rows = segment(dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options)
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []

@@ -10,12 +10,12 @@ import ray
 
 from .. import __version__
 from ..models.weights import RANDOM
-from ..pipeline.resources import parse_actors, plan_resources
+from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
 from ..pipeline.sink import OutputError, RunSummary, check_output, read_run, staged_image_ids, write_run
 from ..pipeline.sources import read_source
 from . import cluster
-from .spec import SegmentSpec
+from .spec import ResourcesSection, SegmentSpec
 
 log = logging.getLogger("rayseg")
 
@@ -55,6 +55,45 @@ def check_spec_output(spec: SegmentSpec, storage_options: dict) -> RunSummary | 
     return committed_summary(spec, storage_options)
 
 
+def plan_on_cluster(section: ResourcesSection) -> Resources:
+    """The resource plan for the cluster as it is now.
+
+    When the cluster lacks what is asked (GPUs on a cluster that scales its GPU workers from
+    zero, say) and `scale_up_timeout_s` allows, the autoscaler is asked for the actors'
+    bundles and the plan retried until the timeout; then the error names the resources.
+    """
+
+    def attempt() -> Resources:
+        return plan_resources(
+            ray.cluster_resources(),
+            nodes=cluster.node_count(),
+            actors=parse_actors(section.actors),
+            cpus_per_actor=section.cpus_per_actor,
+            gpus_per_actor=section.gpus_per_actor,
+            batch_size=section.batch_size,
+        )
+
+    try:
+        return attempt()
+    except ResourceError:
+        if not section.scale_up_timeout_s:
+            raise
+    from ray.autoscaler.sdk import request_resources
+
+    low, _ = parse_actors(section.actors) or (1, 1)
+    bundle = {"CPU": section.cpus_per_actor or 1.0, "GPU": section.gpus_per_actor if section.gpus_per_actor is not None else 1.0}
+    request_resources(bundles=[bundle] * low)
+    log.info("waiting up to %.0f s for the autoscaler to add %d × %s", section.scale_up_timeout_s, low, bundle)
+    deadline = time.monotonic() + section.scale_up_timeout_s
+    while True:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        try:
+            return attempt()
+        except ResourceError as e:
+            if time.monotonic() >= deadline:
+                raise ResourceError(f"{e} (after waiting {section.scale_up_timeout_s:.0f} s for the autoscaler)") from None
+
+
 def run_segment_spec(
     spec: SegmentSpec, *, address: str | None = None, storage_options: dict | None = None
 ) -> RunSummary:
@@ -74,14 +113,7 @@ def run_segment_spec(
         return done
     model = pin_weights(model_spec(spec), storage_options)
     ray_seconds = cluster.connect(address)
-    resources = plan_resources(
-        ray.cluster_resources(),
-        nodes=cluster.node_count(),
-        actors=parse_actors(spec.resources.actors),
-        cpus_per_actor=spec.resources.cpus_per_actor,
-        gpus_per_actor=spec.resources.gpus_per_actor,
-        batch_size=spec.resources.batch_size,
-    )
+    resources = plan_on_cluster(spec.resources)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     dataset = read_source(
         spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit, parallelism=parallelism

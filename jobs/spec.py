@@ -84,6 +84,9 @@ class ResourcesSection(Strict):
     gpus_per_actor: Optional[float] = Field(None, ge=0)
     cpus_per_actor: Optional[float] = Field(None, gt=0)
     batch_size: Optional[int] = Field(None, ge=1)
+    scale_up_timeout_s: float = Field(
+        0, ge=0, description="when the cluster lacks the resources asked, how long to let its autoscaler add them"
+    )
 
     @field_validator("actors")
     @classmethod

@@ -60,3 +60,15 @@ def test_actors_parse_as_n_or_min_max(text, bounds):
 def test_bad_actor_counts_are_refused(text):
     with pytest.raises(ResourceError):
         parse_actors(text)
+
+
+def test_a_cluster_that_never_scales_up_is_refused_after_the_scale_up_timeout(ray_cluster):
+    import time
+
+    from rayseg.jobs.runner import plan_on_cluster
+    from rayseg.jobs.spec import ResourcesSection
+
+    started = time.monotonic()
+    with pytest.raises(ResourceError, match=r"cluster has none .*after waiting 2 s for the autoscaler"):
+        plan_on_cluster(ResourcesSection(gpus_per_actor=1, scale_up_timeout_s=2))
+    assert 2 <= time.monotonic() - started < 30
