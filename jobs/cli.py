@@ -56,6 +56,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def load_or_fail(spec_file: str) -> SegmentSpec | RelabelSpec:
+    """The validated spec, or exit 2 listing every error."""
+    try:
+        return load_spec(spec_file)
+    except SpecError as e:
+        raise fail(str(e)) from None
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'HxW' → (height, width)."""
     try:
@@ -163,10 +171,7 @@ def run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
 ) -> None:
     """Run a job spec (kind: segment or relabel) — what `rayseg submit` runs on the cluster."""
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as e:
-        raise fail(str(e)) from None
+    spec = load_or_fail(spec_file)
     if isinstance(spec, RelabelSpec):
         run_relabel(spec, address)
     else:
@@ -179,10 +184,7 @@ def relabel_command(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
 ) -> None:
     """Re-label a dataset incrementally: a new version with only new or changed images run."""
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as e:
-        raise fail(str(e)) from None
+    spec = load_or_fail(spec_file)
     if not isinstance(spec, RelabelSpec):
         raise fail(f"{spec_file} is a {spec.kind} spec; `rayseg relabel` takes kind: relabel")
     run_relabel(spec, address)
@@ -233,8 +235,8 @@ def versions(
 @app.command()
 def validate(spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A job spec (YAML).")]) -> None:
     """Check a job spec and report every error with its field path; no cluster work."""
+    spec = load_or_fail(spec_file)
     try:
-        spec = load_spec(spec_file)
         spec.storage.resolve()
     except SpecError as e:
         raise fail(str(e)) from None
@@ -249,10 +251,7 @@ def submit(
     submission_id: Annotated[Optional[str], typer.Option(help="Submission id [Ray chooses one].")] = None,
 ) -> None:
     """Submit a spec to a Ray cluster (Ray Jobs API); prints the submission id."""
-    try:
-        spec = load_spec(spec_file)
-    except SpecError as e:
-        raise fail(str(e)) from None
+    spec = load_or_fail(spec_file)
     try:
         client, job_id = submit_spec(spec, address, submission_id=submission_id)
     except (ConnectionError, RuntimeError, ValueError) as e:
