@@ -111,6 +111,7 @@ def segment(
     score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this.")] = None,
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="semantic | instance | panoptic, for models that do several.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
     resume: Annotated[bool, typer.Option(help="Finish the interrupted run --run-id: only images without a staged row.")] = False,
@@ -130,6 +131,8 @@ def segment(
         options = parse_storage_options(model_option)
         if category_file is not None:
             options["category_file"] = category_file
+        if task is not None:
+            options["task"] = task
         spec = parse_spec(
             {
                 "kind": "segment",

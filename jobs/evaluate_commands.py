@@ -20,7 +20,13 @@ from ..pipeline.evaluation.base import EvaluationError
 from ..pipeline.evaluation.data import TASKS, infer_task, prediction_files
 from ..pipeline.evaluation.instance import IOU_TYPES
 from ..pipeline.evaluation.runner import DEFAULT_IGNORE_LABELS
-from ..pipeline.export import ExportError, ExportSummary, export_coco_dataset, export_coco_results
+from ..pipeline.export import (
+    ExportError,
+    ExportSummary,
+    export_coco_dataset,
+    export_coco_results,
+)
+from ..pipeline.panoptic_export import export_panoptic
 from ..pipeline.storage import parse_storage_options
 
 log = logging.getLogger("rayseg")
@@ -163,9 +169,36 @@ def export_dataset(
     _print_export(summary, "COCO dataset")
 
 
-export_app = typer.Typer(name="export", help="Export predictions to COCO formats.", no_args_is_help=True)
+export_app = typer.Typer(name="export", help="Export predictions to COCO formats (results, dataset, panoptic).", no_args_is_help=True)
 export_app.command("coco")(export_coco)
 export_app.command("dataset")(export_dataset)
+
+
+def export_panoptic_command(
+    predictions: Annotated[str, typer.Argument(help="A `rayseg segment` OUTPUT (path or URI).")],
+    out_dir: Annotated[str, typer.Argument(metavar="DIR", help="Where to write panoptic.json and panoptic/*.png.")],
+    category_file: Annotated[
+        str | None, typer.Option(help="COCO json or list of categories with isthing (default: all things).")
+    ] = None,
+    storage_option: Annotated[
+        list[str], typer.Option(help="fsspec storage option KEY=VALUE, JSON values typed (repeatable).")
+    ] = [],  # noqa: B006 - typer reads the default
+) -> None:
+    """COCO panoptic PNGs (id = R + 256·G + 256²·B) and json from a predictions OUTPUT."""
+    try:
+        summary = export_panoptic(
+            predictions, out_dir, storage_options=parse_storage_options(storage_option), category_file=category_file
+        )
+    except (ValueError, FileNotFoundError) as e:  # EvaluationError, OutputError are ValueErrors
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"wrote {summary.json_path} and {summary.images} PNGs in {summary.png_dir}: {summary.segments} segments"
+        f" ({summary.error_rows} error rows left out, {summary.dropped_segments} segments without pixels dropped)"
+    )
+
+
+export_app.command("panoptic")(export_panoptic_command)
 
 
 def register(app: typer.Typer) -> None:

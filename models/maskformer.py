@@ -1,0 +1,655 @@
+"""MaskFormer (Cheng et al., 2021) and Mask2Former (Cheng et al., 2022) on transformers:
+semantic, instance and panoptic output from one mask-classification network.
+
+Weights: a transformers checkpoint directory — config.json, model.safetensors (or
+pytorch_model.bin, read by transformers with `weights_only=True`) and the image processor's
+preprocessor_config.json — from a local path or any fsspec URI (copied to a local temp dir,
+then `from_pretrained(local_files_only=True)`: nothing is ever fetched from a hub); or
+`random` (a tiny seeded config, for tests and benchmarks).
+
+Categories: the config's id2label, ids as in the checkpoint (label index = category id).
+Thing/stuff: a config attribute `thing_ids` when the checkpoint has one, else a
+`category_file` (COCO json or list with `isthing`), else every class is a thing (panoptic
+output then fuses nothing; a warning says so).
+
+`task` option (semantic | instance | panoptic) chooses the post-processing, which
+re-implements the image processors' post_process_{semantic,instance,panoptic}_segmentation
+with torch ops on the model's device, without their Python loop over queries (and its
+device syncs), and moves only the final bool masks to the host. Semantic and instance
+output run batched over the images of a batch that share a size; panoptic runs per image
+(each keeps its own queries), its per-query work batched. Argmaxes at the image size are
+taken CHUNK channels at a time, never holding a float (C, H, W) tensor.
+
+- semantic: softmax(class)[..., :-1] · sigmoid(mask) summed over queries, resized to the
+  image, argmax; one segment per class present, scored by the mean normalised class
+  score over its pixels;
+- instance: the top num_queries (query, class) pairs, score = class probability × mean mask
+  probability inside the mask (logit > 0); masks resized (nearest) to the image;
+  overlapping, scored instances with score ≥ score_threshold;
+- panoptic: queries whose best class is not "no object" with probability > score_threshold,
+  mask probabilities × scores resized (bilinear) to the image, argmax over queries, a query
+  kept when it wins > overlap_mask_area_threshold of its own (prob ≥ mask_threshold) area;
+  stuff classes fused into one segment; segment_id 1..S, non-overlapping.
+
+Padding: the image processor pads a batch to its largest image, and the processors'
+post-processing resizes the padded mask straight to the image (a known skew for padded
+images). Here the padding is cut off first (masks resized to the padded input, cropped to
+the image's resized extent); Mask2Former always resizes to the input first (the processor
+does, to 384×384, the input size of its published checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
+from transformers.utils import logging as hf_logging
+
+from .base import Segment
+from .categories import Category, load_category_file
+from .weights import RANDOM, WeightsError, warn_random
+
+log = logging.getLogger("rayseg.models")
+
+TASKS = ("semantic", "instance", "panoptic")
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"
+RANDOM_SEED = 0
+
+
+# --- checkpoint directories -------------------------------------------------------------
+
+
+def hf_weights_file(weights: str, storage_options: dict | None = None) -> str:
+    """The file whose sha256 identifies an HF checkpoint directory: its model.safetensors,
+    or its pytorch_model.bin when it has no safetensors."""
+    base = weights.rstrip("/")
+    if base.endswith((".safetensors", ".bin")):
+        return base
+    safetensors = posixpath.join(base, SAFETENSORS_FILE)
+    try:
+        fs, path = fsspec.core.url_to_fs(safetensors, **(storage_options or {}))
+        if not fs.exists(path) and fs.exists(path[: -len(SAFETENSORS_FILE)] + BIN_FILE):
+            return posixpath.join(base, BIN_FILE)
+    except Exception:  # unreachable store: the caller reports the missing file
+        log.debug("cannot list %s", base, exc_info=True)
+    return safetensors
+
+
+def _sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def local_directory(uri: str, storage_options: dict | None, prefix: str = "rayseg-hf-"):
+    """A local directory with the files of checkpoint directory `uri`: the directory itself
+    when local, else a temp copy of its top-level files."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isdir(root):
+            raise WeightsError(f"weights not found: {uri} is not a checkpoint directory")
+        yield root
+        return
+    try:
+        entries = fs.ls(root.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights not found: {uri}") from None
+    with tempfile.TemporaryDirectory(prefix=prefix) as local:
+        for entry in entries:
+            if entry.get("type") == "file":
+                name = posixpath.basename(entry["name"].rstrip("/"))
+                fs.get(entry["name"], os.path.join(local, name))
+        yield local
+
+
+def read_config(directory: str, uri: str, model_types: tuple[str, ...]) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{uri} is not a checkpoint directory: {CONFIG_FILE} not found")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise WeightsError(f"{uri}: {CONFIG_FILE} is not valid JSON: {e}") from e
+    if config.get("model_type") not in model_types:
+        raise WeightsError(
+            f"{uri} holds a {config.get('model_type')!r} checkpoint, not {' or '.join(map(repr, model_types))} "
+            f"({CONFIG_FILE} model_type)"
+        )
+    return config
+
+
+def check_weights(directory: str, uri: str, sha256: str | None) -> str:
+    """The sha256 of the directory's weights file (checked against `sha256`)."""
+    for name in (SAFETENSORS_FILE, BIN_FILE):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            digest = _sha256_of_file(path)
+            if sha256 is not None and digest != sha256.strip().lower():
+                raise WeightsError(f"sha256 mismatch for {posixpath.join(uri, name)}: expected {sha256}, got {digest}")
+            return digest
+    raise WeightsError(f"{uri} is not a checkpoint directory: {SAFETENSORS_FILE} (or {BIN_FILE}) not found")
+
+
+def load_network(cls, directory: str, uri: str):
+    """`cls.from_pretrained(directory)` offline; missing or mismatched weights are an error."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        network, info = cls.from_pretrained(directory, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise WeightsError(f"{uri}: cannot load the checkpoint: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise WeightsError(f"{uri} does not match its config: missing {missing[:5]}, mismatched {mismatched[:5]}")
+    return network.float().eval()
+
+
+def processor_config(directory: str, uri: str) -> dict:
+    """The image processor's settings: preprocessor_config.json, or processor_config.json's
+    `image_processor` (what newer transformers save)."""
+    for name in (PREPROCESSOR_FILE, PROCESSOR_FILE):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except ValueError as e:
+                raise WeightsError(f"{uri}: {name} is not valid JSON: {e}") from e
+            if name == PROCESSOR_FILE:
+                if "image_processor" not in data:
+                    raise WeightsError(f"{uri}: {name} has no image_processor")
+                return {**data["image_processor"], "_processor": data}
+            return data
+    raise WeightsError(
+        f"{uri} is not a complete checkpoint directory: {PREPROCESSOR_FILE} (or {PROCESSOR_FILE}) not found — "
+        "the image processor's settings are needed to preprocess images as the model was trained"
+    )
+
+
+_NOT_PROCESSOR_ARGUMENTS = {"image_processor_type", "processor_class", "_processor", "metadata", "repo_path", "class_info_file"}
+
+
+def processor_arguments(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _NOT_PROCESSOR_ARGUMENTS}
+
+
+# --- categories ----------------------------------------------------------------------------
+
+
+def categories_from_config(
+    id2label: dict, thing_ids: list[int] | None, category_file: str | None, storage_options: dict | None, uri: str
+) -> list[Category]:
+    """Categories of the checkpoint's labels (id = label index) with isthing from `thing_ids`
+    or `category_file` (whose ids must be labels of the checkpoint), else all things."""
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    if category_file is not None:
+        listed = {c.id: c for c in load_category_file(category_file, storage_options)}
+        unknown = sorted(set(listed) - set(labels))
+        if unknown:
+            raise WeightsError(
+                f"category file {category_file} names ids {unknown[:10]} that checkpoint {uri} does not predict "
+                f"(its labels are {min(labels)}..{max(labels)})"
+            )
+        return [Category(i, name, listed[i].isthing if i in listed else True) for i, name in sorted(labels.items())]
+    if thing_ids is not None:
+        things = {int(i) for i in thing_ids}
+        return [Category(i, name, i in things) for i, name in sorted(labels.items())]
+    return [Category(i, name, True) for i, name in sorted(labels.items())]
+
+
+# --- post-processing (device, vectorised) ------------------------------------------------
+
+
+@dataclass
+class Raw:
+    """Network outputs for a batch, on the device, with what post-processing needs."""
+
+    class_logits: torch.Tensor  # (B, Q, C + 1), last = no object
+    mask_logits: torch.Tensor  # (B, Q, h, w)
+    input_size: tuple[int, int]  # padded input (H, W)
+    valid: list[tuple[int, int]]  # per image, its resized extent inside the padded input
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def mask_logits_for(raw: Raw, index: int, upsample_first: bool) -> torch.Tensor:
+    """Image `index`'s mask logits (Q, h', w') with the padding cut off: at the network's
+    resolution when there is no padding (and not upsample_first), else resized to the
+    padded input and cropped to the image's extent."""
+    logits = raw.mask_logits[index]
+    valid = tuple(raw.valid[index])
+    if not upsample_first and valid == tuple(raw.input_size):
+        return logits
+    logits = _resize(logits[None], raw.input_size)[0]
+    return logits[:, : valid[0], : valid[1]]
+
+
+# Channels resized to the image at a time: argmax over C classes (or K queries) at the image
+# size needs only running maxima, not a float (C, H, W) tensor (2.4 GB for ADE20K's 150
+# classes at 4 megapixels).
+CHUNK = 16
+
+
+def resized_argmax(
+    x: torch.Tensor, size: tuple[int, int], scale: torch.Tensor | None = None, threshold: float | None = None
+):
+    """argmax over the channels of `x` ([B,] N, h, w) resized (bilinear) to `size`, `CHUNK`
+    channels at a time: (max, argmax (first maximum, as torch.argmax), sum over channels,
+    and, with `threshold`, per channel the count of resized·scale ≥ threshold).
+    `scale` ([B,] N) multiplies each resized channel (as transformers weighs mask probabilities)."""
+    single = x.dim() == 3
+    if single:
+        x = x[None]
+        scale = None if scale is None else scale[None]
+    best = labels = total = None
+    counts = []
+    for start in range(0, x.shape[1], CHUNK):
+        chunk = _resize(x[:, start : start + CHUNK], size)
+        if scale is not None:
+            chunk = chunk * scale[:, start : start + CHUNK, None, None]
+        if threshold is not None:
+            counts.append((chunk >= threshold).flatten(2).sum(2))
+        value, index = chunk.max(1)
+        index = index + start
+        if best is None:
+            best, labels, total = value, index, chunk.sum(1)
+        else:
+            better = value > best  # ties keep the earlier channel, as argmax does
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index, labels)
+            total = total + chunk.sum(1)
+    result = [best, labels, total] + ([torch.cat(counts, dim=1)] if threshold is not None else [])
+    return tuple(r[0] for r in result) if single else tuple(result)
+
+
+def semantic_segments(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int], label_ids: torch.Tensor
+) -> list[list[Segment]]:
+    """class_logits (B, Q, C+1), mask_logits (B, Q, h, w) of images of one size → per image,
+    one segment per class present."""
+    batch, num_classes = class_logits.shape[0], class_logits.shape[-1] - 1
+    classes = class_logits.softmax(-1)[..., :-1]
+    scores = torch.einsum("bqc,bqhw->bchw", classes, mask_logits.sigmoid())
+    best, labels, total = resized_argmax(scores, size)[:3]
+    confidence = best / total.clamp_min(1e-12)
+    # Per (image, class): pixel counts and summed confidence, in one bincount each.
+    flat = (labels + torch.arange(batch, device=labels.device)[:, None, None] * num_classes).flatten()
+    counts = torch.bincount(flat, minlength=batch * num_classes).view(batch, num_classes)
+    sums = torch.bincount(flat, weights=confidence.flatten().double(), minlength=batch * num_classes).view(batch, num_classes)
+    means = (sums / counts.clamp_min(1)).tolist()
+    present = (counts > 0).tolist()
+    results = []
+    for b in range(batch):
+        ids = [c for c in range(num_classes) if present[b][c]]
+        index = torch.tensor(ids, device=labels.device)
+        masks = (labels[b][None] == index[:, None, None]).cpu().numpy()
+        label_list = label_ids[index].tolist()
+        results.append([Segment(int(label_list[n]), float(means[b][c]), masks[n]) for n, c in enumerate(ids)])
+    return results
+
+
+def topk_queries(class_logits: torch.Tensor, mask_logits: torch.Tensor):
+    """The num_queries best (query, class) pairs: their class scores, labels, mask logits."""
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    scores = class_logits.softmax(-1)[:, :-1].flatten()
+    values, indices = scores.topk(num_queries, sorted=False)
+    return values, indices % num_classes, mask_logits[torch.div(indices, num_classes, rounding_mode="floor")]
+
+
+def instance_segments(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    size: tuple[int, int],
+    threshold: float,
+    label_ids: torch.Tensor,
+) -> list[list[Segment]]:
+    """Mask(2)Former instance output for images of one size, class_logits (B, Q, C+1) and
+    mask_logits (B, Q, h, w): per image scored, possibly overlapping masks."""
+    batch, num_queries, num_classes = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
+    values, indices = class_logits.softmax(-1)[..., :-1].flatten(1).topk(num_queries, dim=1, sorted=False)
+    labels = indices % num_classes
+    queries = torch.div(indices, num_classes, rounding_mode="floor")
+    logits = mask_logits[torch.arange(batch, device=queries.device)[:, None], queries]  # (B, Q, h, w)
+    binary = (logits > 0).float()
+    mask_scores = (logits.sigmoid().flatten(2) * binary.flatten(2)).sum(2) / (binary.flatten(2).sum(2) + 1e-6)
+    scores = values * mask_scores
+    keep = scores >= threshold  # (B, Q)
+    image_of, query_of = torch.nonzero(keep, as_tuple=True)
+    results: list[list[Segment]] = [[] for _ in range(batch)]
+    if not len(image_of):
+        return results
+    masks = _resize(binary[image_of, query_of][None], size, mode="nearest")[0] > 0.5
+    nonempty = masks.flatten(1).any(1)
+    image_of, query_of, masks = image_of[nonempty], query_of[nonempty], masks[nonempty]
+    ids = label_ids[labels[image_of, query_of]].tolist()
+    kept_scores = scores[image_of, query_of].tolist()
+    for b, i, score, mask in zip(image_of.tolist(), ids, kept_scores, masks.cpu().numpy()):
+        results[b].append(Segment(int(i), float(score), mask))
+    return results
+
+
+def panoptic_segments(
+    probs: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    mask_threshold: float,
+    overlap_threshold: float,
+    fuse: torch.Tensor,
+    label_ids: torch.Tensor,
+    segment_ids: bool = True,
+) -> list[Segment]:
+    """transformers' compute_segments without its per-query loop.
+
+    probs (K, h, w): the candidate queries' mask probabilities (OneFormer's instance
+    output passes logits, as transformers does); scores, labels (K,); fuse: bool per label.
+    """
+    if not len(labels):
+        return []
+    _, owner, _, original = resized_argmax(probs, size, scale=scores, threshold=mask_threshold)
+    count = len(labels)
+    area = torch.bincount(owner.flatten(), minlength=count)
+    valid = (area > 0) & (original > 0) & (area.float() / original.clamp_min(1).float() > overlap_threshold)
+    # Segment numbering (a few scalars per query, on the host).
+    valid_list, label_list, fuse_list = valid.tolist(), labels.tolist(), fuse[labels].tolist()
+    table, infos, fused = [-1] * count, [], {}
+    for k in range(count):
+        if not valid_list[k]:
+            continue
+        label = label_list[k]
+        if label in fused:
+            table[k] = fused[label]
+            continue
+        table[k] = len(infos)
+        infos.append((label, k))
+        if fuse_list[k]:
+            fused[label] = table[k]
+    if not infos:
+        return []
+    lookup = torch.tensor(table, device=owner.device)
+    segment_map = lookup[owner]
+    masks = segment_map[None] == torch.arange(len(infos), device=owner.device)[:, None, None]
+    ids = label_ids[torch.tensor([label for label, _ in infos], device=label_ids.device)].tolist()
+    values = scores[torch.tensor([k for _, k in infos], device=scores.device)].tolist()
+    return [
+        Segment(int(i), float(s), m, segment_id=(n + 1) if segment_ids else None)
+        for n, (i, s, m) in enumerate(zip(ids, values, masks.cpu().numpy()))
+    ]
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+class MaskFormerSegmenter:
+    """A MaskFormer or Mask2Former network behind the model protocol (see the module docstring).
+
+    preprocess: the checkpoint's image processor (resize, normalise, pad the batch), CPU;
+    forward: the network on the device; postprocess: the chosen task's post-processing on
+    the device, bool masks to the host at the end.
+    """
+
+    def __init__(
+        self,
+        network,
+        processor,
+        categories: list[Category],
+        *,
+        name: str,
+        task: str = "panoptic",
+        device: torch.device | str = "cpu",
+        score_threshold: float | None = None,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        upsample_first: bool = False,
+        weights: str = RANDOM,
+        weights_sha256: str | None = None,
+    ):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        threshold = 0.5 if score_threshold is None else float(score_threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if not 0.0 <= mask_threshold <= 1.0 or not 0.0 <= overlap_mask_area_threshold <= 1.0:
+            raise ValueError("mask_threshold and overlap_mask_area_threshold must be in [0, 1]")
+        self.name = name
+        self.task = task
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.processor = processor
+        self.categories = categories
+        self.score_threshold = threshold
+        self.mask_threshold = float(mask_threshold)
+        self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
+        self.upsample_first = upsample_first
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        num_labels = int(self.network.config.num_labels)
+        by_id = {c.id: c for c in categories}
+        if sorted(by_id) != list(range(num_labels)):
+            raise WeightsError(f"{weights}: id2label must name labels 0..{num_labels - 1}, got {sorted(by_id)[:10]}")
+        self.label_ids = torch.arange(num_labels, device=self.device)
+        self.stuff = torch.tensor([not by_id[i].isthing for i in range(num_labels)], device=self.device)
+        if task == "panoptic" and not bool(self.stuff.any()):
+            log.warning("%s: no stuff classes known (no thing_ids in the config, no category_file): nothing is fused", name)
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+        return dict(self.processor(images=[np.ascontiguousarray(i) for i in images], return_tensors="pt"))
+
+    @staticmethod
+    def _extents(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+        heights = pixel_mask.any(2).sum(1).tolist()
+        widths = pixel_mask.any(1).sum(1).tolist()
+        return [(int(h), int(w)) for h, w in zip(heights, widths)]
+
+    def _inputs(self, batch: dict) -> dict:
+        return {"pixel_values": batch["pixel_values"].to(self.device)}
+
+    @torch.inference_mode()
+    def forward(self, batch: dict) -> Raw:
+        pixel_values = batch["pixel_values"]
+        mask = batch.get("pixel_mask")
+        if mask is None:
+            mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.bool)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            outputs = self.network(**self._inputs(batch))
+        return Raw(
+            outputs.class_queries_logits.float(),
+            outputs.masks_queries_logits.float(),
+            tuple(pixel_values.shape[-2:]),
+            self._extents(mask.bool()),
+        )
+
+    @torch.inference_mode()
+    def postprocess(self, raw: Raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        results: list[list[Segment]] = [[] for _ in sizes]
+        if self.task == "panoptic":  # the kept queries differ per image
+            for index, size in enumerate(sizes):
+                logits = mask_logits_for(raw, index, self.upsample_first)
+                results[index] = self._panoptic(raw.class_logits[index], logits, (int(size[0]), int(size[1])))
+            return results
+        # Semantic and instance: images of one size (and extent in the input) as one batch.
+        for indices, logits, size in self._groups(raw, sizes):
+            classes = raw.class_logits[indices]
+            if self.task == "semantic":
+                found = semantic_segments(classes, logits, size, self.label_ids)
+            else:
+                found = instance_segments(classes, logits, size, self.score_threshold, self.label_ids)
+            for index, segments in zip(indices, found):
+                results[index] = segments
+        return results
+
+    def _groups(self, raw: Raw, sizes: list[tuple[int, int]]):
+        """(image indices, their stacked padding-free mask logits, target size) per group of
+        images that share the target size and the extent in the padded input."""
+        groups: dict[tuple, list[int]] = {}
+        for index, size in enumerate(sizes):
+            groups.setdefault((tuple(raw.valid[index]), int(size[0]), int(size[1])), []).append(index)
+        for (_, height, width), indices in groups.items():
+            logits = torch.stack([mask_logits_for(raw, i, self.upsample_first) for i in indices])
+            yield indices, logits, (height, width)
+
+    def _panoptic(self, classes: torch.Tensor, logits: torch.Tensor, size: tuple[int, int]) -> list[Segment]:
+        scores, labels = classes.softmax(-1).max(-1)
+        keep = (labels != classes.shape[-1] - 1) & (scores > self.score_threshold)
+        return panoptic_segments(
+            logits[keep].sigmoid(), scores[keep], labels[keep], size,
+            mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
+            fuse=self.stuff, label_ids=self.label_ids,
+        )  # fmt: skip
+
+
+# --- builders --------------------------------------------------------------------------------
+
+_FAMILIES = {
+    "maskformer": ("maskformer", "MaskFormerForInstanceSegmentation", "MaskFormerImageProcessor", False),
+    "mask2former": ("mask2former", "Mask2FormerForUniversalSegmentation", "Mask2FormerImageProcessor", True),
+}
+
+
+def random_config(name: str):
+    """The tiny seeded network `--weights random` builds: a 4-stage Swin of width 16, 8
+    queries of width 32, 4 classes."""
+    from transformers import DetrConfig, Mask2FormerConfig, MaskFormerConfig, SwinConfig
+
+    swin = SwinConfig(
+        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )  # fmt: skip
+    id2label = {i: f"class_{i}" for i in range(4)}
+    common = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if name == "maskformer":
+        decoder = DetrConfig(d_model=32, decoder_layers=2, decoder_ffn_dim=64, decoder_attention_heads=4, encoder_layers=1, num_queries=8)
+        return MaskFormerConfig(backbone_config=swin, decoder_config=decoder, mask_feature_size=32, fpn_feature_size=32, num_queries=8, **common)
+    return Mask2FormerConfig(
+        backbone_config=swin, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=4, num_queries=8, **common,
+    )  # fmt: skip
+
+
+def _build(
+    name: str,
+    weights: str,
+    *,
+    weights_sha256: str | None,
+    device: str,
+    storage_options: dict | None,
+    score_threshold: float | None,
+    task: str,
+    category_file: str | None,
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+) -> MaskFormerSegmenter:
+    import transformers
+
+    model_type, model_class, processor_class, upsample_first = _FAMILIES[name]
+    network_cls, processor_cls = getattr(transformers, model_class), getattr(transformers, processor_class)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if weights == RANDOM:
+        warn_random(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            network = network_cls(random_config(name)).eval()
+        processor = processor_cls(size={"shortest_edge": 256, "longest_edge": 512})
+        config, digest = network.config.to_dict(), None
+    else:
+        base = weights.rstrip("/")
+        directory = posixpath.dirname(base) if base.endswith((".safetensors", ".bin")) else base
+        with local_directory(directory, storage_options) as local:
+            config = read_config(local, directory, (model_type,))
+            digest = check_weights(local, directory, weights_sha256)
+            processor_config(local, directory)  # present and readable, else a WeightsError naming it
+            try:
+                processor = processor_cls.from_pretrained(local, local_files_only=True)
+            except (OSError, TypeError, ValueError) as e:
+                raise WeightsError(f"{directory}: cannot build {processor_class} from its settings: {e}") from e
+            network = load_network(network_cls, local, directory)
+    categories = categories_from_config(
+        network.config.id2label, config.get("thing_ids"), category_file, storage_options, weights
+    )
+    return MaskFormerSegmenter(
+        network, processor, categories, name=name, task=task, device=device, score_threshold=score_threshold,
+        mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
+        upsample_first=upsample_first, weights=weights, weights_sha256=digest,
+    )  # fmt: skip
+
+
+def build_maskformer(
+    weights: str = RANDOM,
+    *,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    task: str = "panoptic",
+    category_file: str | None = None,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+) -> MaskFormerSegmenter:
+    """MaskFormerForInstanceSegmentation from an HF directory (path or URI) or `random`.
+
+    task: semantic | instance | panoptic; score_threshold: instance score / panoptic class
+    probability cut (default 0.5, transformers' `threshold`); mask_threshold and
+    overlap_mask_area_threshold: panoptic segment validity (transformers' names and
+    defaults); category_file: COCO json or list with `isthing`, for the thing/stuff split.
+    """
+    return _build(
+        "maskformer", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
+        score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold,
+    )  # fmt: skip
+
+
+def build_mask2former(
+    weights: str = RANDOM,
+    *,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    task: str = "panoptic",
+    category_file: str | None = None,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+) -> MaskFormerSegmenter:
+    """Mask2FormerForUniversalSegmentation from an HF directory (path or URI) or `random`;
+    options as for `build_maskformer`."""
+    return _build(
+        "mask2former", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
+        score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold,
+    )  # fmt: skip
+
+
+weights_file = hf_weights_file

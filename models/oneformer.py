@@ -1,0 +1,205 @@
+"""OneFormer (Jain et al., 2023) on transformers' OneFormerForUniversalSegmentation: one
+network, the task (semantic | instance | panoptic) given as its text task input.
+
+Weights: a transformers OneFormer checkpoint directory, local or any fsspec URI (copied to
+a local temp dir), loaded offline (`local_files_only=True`):
+
+- config.json and model.safetensors (or pytorch_model.bin);
+- the image processor's settings: preprocessor_config.json, or processor_config.json
+  (what newer transformers save, with `image_processor`, max_seq_length, task_seq_length);
+- the CLIP tokenizer that turns "the task is {task}" into the task tokens: tokenizer.json,
+  or vocab.json + merges.txt;
+- class info: the processor settings' `metadata` (thing_ids, class names) when saved with
+  it, else the `class_info_file` the settings name (e.g. ade20k_panoptic.json), which must
+  be in the directory — it is never downloaded (transformers would fetch it from the
+  processor's `repo_path` on the hub).
+
+A missing file is a WeightsError naming it. `random` weights are not offered: the task
+input needs a tokenizer, which only a checkpoint directory brings.
+
+Categories: the config's id2label (ids as in the checkpoint); isthing from the class info's
+thing_ids, or a `category_file`. Post-processing (models/maskformer.py's device-side,
+vectorised equivalents of OneFormerImageProcessor's): semantic and panoptic as for
+MaskFormer; instance as OneFormer's processor does it — the top num_queries (query, class)
+pairs, non-overlapping masks from its compute_segments (applied, as transformers does, to
+the mask *logits* weighted by the class scores), segment score = class probability;
+score_threshold (default none) drops pairs at or below it, as the processor's demo mode.
+Not reproduced: the processor's relabelling of ADE20K instance labels to thing indices
+(triggered by "ade20k" in the class-info file name): labels stay the checkpoint's ids.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+import numpy as np
+import torch
+
+from .base import Segment
+from .categories import Category
+from .maskformer import (
+    TASKS,
+    MaskFormerSegmenter,
+    categories_from_config,
+    check_weights,
+    hf_weights_file,
+    load_network,
+    local_directory,
+    mask_logits_for,
+    panoptic_segments,
+    processor_arguments,
+    processor_config,
+    read_config,
+    topk_queries,
+)
+from .weights import RANDOM, WeightsError
+
+TOKENIZER_FILES = ("tokenizer.json",)
+BPE_FILES = ("vocab.json", "merges.txt")
+
+weights_file = hf_weights_file
+
+
+def _tokenizer(directory: str, uri: str):
+    from transformers import CLIPTokenizer
+
+    has_json = os.path.isfile(os.path.join(directory, "tokenizer.json"))
+    missing_bpe = [name for name in BPE_FILES if not os.path.isfile(os.path.join(directory, name))]
+    if not has_json and missing_bpe:
+        raise WeightsError(
+            f"{uri} is not a complete OneFormer checkpoint directory: tokenizer.json (or {' + '.join(BPE_FILES)}; "
+            f"missing {', '.join(missing_bpe)}) not found — the task input is tokenised with the checkpoint's tokenizer"
+        )
+    try:
+        return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise WeightsError(f"{uri}: cannot load the tokenizer: {e}") from e
+
+
+def _image_processor(directory: str, uri: str, settings: dict):
+    from transformers import OneFormerImageProcessor
+    from transformers.models.oneformer.image_processing_oneformer import (
+        load_metadata,
+        prepare_metadata,
+    )
+
+    metadata = settings.get("metadata")
+    if not (isinstance(metadata, dict) and "thing_ids" in metadata):
+        class_info_file = settings.get("class_info_file")
+        if not class_info_file:
+            raise WeightsError(
+                f"{uri}: the image processor settings have neither metadata nor a class_info_file (thing/stuff classes)"
+            )
+        name = posixpath.basename(str(class_info_file))
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise WeightsError(
+                f"{uri} is not a complete OneFormer checkpoint directory: {name} (the class info file named by "
+                f"class_info_file) not found — it is never downloaded"
+            )
+        metadata = prepare_metadata(load_metadata(directory, name))
+    try:
+        processor = OneFormerImageProcessor(**processor_arguments(settings))
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{uri}: cannot build OneFormerImageProcessor from its settings: {e}") from e
+    processor.metadata = metadata
+    processor.class_info_file = settings.get("class_info_file")
+    return processor
+
+
+class OneFormerSegmenter(MaskFormerSegmenter):
+    """OneFormer behind the model protocol: the task tokens are computed once and given
+    with every batch; post-processing as the module docstring says."""
+
+    def __init__(self, network, processor, task_tokens: torch.Tensor, categories: list[Category], **kwargs):
+        score_threshold = kwargs.pop("score_threshold", None)
+        self.instance_threshold = None if score_threshold is None else float(score_threshold)
+        super().__init__(network, processor, categories, score_threshold=score_threshold, **kwargs)
+        self.task_tokens = task_tokens.to(self.device)
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+        encoded = self.processor(
+            images=[np.ascontiguousarray(i) for i in images], task_inputs=[self.task] * len(images), return_tensors="pt"
+        )
+        return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded.get("pixel_mask")}
+
+    def _inputs(self, batch: dict) -> dict:
+        pixel_values = batch["pixel_values"].to(self.device)
+        return {"pixel_values": pixel_values, "task_inputs": self.task_tokens.expand(len(pixel_values), -1)}
+
+    @torch.inference_mode()
+    def postprocess(self, raw, sizes):
+        if self.task != "instance":
+            return super().postprocess(raw, sizes)
+        results = []
+        for index, size in enumerate(sizes):
+            logits = mask_logits_for(raw, index, self.upsample_first)
+            results.append(self._instance(raw.class_logits[index], logits, (int(size[0]), int(size[1]))))
+        return results
+
+    def _instance(self, classes: torch.Tensor, logits: torch.Tensor, size: tuple[int, int]) -> list[Segment]:
+        scores, labels, masks = topk_queries(classes, logits)
+        if self.instance_threshold is not None:
+            keep = scores > self.instance_threshold
+            scores, labels, masks = scores[keep], labels[keep], masks[keep]
+        segments = panoptic_segments(
+            masks, scores, labels, size,
+            mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
+            fuse=torch.zeros_like(self.stuff), label_ids=self.label_ids, segment_ids=False,
+        )  # fmt: skip
+        return segments
+
+
+def build_oneformer(
+    weights: str,
+    *,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    task: str = "panoptic",
+    category_file: str | None = None,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+) -> OneFormerSegmenter:
+    """OneFormerForUniversalSegmentation from an HF checkpoint directory (path or URI).
+
+    task: semantic | instance | panoptic — the network's task input and the post-processing;
+    score_threshold: panoptic class-probability cut (default 0.5), instance score cut
+    (default none, as transformers); mask_threshold, overlap_mask_area_threshold: segment
+    validity (transformers' names and defaults); category_file: COCO json or list with
+    `isthing`, overriding the checkpoint's class info.
+    """
+    from transformers import OneFormerForUniversalSegmentation, OneFormerProcessor
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if weights == RANDOM:
+        raise WeightsError("oneformer has no random weights: its task input needs a checkpoint's tokenizer")
+    base = weights.rstrip("/")
+    directory = posixpath.dirname(base) if base.endswith((".safetensors", ".bin")) else base
+    with local_directory(directory, storage_options, prefix="rayseg-oneformer-") as local:
+        config = read_config(local, directory, ("oneformer",))
+        digest = check_weights(local, directory, weights_sha256)
+        settings = processor_config(local, directory)
+        image_processor = _image_processor(local, directory, settings)
+        tokenizer = _tokenizer(local, directory)
+        network = load_network(OneFormerForUniversalSegmentation, local, directory)
+    outer = settings.get("_processor", {})
+    task_length = int(outer.get("task_seq_length", network.config.task_seq_len))
+    processor = OneFormerProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        max_seq_length=int(outer.get("max_seq_length", network.config.max_seq_len)), task_seq_length=task_length,
+    )  # fmt: skip
+    task_tokens = processor._preprocess_text([f"the task is {task}"], max_length=task_length)
+    thing_ids = config.get("thing_ids", image_processor.metadata.get("thing_ids"))
+    categories = categories_from_config(network.config.id2label, thing_ids, category_file, storage_options, weights)
+    return OneFormerSegmenter(
+        network, processor, task_tokens, categories, name="oneformer", task=task, device=device,
+        score_threshold=score_threshold, mask_threshold=mask_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold, weights=weights, weights_sha256=digest,
+    )  # fmt: skip
+
