@@ -142,7 +142,10 @@ def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray
     indices = [index for index, _, _ in rows]
     images = [image for _, image, _ in rows]
     errors = [error for _, _, error in rows]
+    # Other columns (e.g. prompts for promptable models) travel on with their rows.
+    passed_on = {key: values[indices] for key, values in batch.items() if key not in ("image_id", "uri", "error")}
     return {
+        **passed_on,
         "image_id": batch["image_id"][indices],
         "uri": batch["uri"][indices],
         "image": _object_array(images),

@@ -103,3 +103,14 @@ def test_sixteen_bit_greys_are_scaled_not_clipped():
 
 def test_a_one_pixel_image_decodes():
     assert decode_image(encoded(Image.new("RGB", (1, 1), (9, 8, 7)))).tolist() == [[[9, 8, 7]]]
+
+
+def test_other_columns_travel_on_with_their_rows(tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded(Image.new("RGB", (4, 4))))
+    batch = {
+        "image_id": np.array(["a", "b"], dtype=object),
+        "uri": np.array([str(tmp_path / "a.png"), str(tmp_path / "b.png")], dtype=object),
+        "prompt_category_ids": np.array([[1, 2], [3]], dtype=object),
+    }
+    (out,) = decode_images(batch)
+    assert list(out["prompt_category_ids"]) == [[1, 2], [3]]
