@@ -55,3 +55,39 @@ def load_category_file(uri: str, storage_options: dict | None = None) -> list[Ca
         data = json.load(f)
     entries = data["categories"] if isinstance(data, dict) else data
     return parse_categories(entries)
+
+
+# torchvision's COCO detection label space (`MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta`),
+# 91 entries where the index is the COCO category id: "__background__" at 0 and "N/A" at
+# the 11 ids COCO 2017 does not use. Spelled out here (tests check it against torchvision)
+# so that reading categories never imports torchvision.
+COCO_91_LABELS: list[str] = [
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella",
+    "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "N/A",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+]  # fmt: skip
+
+# The 80 real COCO thing categories, id = their index in COCO_91_LABELS.
+COCO: list[Category] = [
+    Category(index, name, True) for index, name in enumerate(COCO_91_LABELS) if index and name != "N/A"
+]
+
+# torchvision's semantic segmentation label space (`FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1
+# .meta`, the same for DeepLabV3): Pascal VOC's 20 classes after a background class, channel c
+# being category id c — the ids of VOC's label PNGs.
+VOC_21_LABELS: list[str] = [
+    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+]  # fmt: skip
+
+VOC: list[Category] = [Category(0, "background", False)] + [
+    Category(index, name, True) for index, name in enumerate(VOC_21_LABELS) if index
+]

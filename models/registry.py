@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .base import SegmentationModel, Task
+from .maskformer import build_mask2former, build_maskformer, hf_weights_file
+from .maskrcnn import build_maskrcnn, build_maskrcnn_v2
+from .oneformer import build_oneformer
+from .sam import build_sam, sam_weights_file
+from .torchvision_checkpoint import pth_weights_file
+from .torchvision_semantic import build_deeplabv3, build_fcn
 from .unet import build_unet, unet_weights_file
 
 
@@ -35,6 +41,62 @@ REGISTRY: dict[str, ModelEntry] = {
             "rayseg U-Net directory (config.json + model.safetensors), path or URI; random",
             build_unet,
             unet_weights_file,
+        ),
+        ModelEntry(
+            "fcn",
+            "semantic",
+            "torchvision .pth state dict (path or URI); random",
+            build_fcn,
+            pth_weights_file,
+        ),
+        ModelEntry(
+            "deeplabv3",
+            "semantic",
+            "torchvision .pth state dict (path or URI); random",
+            build_deeplabv3,
+            pth_weights_file,
+        ),
+        ModelEntry(
+            "maskrcnn",
+            "instance",
+            "torchvision .pth state dict (path or URI); random",
+            build_maskrcnn,
+            pth_weights_file,
+        ),
+        ModelEntry(
+            "maskrcnn_v2",
+            "instance",
+            "torchvision .pth state dict (path or URI); random",
+            build_maskrcnn_v2,
+            pth_weights_file,
+        ),
+        ModelEntry(
+            "sam",
+            "promptable",
+            "HF SAM directory or segment-anything .pth (path or URI); random",
+            build_sam,
+            sam_weights_file,
+        ),
+        ModelEntry(
+            "maskformer",
+            "panoptic",
+            "HF MaskFormer checkpoint directory (path or URI); random",
+            build_maskformer,
+            hf_weights_file,
+        ),
+        ModelEntry(
+            "mask2former",
+            "panoptic",
+            "HF Mask2Former checkpoint directory (path or URI); random",
+            build_mask2former,
+            hf_weights_file,
+        ),
+        ModelEntry(
+            "oneformer",
+            "panoptic",
+            "HF OneFormer checkpoint directory with tokenizer and class info (path or URI)",
+            build_oneformer,
+            hf_weights_file,
         ),
     ]
 }

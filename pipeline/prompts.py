@@ -17,8 +17,9 @@ Sources:
   optional annotation_id.
 
 Columns added (pipeline/inference.py PROMPT_COLUMNS): `prompt_boxes` (per image a list of
-[x0, y0, x1, y1]), `prompt_category_ids`, `prompt_annotation_ids`, and `prompt_error`. An
-image without prompts gets nulls: an ok row without segments. An image with a malformed
+[x0, y0, x1, y1]), `prompt_category_ids`, `prompt_annotation_ids`, and `prompt_error`
+(null, or why the image's prompts are unusable). An image without prompts gets empty lists:
+an ok row without segments. An image with a malformed
 box (not 4 numbers, not finite, w or h ≤ 0, no category_id) gets `prompt_error` — the
 reason its row is an error row — and its boxes stand as written (non-numbers as NaN), which
 SAM refuses for that image alone even where `prompt_error` is not read. Prompts for images
@@ -30,8 +31,9 @@ image ids up in it (`pyarrow.compute.index_in`; workers map the table zero-copy)
 hash join works (left outer on image_id) but on this 2-CPU machine it costs ~14 s even for
 20 rows against ~5 s for the map (BENCHMARKS.md), it is a barrier — every input row must be
 shuffled before the first image is decoded, which undoes the streaming of manifests — and it
-reorders the rows. The lookup streams and keeps order; its cost is the prompt table in
-memory: the driver builds it (a COCO json is parsed whole anyway) and each worker maps it.
+shuffles the rows across partitions. The lookup streams, block by block, with no extra
+actors; its cost is the prompt table in memory: the driver builds it (a COCO json is parsed
+whole anyway) and each worker maps it.
 """
 
 from __future__ import annotations
@@ -240,8 +242,9 @@ def group_prompts(boxes: pa.Table) -> pa.Table:
         else:
             owner = f"annotation {annotation_id}" if annotation_id >= 0 else f"box {len(group['boxes'])}"
             group["problems"].append(f"{owner} {problem}" if problem.startswith("has") else f"{owner}: {problem}")
-            finite = bbox is not None and len(bbox) == 4 and all(math.isfinite(v) for v in bbox)
-            group["boxes"].append([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]] if finite else [math.nan] * 4)
+            # As written when SAM refuses it as such (w or h ≤ 0), else NaN, which it refuses too.
+            empty = bbox is not None and len(bbox) == 4 and all(map(math.isfinite, bbox)) and category_id is not None
+            group["boxes"].append([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]] if empty else [math.nan] * 4)
         group["categories"].append(-1 if category_id is None else int(category_id))
         group["annotations"].append(annotation_id)
     errors = []
@@ -281,6 +284,17 @@ def load_prompts(source: str | pa.Table, storage_options: dict | None = None) ->
 # --- attaching -------------------------------------------------------------------------------
 
 
+def _lookup_table(table: pa.Table) -> pa.Table:
+    """The prompt table plus a last row of empty lists, which images without prompts get:
+    empty lists rather than nulls, because a batch whose list column is all null reaches
+    numpy as a float NaN column, not as lists."""
+    empty = pa.table(
+        {"image_id": [None], "prompt_boxes": [[]], "prompt_category_ids": [[]], "prompt_annotation_ids": [[]], PROMPT_ERROR: [None]},
+        schema=PROMPTS_SCHEMA,
+    )
+    return pa.concat_tables([table.cast(PROMPTS_SCHEMA), empty]).combine_chunks()
+
+
 def _attach(batch: pa.Table, prompts: list) -> pa.Table:
     """Adds the prompt columns to a block of image rows, looked up by image_id."""
     (reference,) = prompts
@@ -288,7 +302,9 @@ def _attach(batch: pa.Table, prompts: list) -> pa.Table:
     for name in (*PROMPT_COLUMNS, PROMPT_ERROR):
         if name in batch.column_names:
             batch = batch.drop_columns([name])
-    index = pc.index_in(pc.cast(batch["image_id"], pa.string()), value_set=table["image_id"].combine_chunks())
+    ids = table["image_id"].chunk(0)
+    index = pc.index_in(pc.cast(batch["image_id"], pa.string()), value_set=ids.slice(0, len(ids) - 1))
+    index = pc.fill_null(index, len(ids) - 1)
     for name in (*PROMPT_COLUMNS, PROMPT_ERROR):
         batch = batch.append_column(name, table[name].take(index))
     return batch
@@ -320,7 +336,7 @@ def attach_prompts(
     would decode twice — turn it off there).
     num_cpus: of each lookup task.
 
-    The result is lazy and keeps the order of `images`. A dataset of decoded images
+    The result is lazy, one row per row of `images`, in its blocks. A dataset of decoded images
     (`image` column) stays one: pass `decoded=True` to `segment`, which cannot see the
     column through the added map without running it.
     """
@@ -359,7 +375,7 @@ def attach_prompts(
     )  # fmt: skip
     attached = images.map_batches(
         _attach,
-        fn_kwargs={"prompts": [ray.put(table)]},
+        fn_kwargs={"prompts": [ray.put(_lookup_table(table))]},
         batch_format="pyarrow",
         num_cpus=num_cpus,
         udf_modifying_row_count=False,

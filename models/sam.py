@@ -1,0 +1,764 @@
+"""SAM (Kirillov et al., 2023) on transformers' `SamModel`: automatic masks and box prompts.
+
+Weights: a transformers SAM checkpoint directory (config.json + model.safetensors, optional
+preprocessor_config.json), local or any fsspec URI (copied to a local temp dir, then
+`from_pretrained(local_files_only=True)` — nothing is ever fetched from a hub); an official
+segment-anything `.pth` (vit_b/vit_l/vit_h, or any size: the config is read from the
+tensors' shapes, models/sam_convert.py), loaded with `torch.load(weights_only=True)` and
+converted to the transformers layout; or `random` (RANDOM_CONFIG below, seeded).
+
+Two modes, chosen per batch by whether the pipeline passes prompts:
+
+- **automatic** (no prompts column): segment-anything's SamAutomaticMaskGenerator as
+  transformers' "mask-generation" pipeline runs it — a grid of points_per_side² point
+  prompts per crop (crops_n_layers extra crop layers), decoded points_per_batch at a time
+  against one image embedding per crop, 3 masks per point; masks filtered by predicted IoU
+  (pred_iou_thresh) and stability (stability_score_thresh, stability_score_offset),
+  thresholded, masks touching a crop's inner edge dropped, then box NMS within each crop
+  (box_nms_thresh, segment-anything) and over the whole image (crops_nms_thresh, as the
+  transformers pipeline does — scored by predicted IoU), and optionally small holes and
+  islands removed (min_mask_region_area, segment-anything's postprocess_small_regions).
+  One category, `object` (id 1); a segment's score is its predicted IoU.
+- **prompted** (`preprocess(images, prompts=[Prompts | None, ...])`): one mask per box
+  (multimask_output=False), keeping the box's category_id and annotation_id; score =
+  predicted IoU. An image without prompts gets no segments; an invalid box (not finite,
+  x1 ≤ x0 or y1 ≤ y0) fails its image with a ValueError naming the annotation.
+
+Where the work happens: the image encoder runs once per image (per crop in automatic
+mode) on the model's device, in stacks of encoder_batch_size; the mask decoder in chunks
+of points_per_batch prompts; upsampling, thresholding, filtering and NMS on the device.
+Kept masks wait for the NMS bit-packed (1 bit per pixel), and only the final ones are
+unpacked to bool masks at the original image size for the host. Preprocessing (resize to
+target_size on the longest side, ImageNet normalisation, padding to the model's image
+size) is transformers' SamImageProcessor; the helpers of its mask-generation path are
+reused (generate_crop_boxes, post_process_masks and the functions filter_masks is made of)
+— except its RLE round trip, which only served to hold masks compactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from scipy import ndimage
+from torchvision.ops.boxes import batched_nms
+from transformers import SamConfig, SamImageProcessor, SamModel
+from transformers.image_utils import SizeDict
+from transformers.models.sam.image_processing_sam import (
+    _batched_mask_to_box,
+    _compute_stability_score,
+    _is_box_near_crop_edge,
+    _pad_masks,
+)
+from transformers.utils import logging as hf_logging
+
+from .base import Prompts, Segment
+from .categories import Category, load_category_file, parse_categories
+from .sam_convert import convert_state_dict, infer_config, is_segment_anything
+from .torchvision_checkpoint import load_state_dict
+from .weights import RANDOM, WeightsError, warn_random
+
+log = logging.getLogger("rayseg.models")
+
+OBJECT = Category(1, "object", True)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+# `--weights random`: a deliberately small SAM (not ViT-B, whose random init alone takes
+# seconds and whose CPU forward takes more): a 2-block ViT of width 64 on 256×256 inputs
+# (patch 16, window 8, block 1 global), 64-channel neck, prompt encoder and a 2-layer mask
+# decoder of width 64 with 8 heads. Seeded, so every actor builds the same model.
+RANDOM_CONFIG = {
+    "vision_config": {
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 256, "patch_size": 16,
+        "window_size": 8, "global_attn_indexes": [1], "output_channels": 64, "num_pos_feats": 32, "mlp_dim": 256,
+    },
+    "prompt_encoder_config": {"hidden_size": 64, "image_size": 256, "patch_size": 16, "mask_input_channels": 16},
+    "mask_decoder_config": {
+        "hidden_size": 64, "mlp_dim": 256, "num_hidden_layers": 2, "num_attention_heads": 8, "iou_head_hidden_dim": 64,
+    },
+}  # fmt: skip
+RANDOM_SEED = 0
+
+# Images (crops) per image-encoder call on CUDA; on the CPU it is 1 (see SamSegmenter).
+ENCODER_BATCH_CUDA = 4
+
+
+def sam_weights_file(weights: str) -> str:
+    """The file whose sha256 identifies a SAM checkpoint: the `.pth` itself, or an HF
+    directory's model.safetensors (a path to that file is accepted as the directory's)."""
+    base = weights.rstrip("/")
+    if base.endswith(CHECKPOINT_SUFFIXES) or base.endswith(".safetensors"):
+        return base
+    return posixpath.join(base, WEIGHTS_FILE)
+
+
+weights_file = sam_weights_file
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def _sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _local_directory(uri: str, storage_options: dict | None):
+    """A local directory holding the checkpoint directory `uri`'s files: the directory
+    itself when it is local, else a temp copy (config, weights, preprocessor config)."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix="rayseg-sam-") as local:
+        for name in (CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE):
+            remote = posixpath.join(root.rstrip("/"), name)
+            try:
+                fs.get(remote, os.path.join(local, name))
+            except FileNotFoundError:
+                if name != PREPROCESSOR_FILE:
+                    raise WeightsError(f"{uri} is not a SAM checkpoint directory: {name} not found") from None
+        yield local
+
+
+def _load_hf_directory(directory: str, uri: str, sha256: str | None) -> tuple[SamModel, SamImageProcessor | None, str]:
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise WeightsError(f"{uri} is not a SAM checkpoint directory: {os.path.basename(path)} not found")
+    digest = _sha256_of_file(weights_path)
+    if sha256 is not None and digest != sha256.strip().lower():
+        raise WeightsError(f"sha256 mismatch for {sam_weights_file(uri)}: expected {sha256}, got {digest}")
+    try:
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+    except ValueError as e:
+        raise WeightsError(f"{uri}: config.json is not valid JSON: {e}") from e
+    if model_type != "sam":
+        raise WeightsError(f"{uri} holds a {model_type!r} checkpoint, not a SAM one (config.json model_type 'sam')")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # missing keys are ours to report, below
+    try:
+        network, info = SamModel.from_pretrained(
+            directory, local_files_only=True, use_safetensors=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise WeightsError(f"{uri}: cannot load the SAM checkpoint: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # The tied positional embedding is stored once; anything else missing would be random.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("shared_embedding.positional_embedding")]
+    if missing or info.get("mismatched_keys"):
+        raise WeightsError(
+            f"{uri} does not match its config: missing {missing[:5]}, mismatched {info.get('mismatched_keys', [])[:5]}"
+        )
+    processor = None
+    if os.path.isfile(os.path.join(directory, PREPROCESSOR_FILE)):
+        try:
+            processor = SamImageProcessor.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise WeightsError(f"{uri}: cannot read {PREPROCESSOR_FILE}: {e}") from e
+    return network, processor, digest
+
+
+def _load_segment_anything(
+    weights: str, sha256: str | None, storage_options: dict | None, model_type: str | None, vit_num_heads: int | None
+) -> tuple[SamModel, str]:
+    """A segment-anything `.pth`: read safely (weights_only=True), converted, loaded strictly."""
+    state, digest = load_state_dict(weights, sha256=sha256, storage_options=storage_options)
+    if not is_segment_anything(state):
+        raise WeightsError(
+            f"{weights} is not a segment-anything checkpoint (no image_encoder.patch_embed / mask_decoder.iou_token)"
+        )
+    config = infer_config(state, weights, model_type=model_type, vit_num_heads=vit_num_heads)
+    converted = convert_state_dict(state)
+    with torch.device("meta"):
+        network = SamModel(config)
+    expected = set(network.state_dict())
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        raise WeightsError(f"{weights} does not convert to SAM's layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        network.load_state_dict(converted, strict=True, assign=True)
+    except RuntimeError as e:
+        message = str(e)
+        raise WeightsError(f"{weights} does not match the SAM config read from it: {message[:600]}") from e
+    return network.float(), digest
+
+
+def _random_network() -> SamModel:
+    warn_random("sam")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return SamModel(SamConfig(**RANDOM_CONFIG))
+
+
+def load_sam(
+    weights: str,
+    *,
+    sha256: str | None = None,
+    storage_options: dict | None = None,
+    model_type: str | None = None,
+    vit_num_heads: int | None = None,
+) -> tuple[SamModel, SamImageProcessor | None, str | None]:
+    """(network, the checkpoint's own image processor or None, weights sha256) for `weights`."""
+    if weights == RANDOM:
+        return _random_network().eval(), None, None
+    if weights.rstrip("/").endswith(CHECKPOINT_SUFFIXES):
+        network, digest = _load_segment_anything(weights, sha256, storage_options, model_type, vit_num_heads)
+        return network.eval(), None, digest
+    if model_type is not None or vit_num_heads is not None:
+        raise WeightsError("model_type and vit_num_heads apply to segment-anything .pth checkpoints, not to HF directories")
+    base = weights.rstrip("/")
+    directory = posixpath.dirname(base) if base.endswith(".safetensors") else base
+    with _local_directory(directory, storage_options) as local:
+        network, processor, digest = _load_hf_directory(local, directory, sha256)
+    return network.eval(), processor, digest
+
+
+def image_processor_for(network: SamModel, processor: SamImageProcessor | None, target_size: int | None) -> SamImageProcessor:
+    """SAM's preprocessing for `network`: the checkpoint's own processor when it has one,
+    else SamImageProcessor's defaults (resize the longest side, ImageNet mean/std, pad) —
+    with the longest side `target_size` (default: the model's image size, 1024 for the
+    published checkpoints) and padding to the model's image size, which its patch
+    embedding requires."""
+    image_size = network.config.vision_config.image_size
+    if processor is None:
+        processor = SamImageProcessor(
+            size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
+        )
+    pad = processor.pad_size
+    if (pad["height"], pad["width"]) != (image_size, image_size):
+        raise WeightsError(f"the image processor pads to {pad['height']}x{pad['width']} but the model takes {image_size}x{image_size}")
+    if target_size is not None:
+        if not 1 <= target_size <= image_size:
+            raise ValueError(f"target_size must be between 1 and the model's image size {image_size}, got {target_size}")
+        processor.size = SizeDict(longest_edge=target_size)
+    return processor
+
+
+# --- bit-packed masks, for holding many full-resolution masks until the NMS -----------------
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """bool (K, H, W) → uint8 (K, ⌈H·W/8⌉), 8 pixels per byte, on the masks' device."""
+    count, pixels = masks.shape[0], masks.shape[1] * masks.shape[2]
+    flat = masks.reshape(count, pixels).to(torch.uint8)
+    padding = (-pixels) % 8
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(count, padding)], dim=1)
+    shifts = _SHIFTS.to(flat.device)
+    return (flat.view(count, (pixels + padding) // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of pack_bits: uint8 (K, ⌈H·W/8⌉) → bool (K, H, W)."""
+    count = packed.shape[0]
+    shifts = _SHIFTS.to(packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(count, packed.shape[1] * 8)[:, : height * width].reshape(count, height, width).bool()
+
+
+# --- small regions (segment-anything's utils/amg.py remove_small_regions, on scipy) -----------
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """Fills holes ("holes") or removes islands ("islands") smaller than area_thresh pixels
+    (8-connected, as segment-anything's cv2 version). Returns the mask and whether it changed."""
+    correct_holes = mode == "holes"
+    working = correct_holes ^ mask
+    regions, count = ndimage.label(working, structure=_EIGHT_CONNECTED)
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+    small = [i + 1 for i, size in enumerate(sizes) if size < area_thresh]
+    if not small:
+        return mask, False
+    fill = [0, *small]
+    if not correct_holes:
+        fill = [i for i in range(count + 1) if i not in fill]
+        if not fill:  # every region is small: keep the largest
+            fill = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, fill), True
+
+
+# --- the model ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Crop:
+    box: list[int]  # x0, y0, x1, y1 in the image
+    points: torch.Tensor  # float (N, 2), in the resized crop's pixels
+    size: tuple[int, int]  # crop (H, W)
+    reshaped: tuple[int, int]  # crop after resizing, before padding
+
+
+@dataclass
+class _AutomaticImage:
+    first: int  # index of its first crop in the batch's pixel_values
+    crops: list[_Crop]
+    size: tuple[int, int]
+
+
+@dataclass
+class _PromptedImage:
+    index: int | None  # its row in pixel_values; None when it has no prompts
+    boxes: torch.Tensor | None  # float64 (K, 4), in resized pixels (as SamProcessor scales them)
+    category_ids: list[int]
+    annotation_ids: list[int | None]
+    size: tuple[int, int]
+    reshaped: tuple[int, int] | None
+
+
+@dataclass
+class SamBatch:
+    pixel_values: torch.Tensor | None  # float (N, 3, S, S) on the CPU
+    images: list  # _AutomaticImage or _PromptedImage, one per input image
+    prompted: bool
+
+
+@dataclass
+class _Masks:
+    masks: torch.Tensor  # bool (K, H, W)
+    scores: torch.Tensor  # float (K,)
+    category_ids: list[int] | None  # None: automatic (OBJECT)
+    annotation_ids: list[int | None] | None
+
+
+def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int | None]]:
+    """(boxes float64 (K, 4), category ids, annotation ids or None for -1) of valid prompts;
+    ValueError naming the first invalid box's annotation otherwise."""
+    boxes = np.asarray(prompts.boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"box prompts must be an array of shape (K, 4), got shape {boxes.shape}")
+    categories = np.asarray(prompts.category_ids).reshape(-1)
+    annotations = np.asarray(prompts.annotation_ids).reshape(-1)
+    if len(categories) != len(boxes) or len(annotations) != len(boxes):
+        raise ValueError(
+            f"{len(boxes)} box prompts but {len(categories)} category ids and {len(annotations)} annotation ids"
+        )
+    invalid = ~np.isfinite(boxes).all(axis=1) | ~(boxes[:, 2] > boxes[:, 0]) | ~(boxes[:, 3] > boxes[:, 1])
+    if invalid.any():
+        first = int(np.argmax(invalid))
+        owner = f"annotation {int(annotations[first])}" if annotations[first] >= 0 else f"box {first}"
+        raise ValueError(
+            f"invalid box prompt for {owner}: {boxes[first].tolist()} "
+            f"(a box is 4 finite numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1; {int(invalid.sum())} invalid)"
+        )
+    return boxes, [int(c) for c in categories], [int(a) if a >= 0 else None for a in annotations]
+
+
+class SamSegmenter:
+    """SAM behind the model protocol; see the module docstring for the two modes."""
+
+    name = "sam"
+    task = "promptable"
+
+    def __init__(
+        self,
+        network: SamModel,
+        processor: SamImageProcessor,
+        *,
+        device: torch.device | str = "cpu",
+        score_threshold: float | None = None,
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crops_n_layers: int = 0,
+        crops_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        min_mask_region_area: int = 0,
+        mask_threshold: float = 0.0,
+        encoder_batch_size: int | None = None,
+        categories: list[Category] | None = None,
+        weights: str = RANDOM,
+        weights_sha256: str | None = None,
+    ):
+        self.device = torch.device(device)
+        if encoder_batch_size is None:
+            # On the CPU one image per call: nothing to gain from stacking, and an image's
+            # masks then never depend on its batch neighbours (bit for bit).
+            encoder_batch_size = ENCODER_BATCH_CUDA if self.device.type == "cuda" else 1
+        for option, value, low in (
+            ("points_per_side", points_per_side, 1),
+            ("points_per_batch", points_per_batch, 1),
+            ("crops_n_layers", crops_n_layers, 0),
+            ("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1),
+            ("min_mask_region_area", min_mask_region_area, 0),
+            ("encoder_batch_size", encoder_batch_size, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{option} must be an integer ≥ {low}, got {value!r}")
+        for option, value in (
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+            ("box_nms_thresh", box_nms_thresh),
+            ("crops_nms_thresh", crops_nms_thresh),
+            ("crop_overlap_ratio", crop_overlap_ratio),
+        ):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{option} must be between 0 and 1, got {value!r}")
+        if crops_n_layers and points_per_side // crop_n_points_downscale_factor**crops_n_layers < 1:
+            raise ValueError("crop_n_points_downscale_factor leaves no points in the last crop layer")
+        self.network = network.to(self.device).eval()
+        self.processor = processor
+        self.target_size = int(processor.size["longest_edge"])
+        self.score_threshold = score_threshold
+        self.points_per_side = points_per_side
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crops_n_layers = crops_n_layers
+        self.crops_nms_thresh = float(crops_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.mask_threshold = float(mask_threshold)
+        self.encoder_batch_size = encoder_batch_size
+        self.prompt_categories = categories is not None
+        self.categories = list(categories) if categories is not None else [OBJECT]
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+
+    # -- preprocess (CPU) --
+
+    def preprocess(self, images: list[np.ndarray], prompts: list[Prompts | None] | None = None) -> SamBatch:
+        """uint8 (H, W, 3) images (and per image its box prompts or None) → a SamBatch."""
+        if prompts is None:
+            if self.prompt_categories:
+                raise ValueError(
+                    "this SAM model was given categories for box prompts, but the images have no prompts "
+                    "(automatic mask generation labels everything 'object', id 1)"
+                )
+            return self._preprocess_automatic(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt entries")
+        return self._preprocess_prompted(images, prompts)
+
+    def _crops(self, image: torch.Tensor) -> tuple[list[_Crop], list[torch.Tensor]]:
+        """The crops of one (3, H, W) image, their point grids and pixels, from transformers'
+        SamImageProcessor.generate_crop_boxes (segment-anything's crop and grid rules)."""
+        processor, layers = self.processor, self.crops_n_layers
+        crop_boxes, points, cropped, _ = processor.generate_crop_boxes(
+            image, self.target_size, layers, self.crop_overlap_ratio, self.points_per_side, 1
+        )
+        per_crop = [points[0, :, c] for c in range(len(crop_boxes))]
+        if layers and self.crop_n_points_downscale_factor != 1:
+            # generate_crop_boxes stacks one grid per crop, which fails when layers' grids
+            # differ: take layer l's crops from a call with that layer's points per side.
+            first = 1
+            for layer in range(1, layers + 1):
+                side = int(self.points_per_side / self.crop_n_points_downscale_factor**layer)
+                _, layer_points, _, _ = processor.generate_crop_boxes(
+                    image, self.target_size, layers, self.crop_overlap_ratio, side, 1
+                )
+                count = 4**layer
+                per_crop[first : first + count] = [layer_points[0, :, c] for c in range(first, first + count)]
+                first += count
+        crops = [
+            _Crop(
+                box=[int(v) for v in box.tolist()],
+                points=points_of_crop,
+                size=tuple(pixels.shape[-2:]),
+                reshaped=(0, 0),
+            )
+            for box, points_of_crop, pixels in zip(crop_boxes, per_crop, cropped)
+        ]
+        return crops, list(cropped)
+
+    def _preprocess_automatic(self, images: list[np.ndarray]) -> SamBatch:
+        items, pixels = [], []
+        for image in images:
+            tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            crops, cropped = self._crops(tensor)
+            items.append(_AutomaticImage(first=len(pixels), crops=crops, size=tuple(image.shape[:2])))
+            pixels.extend(cropped)
+        if not pixels:
+            return SamBatch(None, [], prompted=False)
+        inputs = self.processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
+        reshaped = inputs["reshaped_input_sizes"].tolist()
+        for item in items:
+            for offset, crop in enumerate(item.crops):
+                crop.reshaped = tuple(reshaped[item.first + offset])
+        return SamBatch(inputs["pixel_values"].float(), items, prompted=False)
+
+    def _preprocess_prompted(self, images: list[np.ndarray], prompts: list[Prompts | None]) -> SamBatch:
+        items: list[_PromptedImage] = []
+        to_encode: list[torch.Tensor] = []
+        for image, prompt in zip(images, prompts):
+            size = tuple(image.shape[:2])
+            if prompt is None or len(prompt.boxes) == 0:
+                items.append(_PromptedImage(None, None, [], [], size, None))
+                continue
+            boxes, category_ids, annotation_ids = check_prompts(prompt)
+            items.append(_PromptedImage(len(to_encode), torch.from_numpy(boxes), category_ids, annotation_ids, size, None))
+            to_encode.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        if not to_encode:
+            return SamBatch(None, items, prompted=True)
+        inputs = self.processor(images=to_encode, input_data_format="channels_first", return_tensors="pt")
+        reshaped = inputs["reshaped_input_sizes"].tolist()
+        for item in items:
+            if item.index is None:
+                continue
+            item.reshaped = (new_h, new_w) = tuple(reshaped[item.index])
+            old_h, old_w = item.size
+            # SamProcessor._normalize_coordinates: original pixels → resized pixels, in float64.
+            item.boxes = item.boxes * torch.tensor([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h], dtype=torch.float64)
+        return SamBatch(inputs["pixel_values"].float(), items, prompted=True)
+
+    # -- forward (device) --
+
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (N, C, h, w), float, on the device: the encoder once per image/crop."""
+        embeddings = []
+        for start in range(0, len(pixel_values), self.encoder_batch_size):
+            chunk = pixel_values[start : start + self.encoder_batch_size].to(self.device, non_blocking=True)
+            with self._autocast():
+                embeddings.append(self.network.get_image_embeddings(chunk).float())
+        return torch.cat(embeddings)
+
+    def _autocast(self):
+        """Half precision for the image encoder on CUDA; the decoder and thresholds stay float32."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def forward(self, batch: SamBatch) -> list[_Masks]:
+        embeddings = self._encode(batch.pixel_values) if batch.pixel_values is not None else None
+        if batch.prompted:
+            return [self._decode_boxes(embeddings, item) for item in batch.images]
+        return [
+            self._generate(embeddings[item.first : item.first + len(item.crops)], item) for item in batch.images
+        ]
+
+    def _decode_boxes(self, embeddings: torch.Tensor | None, item: _PromptedImage) -> _Masks:
+        height, width = item.size
+        if item.index is None:
+            empty = torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
+            return _Masks(empty, torch.zeros(0, device=self.device), [], [])
+        boxes = item.boxes.to(self.device)
+        masks, scores = [], []
+        for start in range(0, len(boxes), self.points_per_batch):
+            output = self.network(
+                image_embeddings=embeddings[item.index : item.index + 1],
+                input_boxes=boxes[None, start : start + self.points_per_batch],
+                multimask_output=False,
+            )
+            (upscaled,) = self.processor.post_process_masks(
+                output.pred_masks, [item.size], [item.reshaped], mask_threshold=self.mask_threshold, binarize=True
+            )
+            masks.append(upscaled[:, 0])
+            scores.append(output.iou_scores[0, :, 0])
+        return _Masks(torch.cat(masks), torch.cat(scores).float(), item.category_ids, item.annotation_ids)
+
+    def _filter(self, masks: torch.Tensor, iou_scores: torch.Tensor, size: tuple[int, int], crop_box: list[int]):
+        """SamImageProcessor.filter_masks without its RLE encoding: (bool masks at crop size,
+        scores, boxes in image pixels) of the masks that pass the filters."""
+        height, width = size
+        masks, iou_scores = masks.flatten(0, 1), iou_scores.flatten(0, 1)
+        keep = torch.ones(len(masks), dtype=torch.bool, device=masks.device)
+        if self.pred_iou_thresh > 0.0:
+            keep &= iou_scores > self.pred_iou_thresh
+        masks, iou_scores = masks[keep], iou_scores[keep]
+        if self.stability_score_thresh > 0.0:
+            stable = _compute_stability_score(masks, self.mask_threshold, self.stability_score_offset) > self.stability_score_thresh
+            masks, iou_scores = masks[stable], iou_scores[stable]
+        masks = masks > self.mask_threshold
+        boxes = _batched_mask_to_box(masks)
+        inside = ~_is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
+        masks, iou_scores, boxes = masks[inside], iou_scores[inside], boxes[inside]
+        left, top = crop_box[0], crop_box[1]
+        boxes = boxes + torch.tensor([left, top, left, top], device=boxes.device)
+        return masks, iou_scores, boxes
+
+    def _generate(self, embeddings: torch.Tensor, item: _AutomaticImage) -> _Masks:
+        height, width = item.size
+        packed, boxes, scores, crop_of = [], [], [], []
+        for c, crop in enumerate(item.crops):
+            crop_masks, crop_scores, crop_boxes = [], [], []
+            points = crop.points.to(self.device)
+            for start in range(0, len(points), self.points_per_batch):
+                chunk = points[start : start + self.points_per_batch]
+                output = self.network(
+                    image_embeddings=embeddings[c : c + 1],
+                    input_points=chunk[None, :, None, :],
+                    input_labels=torch.ones((1, len(chunk), 1), dtype=torch.int64, device=self.device),
+                    multimask_output=True,
+                )
+                (upscaled,) = self.processor.post_process_masks(
+                    output.pred_masks, [crop.size], [crop.reshaped], mask_threshold=self.mask_threshold, binarize=False
+                )
+                kept_masks, kept_scores, kept_boxes = self._filter(upscaled, output.iou_scores[0], item.size, crop.box)
+                crop_masks.append(pack_bits(kept_masks))
+                crop_scores.append(kept_scores)
+                crop_boxes.append(kept_boxes)
+            crop_scores, crop_boxes = torch.cat(crop_scores), torch.cat(crop_boxes)
+            # Duplicates within the crop (segment-anything's box_nms_thresh); indices kept in
+            # their original order, so the image-wide NMS sees them as transformers does.
+            keep = batched_nms(crop_boxes.float(), crop_scores, torch.zeros_like(crop_scores), self.box_nms_thresh)
+            keep = keep.sort().values
+            packed.append(torch.cat(crop_masks)[keep])
+            scores.append(crop_scores[keep])
+            boxes.append(crop_boxes[keep])
+            crop_of.append(torch.full((len(keep),), c, dtype=torch.int64, device=self.device))
+        scores, boxes, crop_of = torch.cat(scores), torch.cat(boxes), torch.cat(crop_of)
+        local = torch.cat([torch.arange(len(p), device=self.device) for p in packed])
+        # Duplicates over the whole image (transformers' post_process_for_mask_generation).
+        keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), self.crops_nms_thresh)
+        masks = torch.zeros((len(keep), height, width), dtype=torch.bool, device=self.device)
+        kept_crops = crop_of[keep]
+        for c, crop in enumerate(item.crops):
+            positions = torch.nonzero(kept_crops == c).flatten()
+            if len(positions):
+                crop_masks = unpack_bits(packed[c][local[keep[positions]]], *crop.size)
+                masks[positions] = _pad_masks(crop_masks, crop.box, height, width)
+        return _Masks(masks, scores[keep].float(), None, None)
+
+    # -- postprocess (device → host) --
+
+    def postprocess(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        results = []
+        for output, size in zip(raw, sizes):
+            masks = output.masks.cpu().numpy()
+            scores = output.scores.cpu().numpy()
+            if masks.shape[1:] != tuple(size):
+                raise RuntimeError(f"masks of shape {masks.shape[1:]} for an image of size {tuple(size)}")
+            if output.category_ids is None:
+                if self.min_mask_region_area > 0 and len(masks):
+                    masks, scores = self._remove_small_regions(masks, scores)
+                segments = [Segment(OBJECT.id, float(s), m) for m, s in zip(masks, scores)]
+            else:
+                segments = [
+                    Segment(category_id, float(s), m, annotation_id=annotation_id)
+                    for m, s, category_id, annotation_id in zip(masks, scores, output.category_ids, output.annotation_ids)
+                ]
+            if self.score_threshold is not None:
+                segments = [s for s in segments if s.score >= self.score_threshold]
+            results.append(segments)
+        return results
+
+    def _remove_small_regions(self, masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """segment-anything's postprocess_small_regions: holes and islands below
+        min_mask_region_area removed, then NMS again preferring masks that did not change."""
+        cleaned, unchanged = [], []
+        for mask in masks:
+            mask, holes = remove_small_regions(mask, self.min_mask_region_area, "holes")
+            mask, islands = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            cleaned.append(mask)
+            unchanged.append(float(not (holes or islands)))
+        cleaned = np.stack(cleaned)
+        boxes = _batched_mask_to_box(torch.from_numpy(cleaned))
+        keep = batched_nms(
+            boxes.float(), torch.tensor(unchanged), torch.zeros(len(boxes)), max(self.box_nms_thresh, self.crops_nms_thresh)
+        )
+        keep = keep.sort().values.numpy()  # keep the predicted-IoU order
+        return cleaned[keep], scores[keep]
+
+
+def _categories(categories: list | None, category_file: str | None, storage_options: dict | None) -> list[Category] | None:
+    if categories is not None and category_file is not None:
+        raise ValueError("give categories or category_file, not both")
+    if category_file is not None:
+        return load_category_file(category_file, storage_options)
+    if categories is not None:
+        return parse_categories(list(categories))
+    return None
+
+
+def build_sam(
+    weights: str = RANDOM,
+    *,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    points_per_side: int = 32,
+    points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    stability_score_offset: float = 1.0,
+    box_nms_thresh: float = 0.7,
+    crops_n_layers: int = 0,
+    crops_nms_thresh: float = 0.7,
+    crop_overlap_ratio: float = 512 / 1500,
+    crop_n_points_downscale_factor: int = 1,
+    min_mask_region_area: int = 0,
+    mask_threshold: float = 0.0,
+    model_type: str | None = None,
+    vit_num_heads: int | None = None,
+    target_size: int | None = None,
+    encoder_batch_size: int | None = None,
+    categories: list | None = None,
+    category_file: str | None = None,
+) -> SamSegmenter:
+    """SAM from an HF directory, a segment-anything `.pth` (path or URI) or `random`.
+
+    Automatic mode (segment-anything's / transformers' names and defaults): points_per_side
+    (grid side per crop), points_per_batch (prompts per decoder call; also boxes per call in
+    prompted mode), pred_iou_thresh, stability_score_thresh, stability_score_offset,
+    box_nms_thresh (within a crop), crops_n_layers, crops_nms_thresh (over the image),
+    crop_overlap_ratio, crop_n_points_downscale_factor, min_mask_region_area (0: off).
+    Both modes: mask_threshold (mask logit cut), score_threshold (drop segments whose
+    predicted IoU is below it; default keep all), target_size (longest side images are
+    resized to; default the model's image size), encoder_batch_size (images/crops per
+    image-encoder call; default 4 on CUDA, 1 on the CPU).
+    `.pth` only: model_type (vit_b, vit_l, vit_h; default: read from the shapes),
+    vit_num_heads (only for a checkpoint without relative positions).
+    Prompted mode: categories (list of {"id", "name"} or names) or category_file (COCO json
+    or list) name the prompts' category ids; automatic mode emits `object` (id 1) and
+    refuses a model given categories.
+    """
+    network, processor, digest = load_sam(
+        weights, sha256=weights_sha256, storage_options=storage_options, model_type=model_type, vit_num_heads=vit_num_heads
+    )
+    return SamSegmenter(
+        network,
+        image_processor_for(network, processor, target_size),
+        device=device,
+        score_threshold=score_threshold,
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh,
+        stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset,
+        box_nms_thresh=box_nms_thresh,
+        crops_n_layers=crops_n_layers,
+        crops_nms_thresh=crops_nms_thresh,
+        crop_overlap_ratio=crop_overlap_ratio,
+        crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+        min_mask_region_area=min_mask_region_area,
+        mask_threshold=mask_threshold,
+        encoder_batch_size=encoder_batch_size,
+        categories=_categories(categories, category_file, storage_options),
+        weights=weights,
+        weights_sha256=digest,
+    )
