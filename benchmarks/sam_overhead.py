@@ -1,7 +1,8 @@
 """Does rayseg's SAM add time around the model? Automatic mask generation per image: our model
 object vs transformers' "mask-generation" pipeline, same model, same images, same parameters.
 
-    .venv/bin/python -m benchmarks.sam_overhead [--images 8] [--size 256] [--rounds 2] [--ray-images 32]
+    .venv/bin/python -m benchmarks.sam_overhead [--images 8] [--size 256] [--points 32] [--rounds 2]
+        [--ray-images 32] [--attach-rows 20 10000] [--parts model ray attach]
 
 (a) model level: for each image, `model.postprocess(model.forward(model.preprocess([image])))`
     (rayseg.models.sam) vs `pipeline("mask-generation", model=..., image_processor=...)(image)`,
@@ -13,7 +14,7 @@ object vs transformers' "mask-generation" pipeline, same model, same images, sam
 (c) attaching prompts: Ray Data `Dataset.join` (left outer on image_id) vs rayseg's broadcast
     lookup (`attach_prompts`, with and without its unmatched-prompts count), `--attach-rows`
     image rows, prompts for half of them; wall seconds to materialise, after one warm-up map
-    (worker start-up), alternating, twice.
+    (worker start-up): each lookup twice, then the join twice.
 
 The model: `--weights random`'s config (rayseg.models.sam.RANDOM_CONFIG: a 2-block ViT of
 width 64 on 256×256 inputs), seeded, with transformers' near-zero init widened to N(0, 0.3)
@@ -44,9 +45,8 @@ DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "stability_
 
 
 def checkpoint(workdir: Path) -> Path:
-    from transformers import SamConfig, SamImageProcessor, SamModel
-
     from rayseg.models.sam import RANDOM_CONFIG
+    from transformers import SamConfig, SamImageProcessor, SamModel
 
     directory = workdir / "sam-random-widened"
     if (directory / "model.safetensors").exists():
@@ -79,9 +79,8 @@ def timed(function) -> tuple[float, float, object]:
 
 
 def model_level(directory: Path, images: list[np.ndarray], parameters: dict, points: int, rounds: int) -> dict:
-    from transformers import SamImageProcessor, SamModel, pipeline
-
     from rayseg.models.sam import build_sam
+    from transformers import SamImageProcessor, SamModel, pipeline
 
     ours = build_sam(str(directory), points_per_side=points, points_per_batch=64, **parameters)
     network = SamModel.from_pretrained(directory, local_files_only=True).eval()
@@ -126,7 +125,6 @@ def model_level(directory: Path, images: list[np.ndarray], parameters: dict, poi
 
 def ray_pipeline(directory: Path, images_dir: Path, output: Path, parameters: dict, points: int) -> dict:
     import ray
-
     from rayseg.pipeline.resources import plan_resources
     from rayseg.pipeline.segment import ModelSpec, segment
     from rayseg.pipeline.sink import write_run
@@ -154,7 +152,6 @@ def ray_pipeline(directory: Path, images_dir: Path, output: Path, parameters: di
 def attach(rows: int) -> dict:
     import pyarrow as pa
     import ray
-
     from rayseg.pipeline.prompts import attach_prompts
 
     ids = [f"{i:07d}.png" for i in range(rows)]
@@ -179,14 +176,18 @@ def attach(rows: int) -> dict:
         attached, _ = attach_prompts(images, boxes, check_unmatched=check)
         assert attached.materialize().count() == rows
 
-    results: dict[str, list[float]] = {"join_s": [], "broadcast_s": [], "broadcast_with_unmatched_check_s": []}
-    for _ in range(2):  # alternating, twice
-        for name, function in (
-            ("join_s", join), ("broadcast_s", lambda: broadcast(False)), ("broadcast_with_unmatched_check_s", lambda: broadcast(True))
-        ):  # fmt: skip
-            wall = time.perf_counter()
-            function()
-            results[name].append(time.perf_counter() - wall)
+    # The joins last: for a while after a join (its aggregator actors going away) the next
+    # Ray Data execution on this small machine waits too, which would be billed to whatever
+    # ran after it.
+    results: dict[str, list[float]] = {"broadcast_s": [], "broadcast_with_unmatched_check_s": [], "join_s": []}
+    for name, function in (
+        ("broadcast_s", lambda: broadcast(False)), ("broadcast_with_unmatched_check_s", lambda: broadcast(True)),
+        ("broadcast_s", lambda: broadcast(False)), ("broadcast_with_unmatched_check_s", lambda: broadcast(True)),
+        ("join_s", join), ("join_s", join),
+    ):  # fmt: skip
+        wall = time.perf_counter()
+        function()
+        results[name].append(time.perf_counter() - wall)
     return {"rows": rows, **results}
 
 
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("--ray-images", type=int, default=32)
     parser.add_argument("--attach-rows", type=int, nargs="*", default=[20, 10000])
     parser.add_argument("--workdir", type=Path, default=Path("build/bench-sam"))
+    parser.add_argument("--parts", nargs="*", default=["model", "ray", "attach"], choices=["model", "ray", "attach"])
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     directory = checkpoint(args.workdir)
@@ -212,20 +214,26 @@ def main() -> None:
         "size": f"{args.size}x{args.size}",
         "points_per_side": args.points,
         "torch_threads": threads,
-        "model_level": {
+        "model_level": {},
+    }
+    if "model" in args.parts:
+        result["model_level"] = {
             "defaults": model_level(directory, images, DEFAULTS, args.points, args.rounds),
             "permissive": model_level(directory, images, PERMISSIVE, args.points, args.rounds),
-        },
-    }
-    import ray
+        }
+    if {"ray", "attach"} & set(args.parts):
+        import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_images = fixtures(args.workdir, args.ray_images, args.size)
-    output = args.workdir / f"out-{time.strftime('%Y%m%dT%H%M%S')}"
-    result["ray_pipeline"] = ray_pipeline(directory, ray_images, output, PERMISSIVE, args.points)
-    result["attach"] = [attach(rows) for rows in args.attach_rows]
-    ray.shutdown()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        if "ray" in args.parts:
+            ray_images = fixtures(args.workdir, args.ray_images, args.size)
+            output = args.workdir / f"out-{time.strftime('%Y%m%dT%H%M%S')}"
+            result["ray_pipeline"] = ray_pipeline(directory, ray_images, output, PERMISSIVE, args.points)
+            print(f"ray pipeline: {result['ray_pipeline']['wall_s_per_image']:.3f} s/image", file=sys.stderr)
+        if "attach" in args.parts:
+            result["attach"] = [attach(rows) for rows in args.attach_rows]
+        ray.shutdown()
     result["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=2, default=float))
     for name, level in result["model_level"].items():
@@ -236,7 +244,6 @@ def main() -> None:
             + ", ".join(f"×{r:.3f}" for r in level["ratio_cpu_per_round"]),
             file=sys.stderr,
         )
-    print(f"ray pipeline: {result['ray_pipeline']['wall_s_per_image']:.3f} s/image", file=sys.stderr)
     with open(args.workdir / "results.jsonl", "a") as f:
         f.write(json.dumps(result, default=float) + "\n")
 

@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import tempfile
 from dataclasses import dataclass
 

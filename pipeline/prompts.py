@@ -17,23 +17,24 @@ Sources:
   optional annotation_id.
 
 Columns added (pipeline/inference.py PROMPT_COLUMNS): `prompt_boxes` (per image a list of
-[x0, y0, x1, y1]), `prompt_category_ids`, `prompt_annotation_ids`, and `prompt_error`
-(null, or why the image's prompts are unusable). An image without prompts gets empty lists:
-an ok row without segments. An image with a malformed
-box (not 4 numbers, not finite, w or h ≤ 0, no category_id) gets `prompt_error` — the
-reason its row is an error row — and its boxes stand as written (non-numbers as NaN), which
-SAM refuses for that image alone even where `prompt_error` is not read. Prompts for images
-that are not in the input are counted, logged and returned in the PromptReport.
+[x0, y0, x1, y1]), `prompt_category_ids`, `prompt_annotation_ids`, and `prompt_error` (null,
+or why the image's prompts are unusable). An image without prompts gets empty lists: an ok
+row without segments. An image with a malformed box (not 4 numbers, not finite, w or h ≤ 0,
+no category_id) gets `prompt_error` — the reason its row is an error row — and its boxes
+stand as written (unusable ones as NaN), which SAM refuses for that image alone even where
+`prompt_error` is not read. Prompts for images that are not in the input are counted,
+logged and returned in the PromptReport.
 
 How they attach — a broadcast lookup, not `Dataset.join`: the grouped prompt table (one row
 per image) is put in the object store once, and a map over the image rows looks each block's
 image ids up in it (`pyarrow.compute.index_in`; workers map the table zero-copy). Ray Data's
-hash join works (left outer on image_id) but on this 2-CPU machine it costs ~14 s even for
-20 rows against ~5 s for the map (BENCHMARKS.md), it is a barrier — every input row must be
-shuffled before the first image is decoded, which undoes the streaming of manifests — and it
-shuffles the rows across partitions. The lookup streams, block by block, with no extra
-actors; its cost is the prompt table in memory: the driver builds it (a COCO json is parsed
-whole anyway) and each worker maps it.
+hash join works (left outer on image_id), but on the project's 2-CPU machine it took 8–13 s
+for 20 or 10,000 rows against 0.1–0.6 s for the lookup (BENCHMARKS.md); it is a barrier —
+every input row is shuffled before the first image is decoded, which undoes the streaming of
+manifests — and it needs aggregator actors beside the inference pool. The lookup streams,
+block by block, as a light task (this module does not import torch); its cost is the prompt
+table in memory: the driver builds it (a COCO json is parsed whole anyway) and each worker
+maps it.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ import pyarrow.parquet as pq
 import ray
 
 from ..models.categories import Category, parse_categories
-from .inference import PROMPT_COLUMNS
 from .schema import STATUS_OK
 from .sink import committed_files
 from .storage import filesystem
 
 log = logging.getLogger("rayseg.pipeline")
 
+# The columns the inference actor reads (pipeline/inference.py PROMPT_COLUMNS, which imports
+# torch and every model: not imported here, so the lookup tasks start light).
+PROMPT_COLUMNS = ("prompt_boxes", "prompt_category_ids", "prompt_annotation_ids")
 PROMPT_ERROR = "prompt_error"
 
 # One row per box, what every source is first read into.
@@ -346,6 +349,8 @@ def attach_prompts(
     boxes = pc.list_value_length(table["prompt_boxes"]).to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0, int)
     invalid = int(pc.sum(pc.is_valid(table[PROMPT_ERROR])).as_py() or 0)
     report = PromptReport(name, table.num_rows, int(boxes.sum()), invalid, categories=tuple(categories))
+    if not report.boxes:
+        log.warning("%s holds no box prompts: every image will be an ok row without segments", name)
     if invalid:
         first = table[PROMPT_ERROR].drop_null()[0].as_py()
         log.warning("%d image(s) have malformed prompts and will be error rows, e.g. %s", invalid, first)

@@ -13,20 +13,23 @@ import pytest
 import ray
 from PIL import Image
 from pycocotools import mask as mask_utils
-
 from rayseg.models.base import Prompts
 from rayseg.models.sam import build_sam
-from rayseg.pipeline.decode import decode_images
-from rayseg.pipeline.prompts import PROMPT_ERROR, PromptError, attach_prompts, group_prompts, load_prompts
+from rayseg.pipeline.prompts import (
+    PROMPT_ERROR,
+    PromptError,
+    attach_prompts,
+    group_prompts,
+    load_prompts,
+)
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
 from rayseg.pipeline.sources import read_source
+from transformers import SamImageProcessor
 
 from .test_sam import tiny_network  # the same tiny SAM
-
-from transformers import SamImageProcessor
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,18 @@ def test_malformed_boxes_are_reported_per_image():
             model.preprocess([np.zeros((8, 8, 3), np.uint8)], prompts=[prompt])
 
 
+def test_prompt_columns_are_the_ones_the_inference_actor_reads():
+    import subprocess
+    import sys
+
+    from rayseg.pipeline import inference, prompts
+
+    assert prompts.PROMPT_COLUMNS == inference.PROMPT_COLUMNS
+    # The lookup tasks import this module: it must not pull in torch and every model.
+    code = "import sys, rayseg.pipeline.prompts; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_sources_that_are_not_prompts_are_clear_errors(tmp_path):
     with pytest.raises(PromptError, match="not found"):
         load_prompts(str(tmp_path / "missing.json"))
@@ -125,13 +140,6 @@ def test_prompts_from_a_committed_run(tmp_path):
          "prompt_annotation_ids": [7, -1], PROMPT_ERROR: None}
     ]  # fmt: skip
     assert [(c.id, c.name) for c in categories] == [(1, "cat"), (2, "dog")]
-
-
-def decode_keeps_extra_columns() -> bool:
-    """Whether pipeline/decode.py hands columns it does not know (the prompts) on."""
-    batch = {"image_id": np.array(["x"], dtype=object), "uri": np.array(["/nonexistent.png"], dtype=object),
-             "extra": np.array([1])}  # fmt: skip
-    return all("extra" in out for out in decode_images(batch))
 
 
 def test_attach_prompts_keeps_every_image_and_counts_strays(ray_cluster, shapes, prompts_json):
@@ -199,11 +207,6 @@ def test_prompted_sam_through_the_ray_pipeline_on_decoded_images(ray_cluster, sh
                 assert box == pytest.approx([x, y, x + w, y + h])
 
 
-@pytest.mark.xfail(
-    not decode_keeps_extra_columns(),
-    reason="pipeline/decode.py drops the prompt columns (needs to hand unknown columns on)",
-    strict=True,
-)
 def test_prompted_sam_through_the_ray_pipeline_from_a_coco_input(ray_cluster, shapes, prompts_json, sam_directory, tmp_path):
     data = json.loads(prompts_json.read_text())
     images_by_id = {str(i["id"]): np.array(Image.open(shapes.images_dir / i["file_name"]).convert("RGB")) for i in data["images"]}
