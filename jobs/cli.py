@@ -112,6 +112,7 @@ def segment(
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
     task: Annotated[Optional[str], typer.Option(help="semantic | instance | panoptic, for models that do several.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Box prompts for SAM: a COCO json (keyed like --image-root's images) or a committed run's OUTPUT.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
     resume: Annotated[bool, typer.Option(help="Finish the interrupted run --run-id: only images without a staged row.")] = False,
@@ -139,6 +140,7 @@ def segment(
                 "input": input,
                 "output": output,
                 "image_root": image_root,
+                "prompts": prompts,
                 "model": {
                     "name": model,
                     "weights": weights,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -10,6 +11,7 @@ import ray
 
 from .. import __version__
 from ..models.weights import RANDOM
+from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
 from ..pipeline.sink import OutputError, RunSummary, check_output, read_run, staged_image_ids, write_run
@@ -112,6 +114,11 @@ def run_segment_spec(
         log.info("run %s is already committed in %s", spec.run_id, spec.output)
         return done
     model = pin_weights(model_spec(spec), storage_options)
+    # Read and checked before any cluster work: a malformed source is a PromptError (exit 2).
+    prompts, prompt_categories = load_prompts(spec.prompts, storage_options) if spec.prompts else (None, [])
+    if prompt_categories and not {"categories", "category_file"} & set(model.options):
+        # Re-labelled masks keep their box's category: name them as the prompt source does.
+        model = dataclasses.replace(model, options={**model.options, "categories": [c.to_dict() for c in prompt_categories]})
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
@@ -119,8 +126,14 @@ def run_segment_spec(
         spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit, parallelism=parallelism
     )
     run_id = spec.run_id or new_run_id()
+    prompt_report = None
+    if prompts is not None and not spec.resume:
+        dataset, prompt_report = attach_prompts(dataset, prompts, storage_options=storage_options)
     if spec.resume:
         dataset = without_done(dataset, staged_image_ids(spec.output, run_id, storage_options), parallelism)
+        if prompts is not None:
+            # Unmatched prompts were counted by the first attempt; done images would count here.
+            dataset, _ = attach_prompts(dataset, prompts, storage_options=storage_options, check_unmatched=False)
     rows = segment(dataset, model, resources, storage_options=storage_options)
     if model.weights == RANDOM:
         log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", model.name)
@@ -143,6 +156,17 @@ def run_segment_spec(
         },
         "ray_init_seconds": round(ray_seconds, 3),
     }
+    if prompt_report is not None:
+        run_info["prompts"] = {
+            "source": spec.prompts,
+            "images": prompt_report.images,
+            "boxes": prompt_report.boxes,
+            "invalid_images": prompt_report.invalid_images,
+            "matched_images": prompt_report.matched_images,
+            "unmatched_images": prompt_report.unmatched_images,
+            "unmatched_boxes": prompt_report.unmatched_boxes,
+            "unmatched_examples": list(prompt_report.unmatched_examples),
+        }
     return write_run(
         rows,
         spec.output,

@@ -4,6 +4,7 @@
     input: s3://bucket/manifests/images.parquet
     output: s3://bucket/masks/2026-11
     image_root: s3://bucket/images      # for manifests / COCO json with relative names
+    prompts: s3://bucket/labels/instances.json   # SAM box prompts (COCO json or a run's OUTPUT)
     model:
       name: unet
       weights: s3://bucket/models/unet/
@@ -28,7 +29,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..models.registry import REGISTRY, model_options
+from ..models.registry import REGISTRY, get_entry, model_options
 from ..pipeline.resources import parse_actors
 
 # Storage option names whose values are credentials: allowed only by env reference.
@@ -125,11 +126,21 @@ class SegmentSpec(Strict):
     output: str
     image_root: Optional[str] = None
     model: ModelSection
+    prompts: Optional[str] = Field(
+        None, description="box prompts for a promptable model: a COCO json or a committed rayseg run's OUTPUT"
+    )
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     limit: Optional[int] = Field(None, ge=1)
     run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     resume: bool = False
+
+    @model_validator(mode="after")
+    def prompts_need_a_promptable_model(self) -> SegmentSpec:
+        if self.prompts is not None and get_entry(self.model.name).task != "promptable":
+            promptable = ", ".join(sorted(n for n, e in REGISTRY.items() if e.task == "promptable"))
+            raise ValueError(f"prompts: model {self.model.name!r} takes no prompts; promptable models: {promptable}")
+        return self
 
 
 class RelabelSpec(Strict):

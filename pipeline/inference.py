@@ -19,6 +19,7 @@ from PIL import Image
 from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.registry import build_model
 from .masks import pack_masks
+from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger("rayseg.pipeline")
@@ -44,8 +45,6 @@ INFERENCE_SCHEMA = pa.schema(
     ]
 )
 
-
-PROMPT_COLUMNS = ("prompt_boxes", "prompt_category_ids", "prompt_annotation_ids")
 
 
 def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | None] | None:
@@ -160,6 +159,10 @@ class SegmentImages:
         statuses = list(batch["status"])
         # An all-null string column reaches numpy as floats (NaN): keep only real reasons.
         errors = [error if isinstance(error, str) else None for error in batch["error"]]
+        # Malformed prompts (pipeline/prompts.py) make their image an error row, not a crash.
+        for index, reason in enumerate(batch.get(PROMPT_ERROR, ())):
+            if isinstance(reason, str) and statuses[index] == STATUS_OK:
+                statuses[index], errors[index] = STATUS_ERROR, f"bad prompts: {reason}"
         results: list[list[Segment]] = [[] for _ in range(count)]
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]

@@ -16,7 +16,7 @@ Sources:
 - a **pyarrow table** of one row per box: image_id, bbox (COCO [x, y, w, h]), category_id,
   optional annotation_id.
 
-Columns added (pipeline/inference.py PROMPT_COLUMNS): `prompt_boxes` (per image a list of
+Columns added (PROMPT_COLUMNS, read by pipeline/inference.py): `prompt_boxes` (per image a list of
 [x0, y0, x1, y1]), `prompt_category_ids`, `prompt_annotation_ids`, and `prompt_error` (null,
 or why the image's prompts are unusable). An image without prompts gets empty lists: an ok
 row without segments. An image with a malformed box (not 4 numbers, not finite, w or h ≤ 0,
@@ -58,8 +58,8 @@ from .storage import filesystem
 
 log = logging.getLogger("rayseg.pipeline")
 
-# The columns the inference actor reads (pipeline/inference.py PROMPT_COLUMNS, which imports
-# torch and every model: not imported here, so the lookup tasks start light).
+# The columns the inference actor reads (pipeline/inference.py); defined here, where no
+# torch is imported, so the lookup tasks start light.
 PROMPT_COLUMNS = ("prompt_boxes", "prompt_category_ids", "prompt_annotation_ids")
 PROMPT_ERROR = "prompt_error"
 

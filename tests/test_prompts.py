@@ -27,7 +27,9 @@ from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
 from rayseg.pipeline.sources import read_source
+from rayseg.jobs.cli import app
 from transformers import SamImageProcessor
+from typer.testing import CliRunner
 
 from .test_sam import tiny_network  # the same tiny SAM
 
@@ -104,7 +106,7 @@ def test_prompt_columns_are_the_ones_the_inference_actor_reads():
 
     from rayseg.pipeline import inference, prompts
 
-    assert prompts.PROMPT_COLUMNS == inference.PROMPT_COLUMNS
+    assert inference.PROMPT_COLUMNS is prompts.PROMPT_COLUMNS
     # The lookup tasks import this module: it must not pull in torch and every model.
     code = "import sys, rayseg.pipeline.prompts; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
@@ -207,15 +209,31 @@ def test_prompted_sam_through_the_ray_pipeline_on_decoded_images(ray_cluster, sh
                 assert box == pytest.approx([x, y, x + w, y + h])
 
 
-def test_prompted_sam_through_the_ray_pipeline_from_a_coco_input(ray_cluster, shapes, prompts_json, sam_directory, tmp_path):
+def test_segment_command_with_prompts_relabels_a_coco_json(ray_cluster, shapes, prompts_json, sam_directory, tmp_path):
     data = json.loads(prompts_json.read_text())
     images_by_id = {str(i["id"]): np.array(Image.open(shapes.images_dir / i["file_name"]).convert("RGB")) for i in data["images"]}
-    images = read_source(str(prompts_json), image_root=str(shapes.images_dir))
-    attached, report = attach_prompts(images, str(prompts_json))
-    spec = ModelSpec("sam", str(sam_directory), options={"categories": report.category_dicts()})
-    rows = segment(attached, spec, plan_resources(ray.cluster_resources(), batch_size=4))
-    summary = write_run(rows, str(tmp_path / "out"), run_id="prompted-uri", run_info={"model": "sam"})
-    assert (summary.images, summary.ok, summary.error) == (6, 5, 1)
-    model = build_sam(str(sam_directory), categories=report.category_dicts())
-    table = pq.read_table(tmp_path / "out")
-    _check_prompted_output({row["image_id"]: row for row in table.to_pylist()}, prompts_json, images_by_id, model)
+    output = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "segment", str(prompts_json), str(output), "--model", "sam", "--weights", str(sam_directory),
+        "--image-root", str(shapes.images_dir), "--prompts", str(prompts_json), "--batch-size", "4",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = json.loads((output / RUN_FILE).read_text())
+    assert (run["counts"]["images"], run["counts"]["ok"], run["counts"]["error"]) == (6, 5, 1)
+    assert run["prompts"]["source"] == str(prompts_json)
+    assert (run["prompts"]["matched_images"], run["prompts"]["unmatched_images"], run["prompts"]["invalid_images"]) == (4, 1, 1)
+    rows = {row["image_id"]: row for row in pq.read_table(output).to_pylist()}
+    assert rows["3"]["error"].startswith("bad prompts:")
+    # The prompt source's categories name the masks, as the command passes them to the model.
+    categories = [{"id": c["id"], "name": c["name"], "isthing": bool(c.get("isthing", 1))} for c in data["categories"]]
+    model = build_sam(str(sam_directory), categories=categories)
+    _check_prompted_output(rows, prompts_json, images_by_id, model)
+
+
+def test_prompts_are_refused_before_any_work_when_unusable(shapes, prompts_json, tmp_path):
+    arguments = ["segment", str(shapes.images_dir), str(tmp_path / "out"), "--weights", "random"]
+    result = CliRunner().invoke(app, [*arguments, "--model", "unet", "--prompts", str(prompts_json)])
+    assert result.exit_code == 2 and "takes no prompts" in result.output and "sam" in result.output
+    result = CliRunner().invoke(app, [*arguments, "--model", "sam", "--prompts", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "out").exists()
