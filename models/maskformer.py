@@ -17,8 +17,9 @@ re-implements the image processors' post_process_{semantic,instance,panoptic}_se
 with torch ops on the model's device, without their Python loop over queries (and its
 device syncs), and moves only the final bool masks to the host. Semantic and instance
 output run batched over the images of a batch that share a size; panoptic runs per image
-(each keeps its own queries), its per-query work batched. Argmaxes at the image size are
-taken CHUNK channels at a time, never holding a float (C, H, W) tensor.
+(each keeps its own queries), its per-query work batched. Argmaxes and threshold counts at
+the image size are exact but interpolate only along low-resolution boundaries
+(models/upsampling.py), never a float (C, H, W) tensor.
 
 - semantic: softmax(class)[..., :-1] · sigmoid(mask) summed over queries, resized to the
   image, argmax; one segment per class present, scored by the mean normalised class
@@ -48,6 +49,8 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -56,6 +59,7 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from transformers.utils import logging as hf_logging
 
+from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
 from .base import Segment
 from .categories import Category, load_category_file
 from .weights import RANDOM, WeightsError, warn_random
@@ -239,11 +243,12 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> t
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def mask_logits_for(raw: Raw, index: int, upsample_first: bool) -> torch.Tensor:
+def mask_logits_for(raw: Raw, index: int, upsample_first: bool, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Image `index`'s mask logits (Q, h', w') with the padding cut off: at the network's
     resolution when there is no padding (and not upsample_first), else resized to the
-    padded input and cropped to the image's extent."""
-    logits = raw.mask_logits[index]
+    padded input and cropped to the image's extent. `queries` (indices or a bool mask)
+    selects queries before any resizing."""
+    logits = raw.mask_logits[index] if queries is None else raw.mask_logits[index][queries]
     valid = tuple(raw.valid[index])
     if not upsample_first and valid == tuple(raw.input_size):
         return logits
@@ -251,53 +256,46 @@ def mask_logits_for(raw: Raw, index: int, upsample_first: bool) -> torch.Tensor:
     return logits[:, : valid[0], : valid[1]]
 
 
-# Channels resized to the image at a time: argmax over C classes (or K queries) at the image
-# size needs only running maxima, not a float (C, H, W) tensor (2.4 GB for ADE20K's 150
-# classes at 4 megapixels).
-CHUNK = 16
+# Classes scored first in semantic post-processing; more only when the bound says they may win.
+SEMANTIC_CANDIDATES = 16
 
 
-def resized_argmax(
-    x: torch.Tensor, size: tuple[int, int], scale: torch.Tensor | None = None, threshold: float | None = None
-):
-    """argmax over the channels of `x` ([B,] N, h, w) resized (bilinear) to `size`, `CHUNK`
-    channels at a time: (max, argmax (first maximum, as torch.argmax), sum over channels,
-    and, with `threshold`, per channel the count of resized·scale ≥ threshold).
-    `scale` ([B,] N) multiplies each resized channel (as transformers weighs mask probabilities)."""
-    single = x.dim() == 3
-    if single:
-        x = x[None]
-        scale = None if scale is None else scale[None]
-    best = labels = total = None
-    counts = []
-    for start in range(0, x.shape[1], CHUNK):
-        chunk = _resize(x[:, start : start + CHUNK], size)
-        if scale is not None:
-            chunk = chunk * scale[:, start : start + CHUNK, None, None]
-        if threshold is not None:
-            counts.append((chunk >= threshold).flatten(2).sum(2))
-        value, index = chunk.max(1)
-        index = index + start
-        if best is None:
-            best, labels, total = value, index, chunk.sum(1)
-        else:
-            better = value > best  # ties keep the earlier channel, as argmax does
-            best = torch.where(better, value, best)
-            labels = torch.where(better, index, labels)
-            total = total + chunk.sum(1)
-    result = [best, labels, total] + ([torch.cat(counts, dim=1)] if threshold is not None else [])
-    return tuple(r[0] for r in result) if single else tuple(result)
+def class_argmax(classes: torch.Tensor, probs: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax over classes c of score_c = Σ_q classes[q, c] · probs[q], resized to `size`,
+    and the winning score: ((H, W) class index, (H, W) score).
+
+    classes (Q, C) class probabilities, probs (Q, h, w) mask probabilities. A class scores
+    at most Σ_q classes[q, c] anywhere (probs ≤ 1, and resizing is a convex combination),
+    so the classes with the largest such bounds are scored first; when every pixel's winning
+    score beats the best bound left out, no other class can win anywhere and the result is
+    exact. Otherwise the candidates grow (×4) up to all classes.
+    """
+    bound = classes.sum(0)
+    order = bound.argsort(descending=True)
+    count = min(SEMANTIC_CANDIDATES, len(order))
+    while True:
+        candidates = order[:count]
+        scores = torch.einsum("qc,qhw->chw", classes[:, candidates], probs)
+        labels = upsampled_argmax(scores, size)
+        best = upsampled_gather(scores, labels)
+        if count == len(order) or bool(best.min() > bound[order[count]]):
+            return candidates[labels], best
+        count = min(4 * count, len(order))
 
 
 def semantic_segments(
     class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int], label_ids: torch.Tensor
 ) -> list[list[Segment]]:
     """class_logits (B, Q, C+1), mask_logits (B, Q, h, w) of images of one size → per image,
-    one segment per class present."""
+    one segment per class present, scored by the mean over its pixels of its normalised
+    class score (its score / the sum of all classes' scores)."""
     batch, num_classes = class_logits.shape[0], class_logits.shape[-1] - 1
     classes = class_logits.softmax(-1)[..., :-1]
-    scores = torch.einsum("bqc,bqhw->bchw", classes, mask_logits.sigmoid())
-    best, labels, total = resized_argmax(scores, size)[:3]
+    probs = mask_logits.sigmoid()
+    # Argmax and confidence at the image size, interpolating only along class boundaries.
+    labels, best = (torch.stack(parts) for parts in zip(*(class_argmax(c, p, size) for c, p in zip(classes, probs))))
+    # Σ_c score_c = Σ_q (Σ_c classes[q, c]) · probs[q]: one weighted sum over queries.
+    total = torch.stack([upsampled_sum(torch.einsum("q,qhw->hw", c.sum(1), p)[None], size) for c, p in zip(classes, probs)])
     confidence = best / total.clamp_min(1e-12)
     # Per (image, class): pixel counts and summed confidence, in one bincount each.
     flat = (labels + torch.arange(batch, device=labels.device)[:, None, None] * num_classes).flatten()
@@ -315,44 +313,40 @@ def semantic_segments(
     return results
 
 
-def topk_queries(class_logits: torch.Tensor, mask_logits: torch.Tensor):
-    """The num_queries best (query, class) pairs: their class scores, labels, mask logits."""
-    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
-    scores = class_logits.softmax(-1)[:, :-1].flatten()
-    values, indices = scores.topk(num_queries, sorted=False)
-    return values, indices % num_classes, mask_logits[torch.div(indices, num_classes, rounding_mode="floor")]
-
-
 def instance_segments(
     class_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
+    mask_logits: Callable[[torch.Tensor], torch.Tensor],
     size: tuple[int, int],
     threshold: float,
     label_ids: torch.Tensor,
-) -> list[list[Segment]]:
-    """Mask(2)Former instance output for images of one size, class_logits (B, Q, C+1) and
-    mask_logits (B, Q, h, w): per image scored, possibly overlapping masks."""
-    batch, num_queries, num_classes = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
-    values, indices = class_logits.softmax(-1)[..., :-1].flatten(1).topk(num_queries, dim=1, sorted=False)
-    labels = indices % num_classes
-    queries = torch.div(indices, num_classes, rounding_mode="floor")
-    logits = mask_logits[torch.arange(batch, device=queries.device)[:, None], queries]  # (B, Q, h, w)
+) -> list[Segment]:
+    """Mask(2)Former instance output for one image: scored, possibly overlapping masks.
+
+    class_logits (Q, C+1); mask_logits(queries) → those queries' mask logits (K, h, w).
+    The top Q (query, class) pairs by class probability are scored class probability × mean
+    mask probability inside the mask (logit > 0), kept at ≥ threshold; a mask score is at
+    most 1, so pairs whose class probability is below the threshold are dropped before any
+    mask is resized.
+    """
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    values, pairs = class_logits.softmax(-1)[:, :-1].flatten().topk(num_queries, sorted=False)
+    possible = values >= threshold
+    values, pairs = values[possible], pairs[possible]
+    if not len(pairs):
+        return []
+    queries, inverse = torch.div(pairs, num_classes, rounding_mode="floor").unique(return_inverse=True)
+    logits = mask_logits(queries)[inverse]  # (K, h, w)
     binary = (logits > 0).float()
-    mask_scores = (logits.sigmoid().flatten(2) * binary.flatten(2)).sum(2) / (binary.flatten(2).sum(2) + 1e-6)
+    mask_scores = (logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     scores = values * mask_scores
-    keep = scores >= threshold  # (B, Q)
-    image_of, query_of = torch.nonzero(keep, as_tuple=True)
-    results: list[list[Segment]] = [[] for _ in range(batch)]
-    if not len(image_of):
-        return results
-    masks = _resize(binary[image_of, query_of][None], size, mode="nearest")[0] > 0.5
+    keep = scores >= threshold
+    if not keep.any():
+        return []
+    masks = _resize(binary[keep][None], size, mode="nearest")[0] > 0.5
     nonempty = masks.flatten(1).any(1)
-    image_of, query_of, masks = image_of[nonempty], query_of[nonempty], masks[nonempty]
-    ids = label_ids[labels[image_of, query_of]].tolist()
-    kept_scores = scores[image_of, query_of].tolist()
-    for b, i, score, mask in zip(image_of.tolist(), ids, kept_scores, masks.cpu().numpy()):
-        results[b].append(Segment(int(i), float(score), mask))
-    return results
+    ids = label_ids[(pairs % num_classes)[keep][nonempty]].tolist()
+    kept_scores = scores[keep][nonempty].tolist()
+    return [Segment(int(i), float(score), mask) for i, score, mask in zip(ids, kept_scores, masks[nonempty].cpu().numpy())]
 
 
 def panoptic_segments(
@@ -374,7 +368,9 @@ def panoptic_segments(
     """
     if not len(labels):
         return []
-    _, owner, _, original = resized_argmax(probs, size, scale=scores, threshold=mask_threshold)
+    weighted = probs * scores[:, None, None]
+    owner = upsampled_argmax(weighted, size)
+    original = count_at_least(weighted, size, mask_threshold)
     count = len(labels)
     area = torch.bincount(owner.flatten(), minlength=count)
     valid = (area > 0) & (original > 0) & (area.float() / original.clamp_min(1).float() > overlap_threshold)
@@ -495,17 +491,18 @@ class MaskFormerSegmenter:
         results: list[list[Segment]] = [[] for _ in sizes]
         if self.task == "panoptic":  # the kept queries differ per image
             for index, size in enumerate(sizes):
-                logits = mask_logits_for(raw, index, self.upsample_first)
-                results[index] = self._panoptic(raw.class_logits[index], logits, (int(size[0]), int(size[1])))
+                results[index] = self._panoptic(raw, index, (int(size[0]), int(size[1])))
             return results
-        # Semantic and instance: images of one size (and extent in the input) as one batch.
+        if self.task == "instance":  # each image keeps its own queries
+            for index, size in enumerate(sizes):
+                results[index] = instance_segments(
+                    raw.class_logits[index], partial(mask_logits_for, raw, index, self.upsample_first),
+                    (int(size[0]), int(size[1])), self.score_threshold, self.label_ids,
+                )  # fmt: skip
+            return results
+        # Semantic: images of one size (and extent in the input) as one batch.
         for indices, logits, size in self._groups(raw, sizes):
-            classes = raw.class_logits[indices]
-            if self.task == "semantic":
-                found = semantic_segments(classes, logits, size, self.label_ids)
-            else:
-                found = instance_segments(classes, logits, size, self.score_threshold, self.label_ids)
-            for index, segments in zip(indices, found):
+            for index, segments in zip(indices, semantic_segments(raw.class_logits[indices], logits, size, self.label_ids)):
                 results[index] = segments
         return results
 
@@ -519,11 +516,13 @@ class MaskFormerSegmenter:
             logits = torch.stack([mask_logits_for(raw, i, self.upsample_first) for i in indices])
             yield indices, logits, (height, width)
 
-    def _panoptic(self, classes: torch.Tensor, logits: torch.Tensor, size: tuple[int, int]) -> list[Segment]:
+    def _panoptic(self, raw: Raw, index: int, size: tuple[int, int]) -> list[Segment]:
+        classes = raw.class_logits[index]
         scores, labels = classes.softmax(-1).max(-1)
         keep = (labels != classes.shape[-1] - 1) & (scores > self.score_threshold)
+        logits = mask_logits_for(raw, index, self.upsample_first, keep)  # only kept queries are resized
         return panoptic_segments(
-            logits[keep].sigmoid(), scores[keep], labels[keep], size,
+            logits.sigmoid(), scores[keep], labels[keep], size,
             mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
             fuse=self.stuff, label_ids=self.label_ids,
         )  # fmt: skip

@@ -51,7 +51,6 @@ from .maskformer import (
     processor_arguments,
     processor_config,
     read_config,
-    topk_queries,
 )
 from .weights import RANDOM, WeightsError
 
@@ -136,17 +135,21 @@ class OneFormerSegmenter(MaskFormerSegmenter):
             return super().postprocess(raw, sizes)
         results = []
         for index, size in enumerate(sizes):
-            logits = mask_logits_for(raw, index, self.upsample_first)
-            results.append(self._instance(raw.class_logits[index], logits, (int(size[0]), int(size[1]))))
+            results.append(self._instance(raw, index, (int(size[0]), int(size[1]))))
         return results
 
-    def _instance(self, classes: torch.Tensor, logits: torch.Tensor, size: tuple[int, int]) -> list[Segment]:
-        scores, labels, masks = topk_queries(classes, logits)
+    def _instance(self, raw, index: int, size: tuple[int, int]) -> list[Segment]:
+        classes = raw.class_logits[index]
+        num_queries, num_classes = classes.shape[0], classes.shape[1] - 1
+        scores, pairs = classes.softmax(-1)[:, :-1].flatten().topk(num_queries, sorted=False)
         if self.instance_threshold is not None:
             keep = scores > self.instance_threshold
-            scores, labels, masks = scores[keep], labels[keep], masks[keep]
+            scores, pairs = scores[keep], pairs[keep]
+        # Only the chosen queries' masks are resized.
+        queries, inverse = torch.div(pairs, num_classes, rounding_mode="floor").unique(return_inverse=True)
+        masks = mask_logits_for(raw, index, self.upsample_first, queries)[inverse]
         segments = panoptic_segments(
-            masks, scores, labels, size,
+            masks, scores, pairs % num_classes, size,
             mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
             fuse=torch.zeros_like(self.stuff), label_ids=self.label_ids, segment_ids=False,
         )  # fmt: skip

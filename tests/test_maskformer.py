@@ -295,24 +295,23 @@ def test_loads_from_a_uri_directory(checkpoints):
         fs.rm("/ckpts", recursive=True)
 
 
-def test_chunked_resized_argmax_equals_the_full_tensor(monkeypatch):
-    import torch.nn.functional as F
+def test_semantic_candidates_grow_until_no_other_class_can_win(checkpoints, monkeypatch):
+    """Scoring one class first: the bound forces more classes in, and the result is still
+    the processor's."""
     from rayseg.models import maskformer
 
-    torch.manual_seed(0)
-    x = torch.rand(11, 6, 9)
-    x[4] = x[7]  # ties across chunks keep the earlier channel
-    scale = torch.rand(11)
-    full = F.interpolate(x[None], size=(25, 31), mode="bilinear", align_corners=False)[0] * scale[:, None, None]
-    monkeypatch.setattr(maskformer, "CHUNK", 3)
-    best, labels, total, counts = maskformer.resized_argmax(x, (25, 31), scale=scale, threshold=0.3)
-    # Bilinear resizing rounds in the last bit differently for different channel counts:
-    # equal up to 1e-6, and the same argmax wherever the two best are further apart.
-    top2 = full.topk(2, dim=0).values
-    clear = (top2[0] - top2[1]) > 1e-5
-    assert clear.float().mean() > 0.5
-    assert torch.equal(labels[clear], full.argmax(0)[clear])
-    tied = (x[4] == x[7]).all() and not (labels == 7).any()
-    assert tied, "a channel equal to an earlier one never wins"
-    assert torch.allclose(best, full.max(0).values, atol=1e-6) and torch.allclose(total, full.sum(0), atol=1e-5)
-    assert (counts - (full >= 0.3).flatten(1).sum(1)).abs().max() <= 2
+    calls = []
+    original = maskformer.upsampled_argmax
+
+    def counting(scores, size):
+        calls.append(scores.shape[0])
+        return original(scores, size)
+
+    monkeypatch.setattr(maskformer, "SEMANTIC_CANDIDATES", 1)
+    monkeypatch.setattr(maskformer, "upsampled_argmax", counting)
+    sizes = SIZES["mask2former"]
+    model = build_mask2former(checkpoints["mask2former"], task="semantic")
+    batch = model.preprocess(images(sizes))
+    mine = model.postprocess(model.forward(batch), sizes)
+    assert 1 in calls and max(calls) > 1, calls
+    assert check_semantic(model, model.processor, reference_outputs(model, batch), sizes, mine) > 1
