@@ -22,6 +22,8 @@ from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
 from .relabel import list_versions, relabel
 from .runner import new_run_id, run_segment_spec
+from .terminal import console, fail
+from .train_commands import register as register_training
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
 from .submit import submit_spec, wait_for
 
@@ -32,7 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)  # paths and messages stay copy-pasteable
 log = logging.getLogger("rayseg")
 
 # Errors in what the user asked for: reported, exit 2, before any cluster work.
@@ -40,6 +41,11 @@ USER_ERRORS = (SpecError, SourceError, OutputError, WeightsError, ResourceError,
 
 
 register_evaluation(app)
+register_training(app)
+
+# The demo's fixtures: the size the bundled U-Net was trained at, and a seed it never saw.
+DEMO_IMAGE_SIZE = (128, 128)
+DEMO_SEED = 1000
 
 
 @app.callback()
@@ -49,11 +55,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def load_or_fail(spec_file: str) -> SegmentSpec | RelabelSpec:
@@ -102,7 +103,7 @@ def segment(
     input: Annotated[str, typer.Argument(help="Directory/URI prefix, Parquet/CSV manifest, or COCO json.")],
     output: Annotated[str, typer.Argument(help="Output directory or URI (must be new or empty).")],
     model: Annotated[str, typer.Option(help="Registered model name (see `rayseg models`).")],
-    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path or URI, or 'random'.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path or URI, or 'random' [the model's bundled weights: unet].")] = None,
     weights_sha256: Annotated[Optional[str], typer.Option(help="Refuse weights with another sha256.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per model call [GPU 16, CPU 8].")] = None,
     actors: Annotated[Optional[str], typer.Option(help="Inference actors: N or MIN:MAX [one per GPU].")] = None,
@@ -126,8 +127,6 @@ def segment(
     (optional `image_id`), or a COCO json (with --image-root). The flags are a job spec
     (`rayseg run`), written on the command line.
     """
-    if weights is None:
-        raise fail("--weights is required: a checkpoint path or URI, or 'random' for random initialisation")
     try:
         options = parse_storage_options(model_option)
         if category_file is not None:
@@ -297,23 +296,33 @@ def demo(
     images: Annotated[int, typer.Option(help="Number of fixture images.")] = 64,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [local Ray].")] = None,
 ) -> None:
-    """Fixtures → segment on Ray → evaluate → report: the whole path on this machine's data."""
+    """Fixtures → segment with the bundled U-Net on Ray → evaluate → report, on this machine's data.
+
+    The U-Net runs twice over the same images: semantic (evaluated as mIoU against the label
+    PNGs) and instance (connected components, evaluated as COCO segm AP).
+    """
     from ..pipeline.evaluation.report import write_report
     from ..pipeline.evaluation.runner import evaluate_predictions
     from .evaluate_commands import print_evaluation
 
-    # A seed the tests never use: the demo runs on images no one tuned on.
-    made = make_fixtures(workdir / "fixtures", images=images, size=(128, 128), seed=1000)
+    # A seed the training never saw: the demo runs on images no one trained or tuned on.
+    made = make_fixtures(workdir / "fixtures", images=images, size=DEMO_IMAGE_SIZE, seed=DEMO_SEED)
     console.print(f"fixtures: {images} images in {made.images_dir}")
-    run_id = new_run_id()
-    output = workdir / "runs" / run_id
-    spec = SegmentSpec(
-        input=str(made.images_dir), output=str(output), model={"name": "unet", "weights": RANDOM}, run_id=run_id
-    )
-    print_summary(execute(spec, address))
-    console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
-    result = evaluate_predictions(str(output), str(made.semantic_dir), task="semantic")
-    print_evaluation(result, write_report(result, str(workdir / "reports" / run_id)))
+    headlines = []
+    for task, truth in (("semantic", made.semantic_dir), ("instance", made.instances_json)):
+        run_id = f"{new_run_id()}-{task}"
+        output = workdir / "runs" / run_id
+        spec = SegmentSpec(input=str(made.images_dir), output=str(output), model={"name": "unet", "options": {"task": task}}, run_id=run_id)
+        print_summary(execute(spec, address))
+        console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
+        result = evaluate_predictions(str(output), str(truth), task=task)
+        written = write_report(result, str(workdir / "reports" / run_id))
+        print_evaluation(result, written)
+        metric = ("mIoU", result.metrics["mIoU"]) if task == "semantic" else ("segm AP", result.metrics["segm"]["AP"])
+        headlines.append((*metric, written.get("index.html", "")))
+    for name, value, report in headlines:
+        console.print(f"{name} {value:.3f}  report: {report}")
+
 
 if __name__ == "__main__":
     app()

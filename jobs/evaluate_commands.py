@@ -28,14 +28,9 @@ from ..pipeline.export import (
 )
 from ..pipeline.panoptic_export import export_panoptic
 from ..pipeline.storage import parse_storage_options
+from .terminal import fail
 
 log = logging.getLogger("rayseg")
-errors = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def evaluate(
@@ -73,7 +68,7 @@ def evaluate(
         prediction_files(predictions, options)
         category_list = [c.to_dict() for c in load_category_file(categories, options)] if categories else None
     except (EvaluationError, ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     cluster.connect(address)
     try:
         result = evaluate_predictions(
@@ -90,15 +85,15 @@ def evaluate(
             score_threshold=score_threshold,
         )
     except EvaluationError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except Exception as e:
         log.exception("evaluation failed")
-        raise _fail(f"evaluation failed: {type(e).__name__}: {e}", code=1) from None
+        raise fail(f"evaluation failed: {type(e).__name__}: {e}", code=1) from None
     try:
         written = write_report(result, report, storage_options=options, draw_thumbnails=thumbnails > 0, score_threshold=score_threshold)
     except Exception as e:
         log.exception("report failed")
-        raise _fail(f"writing the report to {report} failed: {type(e).__name__}: {e}", code=1) from None
+        raise fail(f"writing the report to {report} failed: {type(e).__name__}: {e}", code=1) from None
     print_evaluation(result, written)
 
 
@@ -149,7 +144,7 @@ def export_coco(
         prediction_files(predictions, options)
         summary = export_coco_results(predictions, out, annotations=annotations, storage_options=options)
     except (ExportError, EvaluationError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     _print_export(summary, "COCO results")
 
 
@@ -165,7 +160,7 @@ def export_dataset(
         prediction_files(predictions, options)
         summary = export_coco_dataset(predictions, out, annotations=annotations, storage_options=options)
     except (ExportError, EvaluationError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     _print_export(summary, "COCO dataset")
 
 

@@ -50,10 +50,23 @@ class Strict(BaseModel):
 
 class ModelSection(Strict):
     name: str
-    weights: str = Field(description="checkpoint path or URI, or 'random'")
+    weights: str = Field(description="checkpoint path or URI, or 'random' [the model's bundled weights, if any]")
     weights_sha256: Optional[str] = None
     score_threshold: Optional[float] = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def default_weights(cls, data: Any) -> Any:
+        """Weights left out mean the model's bundled weights (`rayseg models`), where it has any."""
+        if isinstance(data, dict) and data.get("weights") is None and data.get("name") in REGISTRY:
+            default = REGISTRY[data["name"]].default_weights
+            if default is None:
+                raise ValueError(
+                    f"weights: model {data['name']!r} has no bundled weights; give a checkpoint path or URI, or 'random'"
+                )
+            data = {**data, "weights": default}
+        return data
 
     @field_validator("name")
     @classmethod

@@ -1,36 +1,57 @@
-"""Model names → builders. `rayseg models` prints this table."""
+"""Model names → builders. `rayseg models` prints this table.
+
+Builders are imported when a model is built or its options are read, not with the registry:
+a process imports only the model family it runs (torchvision's detection models do not pull
+in transformers), which keeps actor start-up and the driver's memory small.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .base import SegmentationModel, Task
-from .maskformer import build_mask2former, build_maskformer, hf_weights_file
-from .maskrcnn import build_maskrcnn, build_maskrcnn_v2
-from .oneformer import build_oneformer
-from .sam import build_sam, sam_weights_file
-from .torchvision_checkpoint import pth_weights_file
-from .torchvision_semantic import build_deeplabv3, build_fcn
-from .unet import build_unet, unet_weights_file
+
+# Weights the project trained itself, installed with the package (models/weights/*/README.md
+# says how each was made).
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its name, the task it performs, the weights it accepts, its builder.
 
+    module: the module under rayseg.models that holds `builder` and `weights_finder`.
     build(weights, *, weights_sha256, device, storage_options, score_threshold, **options)
     → model, where options are the model's own keyword arguments (see `model_options`).
     weights_file(weights) → the file whose sha256 identifies a checkpoint.
+    default_weights: what `--weights` means when it is not given (None: it must be given).
     """
 
     name: str
     task: Task
     weights: str
-    build: Callable[..., SegmentationModel]
-    weights_file: Callable[[str], str]
+    module: str
+    builder: str
+    weights_finder: str
+    default_weights: str | None = None
 
+    def _attribute(self, name: str) -> Callable:
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), name)
+
+    @property
+    def build(self) -> Callable[..., SegmentationModel]:
+        return self._attribute(self.builder)
+
+    @property
+    def weights_file(self) -> Callable[[str], str]:
+        return self._attribute(self.weights_finder)
+
+
+_PTH = "torchvision .pth state dict (path or URI); random"
 
 REGISTRY: dict[str, ModelEntry] = {
     entry.name: entry
@@ -38,65 +59,48 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry(
             "unet",
             "semantic",
-            "rayseg U-Net directory (config.json + model.safetensors), path or URI; random",
-            build_unet,
-            unet_weights_file,
+            "rayseg U-Net directory (config.json + model.safetensors), path or URI; random "
+            "[default: the bundled unet-shapes weights]",
+            "unet",
+            "build_unet",
+            "unet_weights_file",
+            default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
         ),
-        ModelEntry(
-            "fcn",
-            "semantic",
-            "torchvision .pth state dict (path or URI); random",
-            build_fcn,
-            pth_weights_file,
-        ),
-        ModelEntry(
-            "deeplabv3",
-            "semantic",
-            "torchvision .pth state dict (path or URI); random",
-            build_deeplabv3,
-            pth_weights_file,
-        ),
-        ModelEntry(
-            "maskrcnn",
-            "instance",
-            "torchvision .pth state dict (path or URI); random",
-            build_maskrcnn,
-            pth_weights_file,
-        ),
-        ModelEntry(
-            "maskrcnn_v2",
-            "instance",
-            "torchvision .pth state dict (path or URI); random",
-            build_maskrcnn_v2,
-            pth_weights_file,
-        ),
+        ModelEntry("fcn", "semantic", _PTH, "torchvision_semantic", "build_fcn", "pth_weights_file"),
+        ModelEntry("deeplabv3", "semantic", _PTH, "torchvision_semantic", "build_deeplabv3", "pth_weights_file"),
+        ModelEntry("maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file"),
+        ModelEntry("maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file"),
         ModelEntry(
             "sam",
             "promptable",
             "HF SAM directory or segment-anything .pth (path or URI); random",
-            build_sam,
-            sam_weights_file,
+            "sam",
+            "build_sam",
+            "sam_weights_file",
         ),
         ModelEntry(
             "maskformer",
             "panoptic",
             "HF MaskFormer checkpoint directory (path or URI); random",
-            build_maskformer,
-            hf_weights_file,
+            "maskformer",
+            "build_maskformer",
+            "hf_weights_file",
         ),
         ModelEntry(
             "mask2former",
             "panoptic",
             "HF Mask2Former checkpoint directory (path or URI); random",
-            build_mask2former,
-            hf_weights_file,
+            "maskformer",
+            "build_mask2former",
+            "hf_weights_file",
         ),
         ModelEntry(
             "oneformer",
             "panoptic",
             "HF OneFormer checkpoint directory with tokenizer and class info (path or URI)",
-            build_oneformer,
-            hf_weights_file,
+            "oneformer",
+            "build_oneformer",
+            "hf_weights_file",
         ),
     ]
 }

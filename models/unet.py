@@ -23,6 +23,7 @@ from torch import nn
 
 from .base import Segment
 from .categories import SHAPES, Category, parse_categories
+from .unet_instances import DEFAULT_MIN_AREA, check_instance_options, semantic_to_instances
 from .weights import RANDOM, WeightsError, check_sha256, read_bytes, warn_random
 
 CONFIG_FILE = "config.json"
@@ -194,6 +195,9 @@ class UNetSegmenter:
     """The U-Net behind the model protocol: semantic output, one segment per class present.
 
     A segment's score is the mean softmax probability of its class over its pixels.
+    task="instance": one segment per connected component (≥ min_area pixels) of each
+    thing class instead, scored by its class's mean probability; stuff classes are left
+    out (models/unet_instances.py).
     """
 
     name = "unet"
@@ -207,7 +211,12 @@ class UNetSegmenter:
         score_threshold: float = 0.0,
         weights: str = RANDOM,
         weights_sha256: str | None = None,
+        task: str = "semantic",
+        min_area: int = DEFAULT_MIN_AREA,
     ):
+        check_instance_options(task, min_area)
+        self.task = task
+        self.min_area = min_area
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         if self.device.type == "cuda":
@@ -249,6 +258,15 @@ class UNetSegmenter:
 
     def postprocess(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
         results: list[list[Segment]] = [[] for _ in sizes]
+        if self.task == "instance":
+            for indices, labels, probabilities in raw:
+                labels_host, probabilities_host = labels.cpu().numpy(), probabilities.float().cpu().numpy()
+                for row, index in enumerate(indices):
+                    results[index] = semantic_to_instances(
+                        labels_host[row], probabilities_host[row], self.categories,
+                        min_area=self.min_area, score_threshold=self.score_threshold,
+                    )  # fmt: skip
+            return results
         for indices, labels, probabilities in raw:
             num_classes = len(self.categories)
             flat_labels = labels.flatten(1)
@@ -278,7 +296,12 @@ def build_unet(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
+    task: str = "semantic",
+    min_area: int = DEFAULT_MIN_AREA,
 ) -> UNetSegmenter:
+    """task: "semantic" (one segment per class present) or "instance" (one per connected
+    component of a thing class with at least min_area pixels)."""
+    check_instance_options(task, min_area)
     network, digest = load_unet(weights, sha256=weights_sha256, storage_options=storage_options)
     return UNetSegmenter(
         network,
@@ -286,4 +309,6 @@ def build_unet(
         score_threshold=0.0 if score_threshold is None else score_threshold,
         weights=weights,
         weights_sha256=digest,
+        task=task,
+        min_area=min_area,
     )

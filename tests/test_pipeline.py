@@ -143,7 +143,7 @@ def test_limit_processes_only_the_first_images(shapes, tmp_path):
     "args,message",
     [
         (["--weights", "random", "--model", "nope"], "unknown model 'nope'"),
-        (["--model", "unet"], "--weights is required"),
+        (["--model", "sam"], "has no bundled weights"),
         (["--model", "unet", "--weights", "/no/such/checkpoint"], "weights not found"),
         (["--model", "unet", "--weights", "random", "--gpus-per-actor", "1"], "cluster has none"),
         (["--model", "unet", "--weights", "random", "--actors", "4"], "leaves no CPU"),

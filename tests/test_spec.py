@@ -92,10 +92,11 @@ def test_validate_command_exits_2_listing_errors_and_0_for_a_good_spec(tmp_path,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
     good = runner.invoke(app, ["validate", str(write(tmp_path, GOOD))])
     assert good.exit_code == 0 and "valid segment spec" in good.output
-    bad = runner.invoke(app, ["validate", str(write(tmp_path, {"model": {"name": "unet"}}, "bad.yaml"))])
+    bad = runner.invoke(app, ["validate", str(write(tmp_path, {"model": {"name": "sam"}}, "bad.yaml"))])
     assert bad.exit_code == 2
-    for field in ("input", "output", "model.weights"):
+    for field in ("input", "output", "model: weights"):
         assert f"{field}:" in bad.output
+    assert "'sam' has no bundled weights" in bad.output
     missing = runner.invoke(app, ["validate", str(tmp_path / "absent.yaml")])
     assert missing.exit_code == 2 and "not found" in missing.output
 
