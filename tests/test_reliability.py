@@ -6,31 +6,47 @@ Run alone with `pytest -m reliability`.
 
 from __future__ import annotations
 
+import collections
+import http.client
 import io
 import json
 import os
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.parse
+import uuid
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import boto3
 import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import s3fs
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
+from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Segment
 from rayseg.pipeline.inference import SegmentImages
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
 from rayseg.pipeline.sources import read_source
+
+from .conftest import BUCKET
 
 pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("ray_cluster")]
 
@@ -201,8 +217,6 @@ def inference_actor_processes() -> list[psutil.Process]:
 
 
 def test_an_inference_actor_killed_mid_run_costs_nothing(tmp_path):
-    from rayseg.jobs.fixtures import make_fixtures
-
     images = make_fixtures(tmp_path / "fixtures", images=60, size=(96, 96), seed=9).images_dir
     killed = threading.Event()
 
@@ -226,3 +240,188 @@ def test_an_inference_actor_killed_mid_run_costs_nothing(tmp_path):
     ids = [r["image_id"] for r in pq.read_table(tmp_path / "out").to_pylist()]
     assert sorted(ids) == sorted(p.name for p in images.glob("*.png")), "every input exactly once"
     assert summary.ok == 60
+
+
+def test_a_worker_node_removed_mid_run_costs_nothing(tmp_path):
+    """Two nodes of 1 CPU; the worker node, hosting an inference actor, is killed mid-run
+    and a new node joins, as an autoscaler's would.
+
+    Ray retries the lost node's tasks, restarts its actor elsewhere and rebuilds the blocks
+    its object store held (tests/node_loss_run.py runs it in a cluster of its own).
+    """
+    images = make_fixtures(tmp_path / "fixtures", images=48, size=(64, 64), seed=5).images_dir
+    output = tmp_path / "out"
+    summary = run_in_own_ray("rayseg.tests.node_loss_run", str(images), str(output), log=tmp_path / "stderr", timeout=240)
+    assert summary["error"] is None, summary
+    assert summary["removed"], "the worker node never hosted an inference actor: the test proved nothing"
+    assert summary["files_staged_before"] < summary["files_staged_total"], "the node was removed after the work was done"
+    rows = pq.read_table(output).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(p.name for p in images.glob("*.png")), "every input exactly once"
+    assert all(r["status"] == "ok" for r in rows)
+    counts = json.loads((output / RUN_FILE).read_text())["counts"]
+    assert (counts["images"], counts["ok"]) == (48, 48)
+
+
+def run_in_own_ray(module: str, *args: str, log: Path, timeout: float) -> dict:
+    """Runs `python -m module args` — a script that starts its own Ray cluster — and returns
+    the JSON it prints last; its stderr goes to `log`.
+
+    A process holds one Ray, and this session already runs one. RAY_TMPDIR is private and
+    short (Unix socket paths under it must fit 107 bytes), so the cluster's address file
+    lands there, where no other `ray.init()` on the machine looks. The script leads its own
+    process group: on a timeout the whole group — driver, raylets, workers — is killed.
+    """
+    ray_tmpdir = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env={**os.environ, "RAY_TMPDIR": ray_tmpdir},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            stdout, _ = process.communicate(timeout=timeout)
+            ending = f"exited with {process.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, _ = process.communicate()
+            ending = f"killed after {timeout} s"
+        finally:
+            shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    if process.returncode != 0:
+        # Raylets' periodic state dumps drown everything else.
+        lines = [line for line in log.read_text().splitlines() if "[state-dump]" not in line]
+        pytest.fail(f"{module} {ending}:\n{stdout}\n" + "\n".join(lines[-150:]))
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# Hop-by-hop headers: they describe one connection, so the proxy never passes them on.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+S3_ERRORS = [(503, "SlowDown", "Please reduce your request rate."), (500, "InternalError", "We encountered an internal error. Please try again.")]
+
+
+class FlakyS3Proxy(ThreadingHTTPServer):
+    """An HTTP proxy in front of an S3 server that fails the first attempt of every object
+    read, listing and write — alternately 503 SlowDown and 500 InternalError, with S3's XML
+    error body — and passes every other request through unchanged.
+
+    `injected` counts the failures by kind: "read" (GET of an object), "list" (GET of a
+    bucket) and "write" (PUT: uploads, parts, server-side copies).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), _FlakyS3Handler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.injected: collections.Counter[str] = collections.Counter()
+        self._attempted: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def fault_for(self, method: str, path: str) -> tuple[str, tuple[int, str, str]] | None:
+        """(kind, (status, code, message)) when this request is to fail, else None."""
+        if method not in ("GET", "PUT"):
+            return None
+        bucket_and_key = urllib.parse.urlsplit(path).path.lstrip("/")
+        kind = "write" if method == "PUT" else "read" if "/" in bucket_and_key.rstrip("/") else "list"
+        with self._lock:
+            if (method, path) in self._attempted:
+                return None
+            self._attempted.add((method, path))
+            self.injected[kind] += 1
+            return kind, S3_ERRORS[sum(self.injected.values()) % 2]
+
+
+class _FlakyS3Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+    server: FlakyS3Proxy
+
+    def log_message(self, format, *args):  # one line per request otherwise
+        pass
+
+    def do_GET(self):
+        body = self._request_body()
+        fault = self.server.fault_for(self.command, self.path)
+        if fault is not None:
+            _, (status, code, message) = fault
+            error = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                f"<RequestId>flaky-proxy</RequestId></Error>"
+            ).encode()
+            self._respond(status, [("Content-Type", "application/xml")], error)
+            return
+        upstream = http.client.HTTPConnection(self.server.upstream.hostname, self.server.upstream.port, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+            if body:
+                headers["Content-Length"] = str(len(body))
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            response = upstream.getresponse()
+            content = response.read()
+            passed = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP | {"date", "server"}]
+            self._respond(response.status, passed, content)
+        finally:
+            upstream.close()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def _request_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b""):  # trailers
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _respond(self, status: int, headers: list[tuple[str, str]], content: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            if key.lower() != "content-length" or self.command == "HEAD":
+                self.send_header(key, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(content)
+
+
+@pytest.fixture
+def flaky_s3(s3_endpoint):
+    proxy = FlakyS3Proxy(s3_endpoint)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield proxy
+    proxy.shutdown()
+    proxy.server_close()
+
+
+def test_object_storage_errors_on_reads_listings_and_writes_are_retried(shapes, flaky_s3):
+    """Every object read, listing and write first fails (503 SlowDown or 500 InternalError);
+    the storage client's retries (pipeline/storage.py) absorb them all."""
+    key_prefix = f"flaky-{uuid.uuid4().hex[:8]}"
+    prefix = f"s3://{BUCKET}/{key_prefix}"
+    client = boto3.client("s3")  # straight to the S3 server, not through the proxy
+    names = sorted(p.name for p in shapes.images_dir.glob("*.png"))
+    for name in names:
+        client.upload_file(str(shapes.images_dir / name), BUCKET, f"{key_prefix}/images/{name}")
+    result = runner.invoke(
+        app,
+        ["segment", f"{prefix}/images", f"{prefix}/out", "--model", "unet", "--weights", "random",
+         "--storage-option", f"endpoint_url={flaky_s3.url}"],
+    )
+    assert result.exit_code == 0, result.output
+    assert flaky_s3.injected["read"] >= len(names), "every image's first read failed"
+    assert flaky_s3.injected["list"] > 0 and flaky_s3.injected["write"] > 0, flaky_s3.injected
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to the S3 server
+    files = sorted(p for p in fs.find(f"{prefix}/out") if p.endswith(".parquet"))
+    rows = pa.concat_tables(pq.read_table(p, filesystem=fs) for p in files).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == names, "every input exactly once"
+    assert [r["status"] for r in rows] == ["ok"] * len(names), [r["error"] for r in rows if r["error"]]
+    run = json.loads(fs.cat(f"{prefix}/out/{RUN_FILE}"))
+    assert run["counts"]["ok"] == len(names) and run["files"] == [p.rsplit("/", 1)[1] for p in files]
