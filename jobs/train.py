@@ -798,8 +798,6 @@ def train_unet(
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
 
-    # Per-epoch bars of every dataset pass would bury the per-epoch metric lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     decode = DecodePairs([c.to_dict() for c in categories], size, storage_options)
 
     def pairs(items: list[dict]):
@@ -857,7 +855,13 @@ def train_unet(
         ),
         datasets=datasets,
     )
-    trainer.fit()
+    # Per-epoch bars of every dataset pass would bury the per-epoch metric lines.
+    context = ray.data.DataContext.get_current()
+    progress_bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        trainer.fit()
+    finally:
+        context.enable_progress_bars = progress_bars
     history = load_history(out, storage_options)
     return TrainSummary(
         out=out,

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 
 # Boundary pixels × channels interpolated at a time (bounds the temporary (C, P) tensor).
 BLOCK = 1 << 22
+# Past this fraction of the output in boundary cells (fragmented, noisy maps), resizing every
+# channel densely, CHUNK channels at a time, is the cheaper way to the same result.
+DENSE_FRACTION = 0.25
+CHUNK = 16
 
 
 def source_corners(output: int, input: int, device: torch.device):
@@ -105,8 +109,10 @@ def upsampled_argmax(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     rows, cols = _Axis.of(height, x.shape[1], x.device), _Axis.of(width, x.shape[2], x.device)
     a, b, c, d = _corners(x.argmax(0), rows, cols)
     mixed = (a != b) | (a != c) | (a != d)
-    labels = a.repeat_interleave(rows.lengths, 0).repeat_interleave(cols.lengths, 1)
     row_runs, col_runs = mixed.nonzero(as_tuple=True)
+    if (rows.lengths[row_runs] * cols.lengths[col_runs]).sum() > DENSE_FRACTION * height * width:
+        return _dense_argmax(x, size)
+    labels = a.repeat_interleave(rows.lengths, 0).repeat_interleave(cols.lengths, 1)
     if len(row_runs):
         _, r, c = _mixed_pixels(rows, cols, row_runs, col_runs)
         step = max(1, BLOCK // max(1, x.shape[0]))
@@ -144,12 +150,35 @@ def count_at_least(x: torch.Tensor, size: tuple[int, int], threshold: float) -> 
     cell_sizes = (rows.lengths[:, None] * cols.lengths[None, :]).flatten().double()
     counts = (passing.flatten(1).double() @ cell_sizes).round().long()
     channel, row_runs, col_runs = (~(passing | failing)).nonzero(as_tuple=True)
+    if (rows.lengths[row_runs] * cols.lengths[col_runs]).sum() > DENSE_FRACTION * x.shape[0] * height * width:
+        return _dense_count(x, size, threshold)
     if len(channel):
         cell, r, c = _mixed_pixels(rows, cols, row_runs, col_runs)
         channels = channel[cell]
         passed = _interpolate(x, rows, cols, r, c, channels) >= threshold
         counts += torch.bincount(channels[passed], minlength=x.shape[0])
     return counts
+
+
+def _resized_chunks(x: torch.Tensor, size: tuple[int, int]):
+    for start in range(0, x.shape[0], CHUNK):
+        yield start, F.interpolate(x[None, start : start + CHUNK], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _dense_argmax(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    best = labels = None
+    for start, chunk in _resized_chunks(x, size):
+        value, index = chunk.max(0)
+        if best is None:
+            best, labels = value, index
+        else:
+            better = value > best  # ties keep the earlier channel, as argmax does
+            best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
+    return labels
+
+
+def _dense_count(x: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    return torch.cat([(chunk >= threshold).flatten(1).sum(1) for _, chunk in _resized_chunks(x, size)])
 
 
 def upsampled_sum(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

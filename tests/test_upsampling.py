@@ -52,3 +52,23 @@ def test_a_channel_equal_to_an_earlier_one_never_wins():
     x[4] = x[1] + 10  # channel 4 wins everywhere...
     x[5] = x[4]  # ...and 5 ties with it: argmax keeps the first maximum
     assert (upsampled_argmax(x, (33, 37)) == 4).all()
+
+
+
+def test_fragmented_maps_take_the_dense_path_with_the_same_result(monkeypatch):
+    from rayseg.models import upsampling
+
+    x = torch.randn(20, 16, 16, generator=torch.Generator().manual_seed(5))  # pixel noise: boundaries everywhere
+    full = resized(x, (50, 45))
+    taken = []
+    for name in ("_dense_argmax", "_dense_count"):
+        original = getattr(upsampling, name)
+        monkeypatch.setattr(upsampling, name, lambda *a, _f=original, _n=name: taken.append(_n) or _f(*a))
+    monkeypatch.setattr(upsampling, "CHUNK", 3)  # several chunks, ties across them
+    labels = upsampled_argmax(x, (50, 45))
+    counts = count_at_least(x, (50, 45), 0.3)
+    assert taken == ["_dense_argmax", "_dense_count"]
+    top2 = full.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5
+    assert torch.equal(labels[clear], full.argmax(0)[clear])
+    assert (counts - (full >= 0.3).flatten(1).sum(1)).abs().max() <= 1
