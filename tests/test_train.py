@@ -326,18 +326,27 @@ def test_every_epoch_is_checkpointed_in_our_format(trained):
     assert all(torch.equal(value, from_ray.state_dict()[key]) for key, value in state.items())
 
 
-def test_resume_continues_from_the_saved_epoch(trained, tiny, tmp_path):
+def test_resume_continues_from_the_saved_epoch_into_object_storage(trained, tiny, s3_endpoint):
+    import fsspec
+
+    from .conftest import BUCKET
+
     summary, out = trained
     steps_before = [float(s["step"]) for s in load_training_state(str(out))["optimizer"]["state"].values()]
     assert set(steps_before) == {4.0}  # 2 epochs × 2 batches
-    resumed = train_unet(str(tiny.root), str(tmp_path / "resumed"), epochs=3, resume_from=str(out), **{**TINY, "width": None, "depth": None})
+    resumed_uri = f"s3://{BUCKET}/train/resumed"
+    resumed = train_unet(str(tiny.root), resumed_uri, epochs=3, resume_from=str(out), **{**TINY, "width": None, "depth": None})
     assert resumed.start_epoch == 2
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]  # the history travels on
-    state = load_training_state(str(tmp_path / "resumed"))
+    state = load_training_state(resumed_uri)
     assert state["epoch"] == 3
     # Adam's step counters went on from the restored optimizer state, not from zero.
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {6.0}
-    assert not (tmp_path / "resumed" / "epochs" / "epoch-0001").exists()
+    s3 = fsspec.filesystem("s3")
+    assert s3.exists(f"{resumed_uri}/epochs/epoch-0003/model.safetensors")
+    assert not s3.exists(f"{resumed_uri}/epochs/epoch-0001")
+    network, _ = load_unet(resumed_uri)  # what `--weights s3://...` loads
+    assert network.config.width == TINY["width"]
 
 
 def test_resume_is_refused_when_nothing_is_left_or_the_classes_differ(trained, tiny, tmp_path):
