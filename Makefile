@@ -5,7 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test clean
+# `make bench BENCH_ARGS="--images 500 --unet-weights DIR"`: see benchmarks/harness.py.
+BENCH_ARGS ?=
+
+.PHONY: install demo test bench clean
 
 install: $(INSTALLED)
 
@@ -20,6 +23,9 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python -m benchmarks.harness $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

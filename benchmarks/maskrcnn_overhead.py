@@ -37,19 +37,17 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from rayseg.models.categories import COCO_91_LABELS
 
-from .common import machine
+from .common import ProcessTreeSampler, machine
 
 TARGET_DETECTIONS = 8.0
 
@@ -71,13 +69,17 @@ def as_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
 
 
-def calibrated_checkpoint(workdir: Path, calibration: list[np.ndarray]) -> Path:
-    """A random Mask R-CNN (91 COCO labels) that keeps about TARGET_DETECTIONS per image."""
-    path = workdir / "maskrcnn_calibrated.pth"
+def calibrated_checkpoint(workdir: Path, calibration: list[np.ndarray], min_size: int = 800, max_size: int = 1333) -> Path:
+    """A random Mask R-CNN (91 COCO labels) that keeps about TARGET_DETECTIONS per image when
+    it runs with `min_size`/`max_size` (calibrated at that resolution)."""
+    default = (min_size, max_size) == (800, 1333)
+    path = workdir / ("maskrcnn_calibrated.pth" if default else f"maskrcnn_calibrated_{min_size}_{max_size}.pth")
     if path.exists():
         return path
     torch.manual_seed(0)
-    network = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    network = maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size
+    ).eval()
     heads = network.roi_heads
     captured: dict = {"box": [], "mask": []}
     hooks = [
@@ -134,89 +136,6 @@ def bare_forward(checkpoint: Path, images: list[np.ndarray], batch_size: int, th
     return {"cpu_s": cpu, "wall_s": wall, "detections": detections}
 
 
-class TreeSampler:
-    """CPU-seconds of this process and all its descendants, sampled from /proc."""
-
-    def __init__(self, interval: float = 0.25):
-        self.root = psutil.Process()
-        self.interval = interval
-        self.first: dict[tuple[int, float], float] = {}
-        self.last: dict[tuple[int, float], float] = {}
-        self.names: dict[tuple[int, float], str] = {}
-        self.own_cpu = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def sample(self) -> float:
-        total = 0.0
-        for process in [self.root, *self.root.children(recursive=True)]:
-            try:
-                with process.oneshot():
-                    key = (process.pid, process.create_time())
-                    times = process.cpu_times()
-                    cpu = times.user + times.system
-                    name = _name(process.cmdline()) or process.name()
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                continue
-            self.last[key] = cpu
-            self.names[key] = name
-            total += cpu
-        return total
-
-    def wait_idle(self, rate: float = 0.05, settle: float = 2.0, timeout: float = 60.0) -> None:
-        deadline, quiet, previous = time.time() + timeout, 0.0, self.sample()
-        while time.time() < deadline and quiet < settle:
-            time.sleep(0.5)
-            current = self.sample()
-            quiet = quiet + 0.5 if current - previous < rate * 0.5 else 0.0
-            previous = current
-
-    def start(self) -> None:
-        self.last.clear()
-        self.sample()
-        self.first = dict(self.last)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        started = time.thread_time()
-        while not self._stop.wait(self.interval):
-            self.sample()
-        self.sample()
-        self.own_cpu = time.thread_time() - started
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        per_process = {key: self.last[key] - self.first.get(key, 0.0) for key in self.last}
-        groups: dict[str, float] = {}
-        for key, cpu in per_process.items():
-            name = "driver (this process)" if key[0] == self.root.pid else _group(self.names[key])
-            groups[name] = groups.get(name, 0.0) + cpu
-        groups["driver (this process)"] = groups.get("driver (this process)", 0.0) - self.own_cpu
-        return {"cpu_s": sum(per_process.values()) - self.own_cpu, "by_process": groups, "sampler_cpu_s": self.own_cpu}
-
-
-def _name(cmdline: list[str]) -> str:
-    """argv[0], or for a python process the script or module it runs."""
-    if not cmdline:
-        return ""
-    if os.path.basename(cmdline[0]).startswith("python"):
-        for arg in cmdline[1:]:
-            if not arg.startswith("-"):
-                return "python " + os.path.basename(arg)
-    return cmdline[0]
-
-
-def _group(name: str) -> str:
-    """Ray names its worker processes after what they run (ray::SegmentImages, ray::IDLE, …)."""
-    if name.startswith("ray::"):
-        return name.split("(")[0].split()[0]
-    if name.startswith("python "):
-        return name
-    return os.path.basename(name.split()[0]) if name else "?"
-
-
 def pipeline(images_dir: Path, checkpoint: Path, output: Path) -> dict:
     """`rayseg segment IMAGES OUTPUT --model maskrcnn --weights CHECKPOINT`, in this process."""
     import pyarrow.parquet as pq
@@ -238,13 +157,14 @@ def pipeline(images_dir: Path, checkpoint: Path, output: Path) -> dict:
         },
         source="benchmark",
     )
-    sampler = TreeSampler()
+    sampler = ProcessTreeSampler()
     sampler.wait_idle()
     sampler.start()
     wall = time.perf_counter()
     summary = run_segment_spec(spec, storage_options={})
     wall = time.perf_counter() - wall
-    measured = sampler.stop()
+    tree_cpu = sampler.stop()
+    measured = {"cpu_s": tree_cpu.cpu_s, "by_process": tree_cpu.by_process, "sampler_cpu_s": tree_cpu.sampler_cpu_s}
     rows = pq.read_table(output).to_pylist()
     resources = plan_resources(ray.cluster_resources())
     ray.shutdown()

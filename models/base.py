@@ -8,11 +8,14 @@ then compact masks to the host). Models know nothing of Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from .categories import Category
+
+if TYPE_CHECKING:  # this module stays importable without torch
+    import torch
 
 Task = Literal["semantic", "instance", "panoptic", "promptable"]
 
@@ -21,14 +24,15 @@ Task = Literal["semantic", "instance", "panoptic", "promptable"]
 class Segment:
     """One predicted region of one image.
 
-    mask: bool (H, W) at the original image size.
+    mask: bool (H, W) at the original image size; None only inside DeviceSegments, whose
+    `masks` hold it.
     segment_id: panoptic id within the image; None for semantic and instance output.
     annotation_id: for prompted output, the annotation the prompt came from; else None.
     """
 
     category_id: int
     score: float
-    mask: np.ndarray
+    mask: np.ndarray | None
     segment_id: int | None = None
     iscrowd: bool = False
     annotation_id: int | None = None
@@ -48,6 +52,19 @@ class Prompts:
     annotation_ids: np.ndarray
 
 
+@dataclass
+class DeviceSegments:
+    """One image's segments with their masks still where the model made them.
+
+    segments: as `postprocess` returns them, but with `mask` None;
+    masks: bool (N, H, W) tensor on the model's device (or the CPU), row i the mask of
+    segments[i]. The pipeline bit-packs them there, so only 1 bit per pixel reaches the host.
+    """
+
+    segments: list[Segment]
+    masks: torch.Tensor
+
+
 @runtime_checkable
 class SegmentationModel(Protocol):
     name: str
@@ -64,4 +81,9 @@ class SegmentationModel(Protocol):
         """Runs the network on the model's device; returns raw outputs for `postprocess`."""
 
     def postprocess(self, raw: Any, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        """Raw outputs → per image, its segments with masks at that image's (H, W)."""
+        """Raw outputs → per image, its segments with masks at that image's (H, W).
+
+        Models that threshold on the device may also define `postprocess_device(raw, sizes)
+        -> list[DeviceSegments]`, the same segments with their masks left on the device;
+        the pipeline prefers it (`postprocess` is then `models.device.host_segments` of it).
+        """

@@ -62,6 +62,7 @@ from transformers.utils import logging as hf_logging
 from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
 from .base import Segment
 from .categories import Category, load_category_file
+from .device import AMP_AUTO, autocast, check_amp_dtype, resolve_amp_dtype, to_device
 from .weights import RANDOM, WeightsError, warn_random
 
 log = logging.getLogger("rayseg.models")
@@ -408,8 +409,9 @@ class MaskFormerSegmenter:
     """A MaskFormer or Mask2Former network behind the model protocol (see the module docstring).
 
     preprocess: the checkpoint's image processor (resize, normalise, pad the batch), CPU;
-    forward: the network on the device; postprocess: the chosen task's post-processing on
-    the device, bool masks to the host at the end.
+    forward: the network on the device, under autocast `amp_dtype` (models/device.py);
+    postprocess: the chosen task's post-processing on the device in float32, bool masks to
+    the host at the end.
     """
 
     def __init__(
@@ -427,6 +429,7 @@ class MaskFormerSegmenter:
         upsample_first: bool = False,
         weights: str = RANDOM,
         weights_sha256: str | None = None,
+        amp_dtype: str = AMP_AUTO,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -438,6 +441,7 @@ class MaskFormerSegmenter:
         self.name = name
         self.task = task
         self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
         self.network = network.to(self.device).eval()
         self.processor = processor
         self.categories = categories
@@ -469,7 +473,7 @@ class MaskFormerSegmenter:
         return [(int(h), int(w)) for h, w in zip(heights, widths)]
 
     def _inputs(self, batch: dict) -> dict:
-        return {"pixel_values": batch["pixel_values"].to(self.device)}
+        return {"pixel_values": to_device(batch["pixel_values"], self.device)}
 
     @torch.inference_mode()
     def forward(self, batch: dict) -> Raw:
@@ -477,7 +481,7 @@ class MaskFormerSegmenter:
         mask = batch.get("pixel_mask")
         if mask is None:
             mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.bool)
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.amp_dtype):
             outputs = self.network(**self._inputs(batch))
         return Raw(
             outputs.class_queries_logits.float(),
@@ -568,8 +572,11 @@ def _build(
     category_file: str | None,
     mask_threshold: float,
     overlap_mask_area_threshold: float,
+    amp_dtype: str,
 ) -> MaskFormerSegmenter:
     import transformers
+
+    check_amp_dtype(amp_dtype)
 
     model_type, model_class, processor_class, upsample_first = _FAMILIES[name]
     network_cls, processor_cls = getattr(transformers, model_class), getattr(transformers, processor_class)
@@ -600,7 +607,7 @@ def _build(
     return MaskFormerSegmenter(
         network, processor, categories, name=name, task=task, device=device, score_threshold=score_threshold,
         mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
-        upsample_first=upsample_first, weights=weights, weights_sha256=digest,
+        upsample_first=upsample_first, weights=weights, weights_sha256=digest, amp_dtype=amp_dtype,
     )  # fmt: skip
 
 
@@ -615,18 +622,21 @@ def build_maskformer(
     category_file: str | None = None,
     mask_threshold: float = 0.5,
     overlap_mask_area_threshold: float = 0.8,
+    amp_dtype: str = AMP_AUTO,
 ) -> MaskFormerSegmenter:
     """MaskFormerForInstanceSegmentation from an HF directory (path or URI) or `random`.
 
     task: semantic | instance | panoptic; score_threshold: instance score / panoptic class
     probability cut (default 0.5, transformers' `threshold`); mask_threshold and
     overlap_mask_area_threshold: panoptic segment validity (transformers' names and
-    defaults); category_file: COCO json or list with `isthing`, for the thing/stuff split.
+    defaults); category_file: COCO json or list with `isthing`, for the thing/stuff split;
+    amp_dtype: auto | fp16 | bf16 | none, the network's autocast (auto: float16 on CUDA,
+    none on the CPU).
     """
     return _build(
         "maskformer", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
         score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
-        overlap_mask_area_threshold=overlap_mask_area_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold, amp_dtype=amp_dtype,
     )  # fmt: skip
 
 
@@ -641,13 +651,14 @@ def build_mask2former(
     category_file: str | None = None,
     mask_threshold: float = 0.5,
     overlap_mask_area_threshold: float = 0.8,
+    amp_dtype: str = AMP_AUTO,
 ) -> MaskFormerSegmenter:
     """Mask2FormerForUniversalSegmentation from an HF directory (path or URI) or `random`;
     options as for `build_maskformer`."""
     return _build(
         "mask2former", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
         score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
-        overlap_mask_area_threshold=overlap_mask_area_threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold, amp_dtype=amp_dtype,
     )  # fmt: skip
 
 

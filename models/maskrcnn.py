@@ -36,8 +36,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNN_ResNet50_F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from .base import Segment
+from .base import DeviceSegments, Segment
 from .categories import COCO, Category, load_category_file
+from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, host_tensor, pins, resolve_amp_dtype, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, pth_weights_file, tensor_shape
 from .weights import RANDOM, WeightsError, warn_random
 
@@ -132,12 +133,16 @@ def label_categories(
 class MaskRCNNSegmenter:
     """A torchvision Mask R-CNN behind the model protocol: one segment per kept detection.
 
-    preprocess: uint8 (H, W, 3) → float (3, H, W) in [0, 1], on the CPU, sizes unchanged;
-    forward: lists of images through the network (torchvision resizes each image to
-    min_size/max_size and pads the list), one call per padded shape, detections with boxes
-    in original-image pixels;
-    postprocess: masks pasted and thresholded on the device, then bool masks to the host.
-    A segment's score is the detection's class probability.
+    preprocess: uint8 (H, W, 3) → uint8 (3, H, W) tensors on the host (pinned when bound for
+    CUDA), sizes unchanged;
+    forward: each image to the device as uint8 and scaled to float [0, 1] there, lists of
+    images through the network (torchvision resizes each image to min_size/max_size and pads
+    the list), one call per padded shape, under autocast `amp_dtype` (models/device.py),
+    detections with boxes in original-image pixels;
+    postprocess: masks pasted and thresholded on the device, then bool masks to the host
+    (`postprocess_device` leaves them there). A segment's score is the detection's class
+    probability. The network keeps torch's default (NCHW) memory layout: channels_last is
+    kept to the plain convnets (U-Net, FCN, DeepLabV3).
     """
 
     task = "instance"
@@ -152,11 +157,13 @@ class MaskRCNNSegmenter:
         mask_threshold: float = 0.5,
         weights: str = RANDOM,
         weights_sha256: str | None = None,
+        amp_dtype: str = AMP_AUTO,
     ):
         if not 0.0 <= mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
         self.name = name
         self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
         transform = network.transform
         network.transform = _BoxesOnlyTransform(
             transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
@@ -180,12 +187,13 @@ class MaskRCNNSegmenter:
         return self.network.roi_heads.detections_per_img
 
     def preprocess(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 (H, W, 3) images → uint8 (3, H, W) tensors (HWC memory) on the host."""
         tensors = []
+        pin = pins(self.device)
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-            # A copy: arrays from Ray's object store are read-only, which torch warns about.
-            tensors.append(torch.tensor(image).permute(2, 0, 1).float().div_(255))
+            tensors.append(host_tensor(image, pin).permute(2, 0, 1))
         return tensors
 
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -213,24 +221,29 @@ class MaskRCNNSegmenter:
             groups.setdefault(self.padded_shape(*image.shape[-2:]), []).append(index)
         outputs: list[dict[str, torch.Tensor]] = [{} for _ in batch]
         for indices in groups.values():
-            images = [batch[i].to(self.device, non_blocking=True) for i in indices]
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            images = [to_device(batch[i], self.device).float().div_(255) for i in indices]
+            with autocast(self.device, self.amp_dtype):
                 for index, detections in zip(indices, self.network(images)):
                     outputs[index] = detections
         return outputs
 
-    @torch.inference_mode()
     def postprocess(self, raw: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        return host_segments(self.postprocess_device(raw, sizes))
+
+    @torch.inference_mode()
+    def postprocess_device(self, raw: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+        """Per image: its kept detections, masks pasted at the image's size and thresholded
+        on the device (mask probabilities in float32, also under autocast)."""
         results = []
         for detections, size in zip(raw, sizes):
-            masks = paste_masks(detections["masks"], detections["boxes"], tuple(size), self.mask_threshold)
+            probabilities = detections["masks"].float()
+            masks = paste_masks(probabilities, detections["boxes"].float(), tuple(size), self.mask_threshold)
             # Only labels with a category, and only detections that kept at least one pixel.
             keep = self._emitted[detections["labels"]] & masks.flatten(1).any(dim=1)
-            masks = masks[keep].cpu().numpy()
             labels = detections["labels"][keep].tolist()
             scores = detections["scores"][keep].float().tolist()
             results.append(
-                [Segment(self.labels[label].id, score, mask) for label, score, mask in zip(labels, scores, masks)]
+                DeviceSegments([Segment(self.labels[label].id, score, None) for label, score in zip(labels, scores)], masks[keep])
             )
         return results
 
@@ -248,7 +261,9 @@ def _build(
     mask_threshold: float,
     min_size: int,
     max_size: int,
+    amp_dtype: str,
 ) -> MaskRCNNSegmenter:
+    check_amp_dtype(amp_dtype)
     score_threshold = 0.05 if score_threshold is None else float(score_threshold)
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
@@ -287,6 +302,7 @@ def _build(
         mask_threshold=float(mask_threshold),
         weights=weights,
         weights_sha256=digest,
+        amp_dtype=amp_dtype,
     )
 
 
@@ -302,6 +318,7 @@ def build_maskrcnn(
     mask_threshold: float = 0.5,
     min_size: int = 800,
     max_size: int = 1333,
+    amp_dtype: str = AMP_AUTO,
 ) -> MaskRCNNSegmenter:
     """torchvision's maskrcnn_resnet50_fpn from a `.pth` state dict (path or URI) or `random`.
 
@@ -310,12 +327,14 @@ def build_maskrcnn(
     mask_threshold: a pixel belongs to the instance when its mask probability exceeds it;
     min_size/max_size: each image is resized so its short side is min_size unless its long
     side would then exceed max_size; category_file: a COCO json or list of categories (see
-    the module docstring for how labels map to them), default COCO's 80 (91 labels).
+    the module docstring for how labels map to them), default COCO's 80 (91 labels);
+    amp_dtype: auto | fp16 | bf16 | none, the network's autocast (auto: float16 on CUDA,
+    none on the CPU).
     """
     return _build(
         "maskrcnn", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
         score_threshold=score_threshold, category_file=category_file, max_detections=max_detections,
-        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size,
+        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size, amp_dtype=amp_dtype,
     )  # fmt: skip
 
 
@@ -331,10 +350,11 @@ def build_maskrcnn_v2(
     mask_threshold: float = 0.5,
     min_size: int = 800,
     max_size: int = 1333,
+    amp_dtype: str = AMP_AUTO,
 ) -> MaskRCNNSegmenter:
     """torchvision's maskrcnn_resnet50_fpn_v2; options as for `build_maskrcnn`."""
     return _build(
         "maskrcnn_v2", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
         score_threshold=score_threshold, category_file=category_file, max_detections=max_detections,
-        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size,
+        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size, amp_dtype=amp_dtype,
     )  # fmt: skip

@@ -38,6 +38,7 @@ import torch
 
 from .base import Segment
 from .categories import Category
+from .device import AMP_AUTO, check_amp_dtype, to_device
 from .maskformer import (
     TASKS,
     MaskFormerSegmenter,
@@ -126,7 +127,7 @@ class OneFormerSegmenter(MaskFormerSegmenter):
         return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded.get("pixel_mask")}
 
     def _inputs(self, batch: dict) -> dict:
-        pixel_values = batch["pixel_values"].to(self.device)
+        pixel_values = to_device(batch["pixel_values"], self.device)
         return {"pixel_values": pixel_values, "task_inputs": self.task_tokens.expand(len(pixel_values), -1)}
 
     @torch.inference_mode()
@@ -167,6 +168,7 @@ def build_oneformer(
     category_file: str | None = None,
     mask_threshold: float = 0.5,
     overlap_mask_area_threshold: float = 0.8,
+    amp_dtype: str = AMP_AUTO,
 ) -> OneFormerSegmenter:
     """OneFormerForUniversalSegmentation from an HF checkpoint directory (path or URI).
 
@@ -174,10 +176,12 @@ def build_oneformer(
     score_threshold: panoptic class-probability cut (default 0.5), instance score cut
     (default none, as transformers); mask_threshold, overlap_mask_area_threshold: segment
     validity (transformers' names and defaults); category_file: COCO json or list with
-    `isthing`, overriding the checkpoint's class info.
+    `isthing`, overriding the checkpoint's class info; amp_dtype: auto | fp16 | bf16 | none,
+    the network's autocast (auto: float16 on CUDA, none on the CPU).
     """
     from transformers import OneFormerForUniversalSegmentation, OneFormerProcessor
 
+    check_amp_dtype(amp_dtype)
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if weights == RANDOM:
@@ -204,5 +208,6 @@ def build_oneformer(
         network, processor, task_tokens, categories, name="oneformer", task=task, device=device,
         score_threshold=score_threshold, mask_threshold=mask_threshold,
         overlap_mask_area_threshold=overlap_mask_area_threshold, weights=weights, weights_sha256=digest,
+        amp_dtype=amp_dtype,
     )  # fmt: skip
 

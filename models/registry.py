@@ -124,7 +124,8 @@ def model_options(name: str) -> list[str]:
 
 
 def check_options(name: str, options: dict) -> None:
-    """Refuses options the model does not take, naming the ones it does, before any work."""
+    """Refuses options the model does not take, naming the ones it does, and a bad value of
+    the option every model takes (`amp_dtype`), before any work."""
     accepted = model_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -132,6 +133,10 @@ def check_options(name: str, options: dict) -> None:
             f"model {name!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+    if "amp_dtype" in options:
+        from .device import check_amp_dtype
+
+        check_amp_dtype(options["amp_dtype"])
 
 
 def build_model(name: str, weights: str, **arguments) -> SegmentationModel:

@@ -28,7 +28,10 @@ Where the work happens: the image encoder runs once per image (per crop in autom
 mode) on the model's device, in stacks of encoder_batch_size; the mask decoder in chunks
 of points_per_batch prompts; upsampling, thresholding, filtering and NMS on the device.
 Kept masks wait for the NMS bit-packed (1 bit per pixel), and only the final ones are
-unpacked to bool masks at the original image size for the host. Preprocessing (resize to
+unpacked to bool masks at the original image size (left on the device by
+`postprocess_device`, for the pipeline to bit-pack there). The image encoder runs under
+autocast `amp_dtype` (models/device.py; auto: float16 on CUDA); the prompt encoder, mask
+decoder and every threshold stay in float32. Preprocessing (resize to
 target_size on the longest side, ImageNet normalisation, padding to the model's image
 size) is transformers' SamImageProcessor; the helpers of its mask-generation path are
 reused (generate_crop_boxes, post_process_masks and the functions filter_masks is made of)
@@ -62,8 +65,9 @@ from transformers.models.sam.image_processing_sam import (
 )
 from transformers.utils import logging as hf_logging
 
-from .base import Prompts, Segment
+from .base import DeviceSegments, Prompts, Segment
 from .categories import Category, load_category_file, parse_categories
+from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, resolve_amp_dtype, to_device
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .torchvision_checkpoint import load_state_dict
 from .weights import RANDOM, WeightsError, warn_random
@@ -398,8 +402,10 @@ class SamSegmenter:
         categories: list[Category] | None = None,
         weights: str = RANDOM,
         weights_sha256: str | None = None,
+        amp_dtype: str = AMP_AUTO,
     ):
         self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
         if encoder_batch_size is None:
             # On the CPU one image per call: nothing to gain from stacking, and an image's
             # masks then never depend on its batch neighbours (bit for bit).
@@ -539,16 +545,10 @@ class SamSegmenter:
         """Image embeddings (N, C, h, w), float, on the device: the encoder once per image/crop."""
         embeddings = []
         for start in range(0, len(pixel_values), self.encoder_batch_size):
-            chunk = pixel_values[start : start + self.encoder_batch_size].to(self.device, non_blocking=True)
-            with self._autocast():
+            chunk = to_device(pixel_values[start : start + self.encoder_batch_size], self.device)
+            with autocast(self.device, self.amp_dtype):
                 embeddings.append(self.network.get_image_embeddings(chunk).float())
         return torch.cat(embeddings)
-
-    def _autocast(self):
-        """Half precision for the image encoder on CUDA; the decoder and thresholds stay float32."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def forward(self, batch: SamBatch) -> list[_Masks]:
@@ -645,24 +645,32 @@ class SamSegmenter:
     # -- postprocess (device → host) --
 
     def postprocess(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        return host_segments(self.postprocess_device(raw, sizes))
+
+    @torch.inference_mode()
+    def postprocess_device(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+        """Per image: its masks (still on the device, except after the small-region clean-up,
+        which is scipy's on the host) with their scores, minus those below score_threshold."""
         results = []
         for output, size in zip(raw, sizes):
-            masks = output.masks.cpu().numpy()
-            scores = output.scores.cpu().numpy()
-            if masks.shape[1:] != tuple(size):
-                raise RuntimeError(f"masks of shape {masks.shape[1:]} for an image of size {tuple(size)}")
+            masks, scores = output.masks, output.scores.cpu().numpy()
+            if tuple(masks.shape[1:]) != tuple(size):
+                raise RuntimeError(f"masks of shape {tuple(masks.shape[1:])} for an image of size {tuple(size)}")
             if output.category_ids is None:
                 if self.min_mask_region_area > 0 and len(masks):
-                    masks, scores = self._remove_small_regions(masks, scores)
-                segments = [Segment(OBJECT.id, float(s), m) for m, s in zip(masks, scores)]
+                    cleaned, scores = self._remove_small_regions(masks.cpu().numpy(), scores)
+                    masks = torch.from_numpy(cleaned)
+                segments = [Segment(OBJECT.id, float(s), None) for s in scores]
             else:
                 segments = [
-                    Segment(category_id, float(s), m, annotation_id=annotation_id)
-                    for m, s, category_id, annotation_id in zip(masks, scores, output.category_ids, output.annotation_ids)
+                    Segment(category_id, float(s), None, annotation_id=annotation_id)
+                    for s, category_id, annotation_id in zip(scores, output.category_ids, output.annotation_ids)
                 ]
             if self.score_threshold is not None:
-                segments = [s for s in segments if s.score >= self.score_threshold]
-            results.append(segments)
+                keep = [i for i, segment in enumerate(segments) if segment.score >= self.score_threshold]
+                segments = [segments[i] for i in keep]
+                masks = masks[torch.tensor(keep, dtype=torch.int64, device=masks.device)]
+            results.append(DeviceSegments(segments, masks))
         return results
 
     def _remove_small_regions(self, masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -718,6 +726,7 @@ def build_sam(
     encoder_batch_size: int | None = None,
     categories: list | None = None,
     category_file: str | None = None,
+    amp_dtype: str = AMP_AUTO,
 ) -> SamSegmenter:
     """SAM from an HF directory, a segment-anything `.pth` (path or URI) or `random`.
 
@@ -729,13 +738,15 @@ def build_sam(
     Both modes: mask_threshold (mask logit cut), score_threshold (drop segments whose
     predicted IoU is below it; default keep all), target_size (longest side images are
     resized to; default the model's image size), encoder_batch_size (images/crops per
-    image-encoder call; default 4 on CUDA, 1 on the CPU).
+    image-encoder call; default 4 on CUDA, 1 on the CPU), amp_dtype (auto | fp16 | bf16 |
+    none: the image encoder's autocast; auto is float16 on CUDA, none on the CPU).
     `.pth` only: model_type (vit_b, vit_l, vit_h; default: read from the shapes),
     vit_num_heads (only for a checkpoint without relative positions).
     Prompted mode: categories (list of {"id", "name"} or names) or category_file (COCO json
     or list) name the prompts' category ids; automatic mode emits `object` (id 1) and
     refuses a model given categories.
     """
+    check_amp_dtype(amp_dtype)
     network, processor, digest = load_sam(
         weights, sha256=weights_sha256, storage_options=storage_options, model_type=model_type, vit_num_heads=vit_num_heads
     )
@@ -760,4 +771,5 @@ def build_sam(
         categories=_categories(categories, category_file, storage_options),
         weights=weights,
         weights_sha256=digest,
+        amp_dtype=amp_dtype,
     )

@@ -32,8 +32,9 @@ from torchvision.transforms import functional as TF
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
 
-from .base import Segment
+from .base import DeviceSegments, Segment
 from .categories import VOC, Category, load_category_file
+from .device import AMP_AUTO, autocast, check_amp_dtype, host_batch, host_segments, pins, resolve_amp_dtype, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, pth_weights_file, tensor_shape
 from .weights import RANDOM, WeightsError, warn_random
 
@@ -91,6 +92,7 @@ class TorchvisionSemanticSegmenter:
     torchvision's `SemanticSegmentation` preset of its published weights, whose size is
     520). Logits are upsampled back to the original size before the argmax. Images are
     grouped by size, so a prediction never depends on its batch neighbours.
+    amp_dtype: autocast setting (models/device.py); on CUDA the network runs channels_last.
     """
 
     task = "semantic"
@@ -106,11 +108,13 @@ class TorchvisionSemanticSegmenter:
         resize: int | None = None,
         weights: str = RANDOM,
         weights_sha256: str | None = None,
+        amp_dtype: str = AMP_AUTO,
     ):
         if resize is not None and int(resize) < 1:
             raise ValueError(f"resize must be ≥ 1 (pixels of the shorter side) or None, got {resize}")
         self.name = name
         self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
         network.aux_classifier = None  # a training-only head: never computed at inference
         self.network = network.to(self.device).eval()
         if self.device.type == "cuda":
@@ -125,14 +129,16 @@ class TorchvisionSemanticSegmenter:
         self._ids = [category.id for category in categories]
 
     def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
-        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors."""
+        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors
+        (NHWC memory, pinned when bound for CUDA)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
             groups.setdefault(image.shape[:2], []).append(index)
+        pin = pins(self.device)
         return [
-            (indices, torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2))
+            (indices, host_batch([images[i] for i in indices], pin).permute(0, 3, 1, 2))
             for indices in groups.values()
         ]
 
@@ -141,14 +147,14 @@ class TorchvisionSemanticSegmenter:
         """Per size group: (indices, labels int64 (N, H, W), max probability float (N, H, W))."""
         outputs = []
         for indices, pixels in batch:
-            pixels = pixels.to(self.device, non_blocking=True)
+            pixels = to_device(pixels, self.device)
             size = pixels.shape[-2:]
             if self.resize is not None:
                 pixels = TF.resize(pixels, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
             x = (pixels.float() / 255 - self._mean) / self._std
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            with autocast(self.device, self.amp_dtype):
                 logits = self.network(x)["out"]
             logits = logits.float()
             if logits.shape[-2:] != size:
@@ -160,9 +166,14 @@ class TorchvisionSemanticSegmenter:
             outputs.append((indices, labels, probabilities))
         return outputs
 
-    @torch.inference_mode()
     def postprocess(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        results: list[list[Segment]] = [[] for _ in sizes]
+        return host_segments(self.postprocess_device(raw, sizes))
+
+    @torch.inference_mode()
+    def postprocess_device(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+        """Per image: one segment per class present (scored at least score_threshold), its
+        mask `labels == class` computed on the device."""
+        results: list[DeviceSegments | None] = [None] * len(sizes)  # every image is in one size group
         num_classes = len(self.categories)
         for indices, labels, probabilities in raw:
             flat_labels = labels.flatten(1)
@@ -173,13 +184,15 @@ class TorchvisionSemanticSegmenter:
             sums = torch.zeros_like(counts).scatter_add_(1, flat_labels, probabilities.flatten(1))
             scores = (sums / counts.clamp(min=1)).cpu().numpy()
             counts = counts.cpu().numpy()
-            labels_host = labels.to(torch.uint8 if num_classes <= 256 else torch.int32).cpu().numpy()
+            # One byte per label makes the per-class comparisons below 8× lighter on memory.
+            compact = labels.to(torch.uint8 if num_classes <= 256 else torch.int32)
             for row, index in enumerate(indices):
-                for channel in np.flatnonzero(counts[row]):
-                    score = float(scores[row, channel])
-                    if score < self.score_threshold:
-                        continue
-                    results[index].append(Segment(self._ids[channel], score, labels_host[row] == channel))
+                channels = [c for c in np.flatnonzero(counts[row]) if float(scores[row, c]) >= self.score_threshold]
+                wanted = torch.tensor(channels, dtype=compact.dtype, device=compact.device)
+                results[index] = DeviceSegments(
+                    [Segment(self._ids[c], float(scores[row, c]), None) for c in channels],
+                    compact[row][None] == wanted[:, None, None],
+                )
         return results
 
 
@@ -193,7 +206,9 @@ def _build(
     score_threshold: float | None,
     category_file: str | None,
     resize: int | None,
+    amp_dtype: str,
 ) -> TorchvisionSemanticSegmenter:
+    check_amp_dtype(amp_dtype)
     categories = None if category_file is None else load_category_file(category_file, storage_options)
     build = ARCHITECTURES[architecture]
     if weights == RANDOM:
@@ -217,6 +232,7 @@ def _build(
         resize=resize,
         weights=weights,
         weights_sha256=digest,
+        amp_dtype=amp_dtype,
     )
 
 
@@ -229,17 +245,19 @@ def build_fcn(
     score_threshold: float | None = None,
     category_file: str | None = None,
     resize: int | None = None,
+    amp_dtype: str = AMP_AUTO,
 ) -> TorchvisionSemanticSegmenter:
     """torchvision's fcn_resnet50 from a `.pth` state dict (path or URI) or `random`.
 
     score_threshold: drop a class's segment when its score is below it (default 0);
     category_file: a COCO json or list of categories (default the 21 VOC classes; see the
     module docstring); resize: shorter side in pixels to run at (torchvision's published
-    weights use 520), default None = each image's own size.
+    weights use 520), default None = each image's own size; amp_dtype: auto | fp16 | bf16 |
+    none, the network's autocast (auto: float16 on CUDA, none on the CPU).
     """
     return _build(
         "fcn", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, category_file=category_file, resize=resize,
+        score_threshold=score_threshold, category_file=category_file, resize=resize, amp_dtype=amp_dtype,
     )  # fmt: skip
 
 
@@ -252,9 +270,10 @@ def build_deeplabv3(
     score_threshold: float | None = None,
     category_file: str | None = None,
     resize: int | None = None,
+    amp_dtype: str = AMP_AUTO,
 ) -> TorchvisionSemanticSegmenter:
     """torchvision's deeplabv3_resnet50; options as for `build_fcn`."""
     return _build(
         "deeplabv3", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, category_file=category_file, resize=resize,
+        score_threshold=score_threshold, category_file=category_file, resize=resize, amp_dtype=amp_dtype,
     )  # fmt: skip

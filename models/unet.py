@@ -21,8 +21,19 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .base import Segment
+from .base import DeviceSegments, Segment
 from .categories import SHAPES, Category, parse_categories
+from .device import (
+    AMP_AUTO,
+    autocast,
+    check_amp_dtype,
+    host_batch,
+    host_segments,
+    on_host,
+    pins,
+    resolve_amp_dtype,
+    to_device,
+)
 from .unet_instances import DEFAULT_MIN_AREA, check_instance_options, semantic_to_instances
 from .weights import RANDOM, WeightsError, check_sha256, read_bytes, warn_random
 
@@ -198,6 +209,8 @@ class UNetSegmenter:
     task="instance": one segment per connected component (≥ min_area pixels) of each
     thing class instead, scored by its class's mean probability; stuff classes are left
     out (models/unet_instances.py).
+    amp_dtype: autocast setting (models/device.py); on CUDA the network also runs
+    channels_last, which cuDNN's convolutions prefer under autocast.
     """
 
     name = "unet"
@@ -213,11 +226,13 @@ class UNetSegmenter:
         weights_sha256: str | None = None,
         task: str = "semantic",
         min_area: int = DEFAULT_MIN_AREA,
+        amp_dtype: str = AMP_AUTO,
     ):
         check_instance_options(task, min_area)
         self.task = task
         self.min_area = min_area
         self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
         self.network = network.to(self.device).eval()
         if self.device.type == "cuda":
             self.network = self.network.to(memory_format=torch.channels_last)
@@ -229,7 +244,8 @@ class UNetSegmenter:
         self._std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
-        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors.
+        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors
+        (NHWC memory, pinned when bound for CUDA).
 
         Images are grouped by size rather than padded together so an image's prediction
         never depends on which other images share its batch.
@@ -237,8 +253,9 @@ class UNetSegmenter:
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
             groups.setdefault(image.shape[:2], []).append(index)
+        pin = pins(self.device)
         return [
-            (indices, torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2))
+            (indices, host_batch([images[i] for i in indices], pin).permute(0, 3, 1, 2))
             for indices in groups.values()
         ]
 
@@ -247,28 +264,42 @@ class UNetSegmenter:
         """Per size group: (indices, labels int64 (N, H, W), max probability float (N, H, W))."""
         outputs = []
         for indices, pixels in batch:
-            x = (pixels.to(self.device, non_blocking=True).float() - self._mean) / self._std
+            x = (to_device(pixels, self.device).float() - self._mean) / self._std
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            with autocast(self.device, self.amp_dtype):
                 logits = self.network(x)
             probabilities, labels = logits.float().softmax(dim=1).max(dim=1)
             outputs.append((indices, labels, probabilities))
         return outputs
 
     def postprocess(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        results: list[list[Segment]] = [[] for _ in sizes]
         if self.task == "instance":
-            for indices, labels, probabilities in raw:
-                labels_host, probabilities_host = labels.cpu().numpy(), probabilities.float().cpu().numpy()
-                for row, index in enumerate(indices):
-                    results[index] = semantic_to_instances(
-                        labels_host[row], probabilities_host[row], self.categories,
-                        min_area=self.min_area, score_threshold=self.score_threshold,
-                    )  # fmt: skip
-            return results
+            return self._instances(raw, sizes)
+        return host_segments(self.postprocess_device(raw, sizes))
+
+    def _instances(self, raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        """Connected components of the thing classes, on the host (scipy)."""
+        results: list[list[Segment]] = [[] for _ in sizes]
         for indices, labels, probabilities in raw:
-            num_classes = len(self.categories)
+            labels_host, probabilities_host = labels.cpu().numpy(), probabilities.float().cpu().numpy()
+            for row, index in enumerate(indices):
+                results[index] = semantic_to_instances(
+                    labels_host[row], probabilities_host[row], self.categories,
+                    min_area=self.min_area, score_threshold=self.score_threshold,
+                )  # fmt: skip
+        return results
+
+    @torch.inference_mode()
+    def postprocess_device(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+        """Per image: one segment per class present (scored at least score_threshold), its
+        mask `labels == class` computed on the device. The instance task's components are
+        found on the host."""
+        if self.task == "instance":
+            return [on_host(segments, size) for segments, size in zip(self._instances(raw, sizes), sizes)]
+        results: list[DeviceSegments | None] = [None] * len(sizes)  # every image is in one size group
+        num_classes = len(self.categories)
+        for indices, labels, probabilities in raw:
             flat_labels = labels.flatten(1)
             # Per image and class: pixel count and probability sum, in two scatter-adds.
             counts = torch.zeros(len(indices), num_classes, device=labels.device).scatter_add_(
@@ -277,15 +308,15 @@ class UNetSegmenter:
             sums = torch.zeros_like(counts).scatter_add_(1, flat_labels, probabilities.flatten(1))
             scores = (sums / counts.clamp(min=1)).cpu().numpy()
             counts = counts.cpu().numpy()
-            labels_host = labels.to(torch.uint8 if num_classes <= 256 else torch.int32).cpu().numpy()
+            # One byte per label makes the per-class comparisons below 8× lighter on memory.
+            compact = labels.to(torch.uint8 if num_classes <= 256 else torch.int32)
             for row, index in enumerate(indices):
-                for channel in np.flatnonzero(counts[row]):
-                    score = float(scores[row, channel])
-                    if score < self.score_threshold:
-                        continue
-                    results[index].append(
-                        Segment(self.categories[channel].id, score, labels_host[row] == channel)
-                    )
+                channels = [c for c in np.flatnonzero(counts[row]) if float(scores[row, c]) >= self.score_threshold]
+                wanted = torch.tensor(channels, dtype=compact.dtype, device=compact.device)
+                results[index] = DeviceSegments(
+                    [Segment(self.categories[c].id, float(scores[row, c]), None) for c in channels],
+                    compact[row][None] == wanted[:, None, None],
+                )
         return results
 
 
@@ -298,10 +329,13 @@ def build_unet(
     score_threshold: float | None = None,
     task: str = "semantic",
     min_area: int = DEFAULT_MIN_AREA,
+    amp_dtype: str = AMP_AUTO,
 ) -> UNetSegmenter:
     """task: "semantic" (one segment per class present) or "instance" (one per connected
-    component of a thing class with at least min_area pixels)."""
+    component of a thing class with at least min_area pixels); amp_dtype: auto | fp16 |
+    bf16 | none, the network's autocast (auto: float16 on CUDA, none on the CPU)."""
     check_instance_options(task, min_area)
+    check_amp_dtype(amp_dtype)
     network, digest = load_unet(weights, sha256=weights_sha256, storage_options=storage_options)
     return UNetSegmenter(
         network,
@@ -311,4 +345,5 @@ def build_unet(
         weights_sha256=digest,
         task=task,
         min_area=min_area,
+        amp_dtype=amp_dtype,
     )

@@ -1,6 +1,7 @@
 """Infer: the model run as a Ray Data actor pool, built once per actor.
 
-Per batch: model.preprocess → model.forward → model.postprocess, then masks leave the
+Per batch: model.preprocess → model.forward → model.postprocess (`postprocess_device` where
+the model has it: masks stay on the device and are bit-packed there), then masks leave the
 actor bit-packed (pipeline/masks.py) with their metadata; pycocotools encoding happens in
 the CPU stage after it, not on the accelerator's actor.
 """
@@ -17,8 +18,9 @@ import torch
 from PIL import Image
 
 from ..models.base import Prompts, Segment, SegmentationModel
+from ..models.device import on_host
 from ..models.registry import build_model
-from .masks import pack_masks
+from .device_masks import full_size_masks, masks_to_wire
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
@@ -86,14 +88,6 @@ def fit_for_model(image: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def full_size(segment: Segment, size: tuple[int, int]) -> Segment:
-    """`segment` with its mask scaled (nearest neighbour) to `size` (H, W)."""
-    mask = segment.mask
-    rows = np.arange(size[0]) * mask.shape[0] // size[0]
-    cols = np.arange(size[1]) * mask.shape[1] // size[1]
-    return dataclasses.replace(segment, mask=mask[rows[:, None], cols[None, :]])
-
-
 def scale_prompts(prompts: Prompts | None, image: np.ndarray, shown: np.ndarray) -> Prompts | None:
     """Box prompts in `image` pixels → the same boxes in the pixels of its downscaled `shown`."""
     if prompts is None or shown is image:
@@ -142,16 +136,23 @@ class SegmentImages:
         self.model_max_pixels = model_max_pixels
         log.info("built %s on %s", model_name, self.device)
 
-    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[list[Segment]]:
+    @torch.inference_mode()
+    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[list[Segment], bytes]]:
+        """Per image: its segments (masks None) and their masks at the image's full size,
+        packed (`pack_masks` bytes) — on the model's device when it post-processes there."""
         shown = [fit_for_model(image, self.model_max_pixels) for image in images]
         if prompts is not None:
             prompts = [scale_prompts(p, image, small) for p, image, small in zip(prompts, images, shown)]
         sizes = [image.shape[:2] for image in shown]
         batch = self.model.preprocess(shown) if prompts is None else self.model.preprocess(shown, prompts=prompts)
-        results = self.model.postprocess(self.model.forward(batch), sizes)
+        raw = self.model.forward(batch)
+        if hasattr(self.model, "postprocess_device"):
+            results = self.model.postprocess_device(raw, sizes)
+        else:
+            results = [on_host(segments, size) for segments, size in zip(self.model.postprocess(raw, sizes), sizes)]
         return [
-            segments if small is image else [full_size(segment, image.shape[:2]) for segment in segments]
-            for segments, image, small in zip(results, images, shown)
+            (result.segments, masks_to_wire(result.masks if small is image else full_size_masks(result.masks, image.shape[:2])))
+            for result, image, small in zip(results, images, shown)
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -163,13 +164,13 @@ class SegmentImages:
         for index, reason in enumerate(batch.get(PROMPT_ERROR, ())):
             if isinstance(reason, str) and statuses[index] == STATUS_OK:
                 statuses[index], errors[index] = STATUS_ERROR, f"bad prompts: {reason}"
-        results: list[list[Segment]] = [[] for _ in range(count)]
+        results: list[tuple[list[Segment], bytes]] = [([], b"")] * count
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]
         prompts = prompts_of(batch, ready)
         try:
-            for index, segments in zip(ready, self._segment(images, prompts)):
-                results[index] = segments
+            for index, result in zip(ready, self._segment(images, prompts)):
+                results[index] = result
         except Exception:  # noqa: BLE001 - isolate the failing image(s), below
             log.warning("batch of %d failed; retrying its images one by one", len(ready), exc_info=True)
             for position, (index, image) in enumerate(zip(ready, images)):
@@ -181,10 +182,8 @@ class SegmentImages:
                     log.warning("inference failed on %s:\n%s", batch["uri"][index], traceback.format_exc())
         return self._rows(batch, statuses, errors, results)
 
-    def _rows(self, batch, statuses, errors, results: list[list[Segment]]) -> pa.Table:
-        masks = []
-        for segments in results:
-            masks.append(pack_masks(np.stack([s.mask for s in segments])) if segments else b"")
+    def _rows(self, batch, statuses, errors, results: list[tuple[list[Segment], bytes]]) -> pa.Table:
+        per_row = [segments for segments, _ in results]
         return pa.table(
             {
                 "image_id": [str(x) for x in batch["image_id"]],
@@ -194,13 +193,13 @@ class SegmentImages:
                 "status": statuses,
                 "error": errors,
                 "model": [self.model.name] * len(statuses),
-                "category_ids": [[s.category_id for s in segments] for segments in results],
-                "labels": [[self.labels.get(s.category_id) for s in segments] for segments in results],
-                "scores": [[s.score for s in segments] for segments in results],
-                "segment_ids": [[s.segment_id for s in segments] for segments in results],
-                "iscrowd": [[s.iscrowd for s in segments] for segments in results],
-                "annotation_ids": [[s.annotation_id for s in segments] for segments in results],
-                "masks": masks,
+                "category_ids": [[s.category_id for s in segments] for segments in per_row],
+                "labels": [[self.labels.get(s.category_id) for s in segments] for segments in per_row],
+                "scores": [[s.score for s in segments] for segments in per_row],
+                "segment_ids": [[s.segment_id for s in segments] for segments in per_row],
+                "iscrowd": [[s.iscrowd for s in segments] for segments in per_row],
+                "annotation_ids": [[s.annotation_id for s in segments] for segments in per_row],
+                "masks": [packed for _, packed in results],
             },
             schema=INFERENCE_SCHEMA,
         )

@@ -386,7 +386,7 @@ def test_registry_entries():
         entry = REGISTRY[name]
         assert entry.task == "instance" and "torchvision .pth" in entry.weights
         assert entry.weights_file("s3://b/m.pth") == "s3://b/m.pth"
-        assert model_options(name) == ["category_file", "max_detections", "mask_threshold", "min_size", "max_size"]
+        assert model_options(name) == ["category_file", "max_detections", "mask_threshold", "min_size", "max_size", "amp_dtype"]
 
 
 def test_state_dict_files_plain_training_checkpoint_or_ddp_prefixed(tmp_path):

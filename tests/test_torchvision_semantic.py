@@ -168,7 +168,7 @@ def test_registry_entries():
     for name in ("fcn", "deeplabv3"):
         entry = REGISTRY[name]
         assert entry.task == "semantic" and "torchvision .pth" in entry.weights
-        assert model_options(name) == ["category_file", "resize"]
+        assert model_options(name) == ["category_file", "resize", "amp_dtype"]
 
 
 def test_random_weights_default_to_voc():

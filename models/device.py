@@ -1,0 +1,103 @@
+"""What every model does the same way on an accelerator: mixed precision, host→device copies.
+
+- **Autocast.** Every builder takes `amp_dtype` (`--model-option amp_dtype=…`): `auto` (the
+  default) runs the network under float16 autocast on CUDA and in full precision elsewhere;
+  `fp16` or `bf16` ask for that autocast dtype on any device (bfloat16 keeps float32's
+  range — prefer it on GPUs that have it, Ampere and later); `none` is full precision
+  everywhere. Post-processing (thresholds, argmax, NMS) always runs in float32.
+- **Copies.** Batches are assembled on the host directly in page-locked (pinned) memory when
+  the model's device is CUDA — one copy from the decoded images, no second staging copy —
+  and moved with `non_blocking=True`. torch's caching host allocator keeps freed pinned
+  blocks, so same-sized batches reuse the same buffers. Images cross as uint8 (a quarter of
+  float32's bytes) and become float on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import torch
+
+from .base import DeviceSegments, Segment
+
+# --model-option amp_dtype values → the autocast dtype; "auto" is resolved per device.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+AMP_AUTO = "auto"
+AMP_CHOICES = (AMP_AUTO, *AMP_DTYPES)
+
+
+def check_amp_dtype(amp_dtype: str) -> str:
+    """`amp_dtype` itself when it names an autocast setting; else ValueError naming the choices."""
+    if amp_dtype not in AMP_CHOICES:
+        raise ValueError(f"amp_dtype must be one of {', '.join(AMP_CHOICES)}, got {amp_dtype!r}")
+    return amp_dtype
+
+
+def resolve_amp_dtype(amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `device` (None: full precision). `auto` → float16 on CUDA only."""
+    check_amp_dtype(amp_dtype)
+    if amp_dtype == AMP_AUTO:
+        return torch.float16 if device.type == "cuda" else None
+    return AMP_DTYPES[amp_dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` in `dtype`, or no autocast at all when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def pins(device: torch.device) -> bool:
+    """Whether host tensors bound for `device` should be page-locked: only for CUDA."""
+    return device.type == "cuda"
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def host_batch(arrays: list[np.ndarray], pin: bool) -> torch.Tensor:
+    """Same-shaped arrays → one tensor (N, *shape) of their dtype, on the host; page-locked
+    when `pin`, written there directly (no intermediate stacked copy)."""
+    first = arrays[0]
+    batch = torch.empty((len(arrays), *first.shape), dtype=_torch_dtype(first.dtype), pin_memory=pin)
+    np.stack(arrays, out=batch.numpy())
+    return batch
+
+
+def host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """A host copy of `array` as a tensor (page-locked when `pin`): arrays from Ray's object
+    store are read-only, which torch refuses to wrap without a copy."""
+    tensor = torch.empty(array.shape, dtype=_torch_dtype(array.dtype), pin_memory=pin)
+    tensor.numpy()[...] = array
+    return tensor
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: to CUDA from page-locked memory (pinned here if it is not yet),
+    without blocking the host; strides are kept, so a permuted NHWC batch arrives as a
+    channels_last NCHW tensor."""
+    if tensor.device == device:
+        return tensor
+    if pins(device) and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def host_segments(results: list[DeviceSegments]) -> list[list[Segment]]:
+    """`postprocess_device` results → `postprocess` results: each mask a bool (H, W) numpy
+    array (a row of one host copy of its image's masks)."""
+    return [
+        [dataclasses.replace(segment, mask=mask) for segment, mask in zip(result.segments, result.masks.cpu().numpy())]
+        for result in results
+    ]
+
+
+def on_host(segments: list[Segment], size: tuple[int, int]) -> DeviceSegments:
+    """Segments whose masks were made on the host (bool (H, W) arrays) → DeviceSegments
+    holding them as one bool (N, H, W) CPU tensor of an image of `size` (H, W)."""
+    masks = np.stack([segment.mask for segment in segments]) if segments else np.zeros((0, *size), dtype=bool)
+    return DeviceSegments([dataclasses.replace(segment, mask=None) for segment in segments], torch.from_numpy(masks))
