@@ -631,18 +631,10 @@ def plan_train_resources(
     """Training workers' CPUs/GPUs from the cluster (ray.cluster_resources()), refused early
     when impossible — GPUs on a cluster without any, or workers leaving no CPU for Ray
     Data's decode tasks (the run would hang instead of failing)."""
-    from ..pipeline.resources import ResourceError, _describe, task_cpus
+    from ..pipeline.resources import ResourceError, gpus_per, task_cpus
 
     cluster_cpus, cluster_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if cluster_gpus else 0.0
-    if gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker <= 0):
-        raise ResourceError("--gpus-per-worker must be ≥ 0 and --cpus-per-worker > 0")
-    if gpus_per_worker > 0 and cluster_gpus == 0:
-        raise ResourceError(
-            f"--gpus-per-worker {gpus_per_worker:g} asks for GPUs but the cluster has none "
-            f"({_describe(cluster)}); use --gpus-per-worker 0 to train on CPUs"
-        )
+    gpus_per_worker = gpus_per(cluster, gpus_per_worker, cpus_per_worker, "worker")
     if workers is None:
         workers = max(1, math.floor(cluster_gpus / gpus_per_worker)) if gpus_per_worker > 0 else 1
     if workers < 1:

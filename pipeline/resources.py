@@ -67,6 +67,22 @@ def _describe(cluster: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def gpus_per(cluster: dict, gpus: float | None, cpus: float | None, unit: str) -> float:
+    """GPUs per `unit` ("actor", "worker"): as asked, else 1 when the cluster has GPUs and
+    0 when it has none. Refuses negative requests, and GPUs asked of a cluster without
+    any — Ray would wait for them forever — naming what the cluster has."""
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0.0) else 0.0
+    if gpus < 0 or (cpus is not None and cpus <= 0):
+        raise ResourceError(f"--gpus-per-{unit} must be ≥ 0 and --cpus-per-{unit} > 0")
+    if gpus > 0 and not cluster.get("GPU", 0.0):
+        raise ResourceError(
+            f"--gpus-per-{unit} {gpus:g} asks for GPUs but the cluster has none "
+            f"({_describe(cluster)}); use --gpus-per-{unit} 0 to run on CPUs"
+        )
+    return gpus
+
+
 def plan_resources(
     cluster: dict[str, float],
     *,
@@ -84,15 +100,7 @@ def plan_resources(
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster_gpus else 0.0
-    if gpus_per_actor < 0 or (cpus_per_actor is not None and cpus_per_actor <= 0):
-        raise ResourceError("--gpus-per-actor must be ≥ 0 and --cpus-per-actor > 0")
-    if gpus_per_actor > 0 and cluster_gpus == 0:
-        raise ResourceError(
-            f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs but the cluster has none "
-            f"({_describe(cluster)}); use --gpus-per-actor 0 to run on CPUs"
-        )
+    gpus_per_actor = gpus_per(cluster, gpus_per_actor, cpus_per_actor, "actor")
     if gpus_per_actor > 0:
         default_actors = max(1, math.floor(cluster_gpus / gpus_per_actor))
         cpus_per_actor = 1.0 if cpus_per_actor is None else cpus_per_actor

@@ -69,3 +69,20 @@ def ray_cluster(tmp_path_factory, s3_endpoint):
 def shapes(tmp_path_factory):
     """20 synthetic 64×64 shapes images with COCO / semantic / panoptic ground truth."""
     return make_fixtures(tmp_path_factory.mktemp("shapes"), images=20, size=(64, 64), seed=0)
+
+
+@pytest.fixture(scope="session")
+def varied_unet(tmp_path_factory):
+    """A small random U-Net saved in our format; its head is scaled up so that the predicted
+    classes vary across each image instead of one class winning everywhere."""
+    import torch
+
+    from rayseg.models.unet import UNet, UNetConfig, save_unet
+
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(width=4, depth=2))
+    with torch.no_grad():
+        network.head.weight.mul_(100)
+    directory = tmp_path_factory.mktemp("unet")
+    save_unet(network, str(directory))
+    return directory

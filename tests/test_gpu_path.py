@@ -13,7 +13,7 @@ from rayseg.models.maskformer import build_maskformer
 from rayseg.models.maskrcnn import build_maskrcnn
 from rayseg.models.registry import check_options
 from rayseg.models.sam import build_sam
-from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet, save_unet
+from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet
 from rayseg.pipeline.device_masks import full_size_masks, masks_to_wire, pack_masks_on_device
 from rayseg.pipeline.inference import SegmentImages, fit_for_model
 from rayseg.pipeline.masks import pack_masks, unpack_masks
@@ -51,15 +51,9 @@ def test_masks_scaled_to_full_size_on_the_device_take_the_nearest_model_pixel(sm
 
 
 @pytest.fixture(scope="module")
-def unet_weights(tmp_path_factory):
+def unet_weights(varied_unet):
     """A small U-Net whose argmax varies over the image (so several classes are present)."""
-    torch.manual_seed(0)
-    network = UNet(UNetConfig(width=4, depth=2))
-    with torch.no_grad():
-        network.head.weight.mul_(100)
-    directory = tmp_path_factory.mktemp("unet")
-    save_unet(network, str(directory))
-    return directory
+    return varied_unet
 
 
 def images(count: int, height: int, width: int) -> list[np.ndarray]:

@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
-from rayseg.models.unet import UNet, UNetConfig, build_unet, save_unet
+from rayseg.models.unet import build_unet
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
@@ -40,16 +39,8 @@ def read_rows(output) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small random U-Net saved in our format; its head is scaled up so that the predicted
-    classes vary across each image instead of one class winning everywhere."""
-    torch.manual_seed(0)
-    network = UNet(UNetConfig(width=4, depth=2))
-    with torch.no_grad():
-        network.head.weight.mul_(100)
-    directory = tmp_path_factory.mktemp("unet")
-    save_unet(network, str(directory))
-    return directory
+def checkpoint(varied_unet):
+    return varied_unet
 
 
 def test_segment_writes_one_ok_row_per_image_with_decodable_rle(shapes, tmp_path):

@@ -27,18 +27,25 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 runner = CliRunner()
 
 # The interrupted attempt: the Python API with small output files, so rows are staged
-# while the run is still going.
+# while the run is still going, and rows held back a little on their way to the writer, so
+# that the run is surely still writing when it is killed (a fast machine would otherwise
+# reach the commit between two polls).
 INTERRUPTED_RUN = textwrap.dedent(
     """
-    import sys, ray
+    import sys, time, ray
     from rayseg.pipeline.resources import plan_resources
     from rayseg.pipeline.segment import ModelSpec, segment
     from rayseg.pipeline.sink import write_run
     from rayseg.pipeline.sources import read_source
 
+    def held_back(batch):
+        time.sleep(0.25)
+        return batch
+
     images, output, weights, ray_dir = sys.argv[1:5]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_dir)
     rows = segment(read_source(images), ModelSpec("unet", weights), plan_resources(ray.cluster_resources(), batch_size=2))
+    rows = rows.map_batches(held_back, batch_size=4, batch_format="pyarrow", num_cpus=0.25)
     write_run(rows, output, run_id="nightly", run_info={}, rows_per_file=4, write_cpus=0.25)
     """
 )
