@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ..models.registry import REGISTRY, model_options
-from ..models.weights import RANDOM, WeightsError
+from ..models.weights import WeightsError
 from ..pipeline.resources import ResourceError
 from ..pipeline.sink import OutputError, RunSummary
 from ..pipeline.sources import SourceError

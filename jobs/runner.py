@@ -126,14 +126,12 @@ def run_segment_spec(
         spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit, parallelism=parallelism
     )
     run_id = spec.run_id or new_run_id()
-    prompt_report = None
-    if prompts is not None and not spec.resume:
-        dataset, prompt_report = attach_prompts(dataset, prompts, storage_options=storage_options)
     if spec.resume:
         dataset = without_done(dataset, staged_image_ids(spec.output, run_id, storage_options), parallelism)
-        if prompts is not None:
-            # Unmatched prompts were counted by the first attempt; done images would count here.
-            dataset, _ = attach_prompts(dataset, prompts, storage_options=storage_options, check_unmatched=False)
+    prompt_report = None
+    if prompts is not None:
+        # On resume, the images already done would count as unmatched: the first attempt counted.
+        dataset, prompt_report = attach_prompts(dataset, prompts, storage_options=storage_options, check_unmatched=not spec.resume)
     rows = segment(dataset, model, resources, storage_options=storage_options)
     if model.weights == RANDOM:
         log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", model.name)
@@ -157,16 +155,9 @@ def run_segment_spec(
         "ray_init_seconds": round(ray_seconds, 3),
     }
     if prompt_report is not None:
-        run_info["prompts"] = {
-            "source": spec.prompts,
-            "images": prompt_report.images,
-            "boxes": prompt_report.boxes,
-            "invalid_images": prompt_report.invalid_images,
-            "matched_images": prompt_report.matched_images,
-            "unmatched_images": prompt_report.unmatched_images,
-            "unmatched_boxes": prompt_report.unmatched_boxes,
-            "unmatched_examples": list(prompt_report.unmatched_examples),
-        }
+        # The report names the table it was given; the run names the source the table was read from.
+        counts = {k: v for k, v in dataclasses.asdict(prompt_report).items() if k not in ("source", "categories")}
+        run_info["prompts"] = {"source": spec.prompts, **counts}
     return write_run(
         rows,
         spec.output,
