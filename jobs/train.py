@@ -670,10 +670,6 @@ class TrainSummary:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
-    def last(self) -> dict:
-        return self.history[-1] if self.history else {}
-
 
 def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
     """'HxW' → (height, width)."""
@@ -745,6 +741,8 @@ def train_unet(
     if not lr > 0:
         raise TrainingError(f"--lr must be > 0, got {lr}")
     found = find_training_data(data, storage_options, categories_file)
+    if found.skipped:
+        log.warning("%d image(s) under %s/images have no label PNG and are left out of training", found.skipped, data.rstrip("/"))
     categories = found.categories
 
     start_epoch, history = 0, []
