@@ -15,9 +15,9 @@ from typing import Callable
 
 from .base import SegmentationModel, Task
 
-# Weights the project trained itself, installed with the package (models/weights/*/README.md
+# Weights the project trained itself, installed with the package (models/bundled/*/README.md
 # says how each was made).
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled"
 
 
 @dataclass(frozen=True)

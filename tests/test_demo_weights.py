@@ -1,4 +1,4 @@
-"""The demo weights the project trained itself (models/weights/unet-shapes/): they load, are
+"""The demo weights the project trained itself (models/bundled/unet-shapes/): they load, are
 small, and reach the recorded quality on shapes images no one trained or tuned on."""
 
 from __future__ import annotations

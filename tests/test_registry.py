@@ -32,5 +32,5 @@ def test_importing_the_registry_or_building_the_unet_imports_no_other_family():
 def test_unet_weights_default_to_the_bundled_ones_and_other_models_need_them():
     spec = parse_spec({"input": "in/", "output": "out/", "model": {"name": "unet"}})
     assert spec.model.weights == REGISTRY["unet"].default_weights
-    assert Path(spec.model.weights).parent == Path(__file__).resolve().parents[1] / "models" / "weights"
+    assert Path(spec.model.weights).parent == Path(__file__).resolve().parents[1] / "models" / "bundled"
     assert all(entry.default_weights is None for name, entry in REGISTRY.items() if name != "unet")
