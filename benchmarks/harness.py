@@ -6,14 +6,16 @@
         [--unet-weights DIR]
 
 For each model, on the same generated images (`rayseg fixtures`, made once per size and
-count) and the same weights, three phases run one after the other, each in a fresh process
+count) and the same weights, the phases run one after the other, each in a fresh process
 (benchmarks/harness_phases.py says exactly what each does and how it is measured), each
 twice: over the first --startup-images images (short) and over all --images (full):
 
-1. ceiling — `model.forward` over images decoded and preprocessed beforehand;
-2. baseline — one process: PIL decode → model → pycocotools RLE → pyarrow Parquet, what a
+1. ceiling — `model.forward` over images decoded and preprocessed beforehand, one process;
+2. parallel — the same bare forward in one single-threaded process per core (a reference:
+   rayseg's CPU actors are data parallel, which one process cannot be);
+3. baseline — one process: PIL decode → model → pycocotools RLE → pyarrow Parquet, what a
    user writes instead of rayseg (for the trivial model also over multiprocessing.Pool(2));
-3. rayseg — `rayseg segment` on a local Ray started as the CLI starts it (ray.init reported
+4. rayseg — `rayseg segment` on a local Ray started as the CLI starts it (ray.init reported
    apart, and not measured).
 
 Reported per phase: the steady state — the full run minus the short one: (N − n) images
@@ -24,8 +26,9 @@ reported apart); the full run's wall time, overall images/s and CPU-s/image, pea
 the process tree and first output; then rayseg/ceiling and rayseg/baseline, and the goals on
 this 2-core CPU machine (steady state, ≥ 500 images): throughput ≥ 0.90× the ceiling's,
 CPU-seconds per image ≤ 1.10× the ceiling's, fixed start-up ≤ 3 s, and with the trivial model
-throughput ≥ 1.3× the single-process loop. Batch size and torch threads are the pipeline's
-defaults on this machine (`plan_resources`) in every phase. On a host shared with other
+throughput ≥ 1.3× the single-process loop. Every phase uses the pipeline's batch size on this
+machine (`plan_resources`); the single-process phases run torch on every core, as torch does
+by default, and rayseg its own plan. On a host shared with other
 work, run it as `OMP_WAIT_POLICY=PASSIVE …` (benchmarks/maskrcnn_overhead.py says why); the
 report records the setting.
 
@@ -58,6 +61,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.registry import REGISTRY
 from rayseg.models.unet import CONFIG_FILE, WEIGHTS_FILE
@@ -69,6 +74,7 @@ from .threshold_model import NAME as THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_SEED = 10
+MODEL_PHASES = ("ceiling", "parallel", "baseline", "rayseg")
 SAM_POINTS = 8
 
 # Goals on this 2-core CPU machine, steady state, at least GOAL_IMAGES images.
@@ -120,7 +126,7 @@ def unet_model(workdir: Path, weights: Path | None) -> BenchModel:
         f"trained U-Net from {source} (width {config['width']}, depth {config['depth']}, "
         f"{len(config['categories'])} classes; model.safetensors sha256 {sha256_of(snapshot / WEIGHTS_FILE)[:16]}…)"
     )
-    return BenchModel("unet", "unet", (128, 128), str(snapshot), {}, ("ceiling", "baseline", "rayseg"), about)
+    return BenchModel("unet", "unet", (128, 128), str(snapshot), {}, MODEL_PHASES, about)
 
 
 def maskrcnn_model(workdir: Path) -> BenchModel:
@@ -134,7 +140,7 @@ def maskrcnn_model(workdir: Path) -> BenchModel:
         f"obtained here; benchmarks/maskrcnn_overhead.py), run at the images' own size (min_size {height}, max_size {width})"
     )
     options = {"min_size": height, "max_size": width}
-    return BenchModel("maskrcnn", "maskrcnn", size, str(checkpoint), options, ("ceiling", "baseline", "rayseg"), about)
+    return BenchModel("maskrcnn", "maskrcnn", size, str(checkpoint), options, MODEL_PHASES, about)
 
 
 def sam_model(workdir: Path) -> BenchModel:
@@ -145,7 +151,7 @@ def sam_model(workdir: Path) -> BenchModel:
         f"{SAM_POINTS}×{SAM_POINTS} points, permissive filters"
     )
     options = {"points_per_side": SAM_POINTS, **PERMISSIVE}
-    return BenchModel("sam", "sam", (256, 256), str(checkpoint(workdir)), options, ("ceiling", "baseline", "rayseg"), about)
+    return BenchModel("sam", "sam", (256, 256), str(checkpoint(workdir)), options, MODEL_PHASES, about)
 
 
 def trivial_model() -> BenchModel:
@@ -197,6 +203,8 @@ def assess(model: BenchModel, phases: dict[str, dict]) -> dict:
         "throughput_vs_baseline": ratio(rayseg["steady_images_per_s"], baseline["steady_images_per_s"]),
         "cpu_vs_baseline": ratio(rayseg["steady_cpu_s_per_image"], baseline["steady_cpu_s_per_image"]),
     }
+    if "parallel" in phases:
+        ratios["throughput_vs_parallel"] = ratio(rayseg["steady_images_per_s"], phases["parallel"]["steady"]["steady_images_per_s"])
     if "pool" in phases:
         ratios["pool_throughput_vs_baseline"] = ratio(phases["pool"]["steady"]["steady_images_per_s"], baseline["steady_images_per_s"])
     if model.key == "trivial":
@@ -240,7 +248,8 @@ def markdown(report: dict) -> str:
         f"{', '.join(f'{x:.1f}' for x in report['load_average_end'])} at end  ",
         f"Started {report['started']}, git {report['git']}; {report['images']} images per model (short runs: "
         f"{report['startup_images']}); "
-        f"batch size {report['batch_size']}, {report['torch_threads']} torch threads (the pipeline's defaults here).",
+        f"batch size {report['batch_size']} (the pipeline's default here); {report['torch_threads']} torch threads in the "
+        "single-process phases (torch's default: every core), one per process in `parallel`, the pipeline's plan in rayseg.",
         "",
     ]
     if report["images"] < GOAL_IMAGES:
@@ -274,9 +283,10 @@ def markdown(report: dict) -> str:
             "",
             f"rayseg/ceiling: throughput ×{_f(ratios['throughput_vs_ceiling'], 3)}, CPU-s/image ×{_f(ratios['cpu_vs_ceiling'], 3)}; "
             f"rayseg/baseline: throughput ×{_f(ratios['throughput_vs_baseline'], 3)}, CPU-s/image ×{_f(ratios['cpu_vs_baseline'], 3)}"
+            + (f"; rayseg/parallel forward throughput ×{_f(ratios['throughput_vs_parallel'], 3)}" if "parallel" in phases else "")
             + (f"; Pool({phases['pool']['full']['processes']})/baseline throughput ×{_f(ratios['pool_throughput_vs_baseline'], 3)}" if "pool" in phases else "")
-            + f". ray.init {rayseg['ray_init_s']:.2f} s (not in rayseg's numbers); {rayseg['actors']} actor(s) × "
-            f"{rayseg['cpus_per_actor']:g} CPU, tasks {rayseg['task_cpus']:g} CPU; after the last inference output "
+            + f". ray.init {rayseg['ray_init_s']:.2f} s (not in rayseg's numbers); up to {rayseg['actors']} actor(s) × "
+            f"{rayseg['cpus_per_actor']:g} CPU × {rayseg['actor_threads']} torch thread(s), tasks {rayseg['task_cpus']:g} CPU; after the last inference output "
             f"{rayseg['tail_s']:.2f} s to the committed run.",
             "",
             "rayseg, where the CPU went (full run, CPU-s): "
@@ -319,6 +329,7 @@ def main() -> None:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     planned = plan_resources({"CPU": float(os.cpu_count())})
+    threads = torch.get_num_threads()
     builders = {
         "unet": lambda: unet_model(workdir, args.unet_weights),
         "maskrcnn": lambda: maskrcnn_model(workdir),
@@ -336,7 +347,7 @@ def main() -> None:
         "images": args.images,
         "startup_images": args.startup_images,
         "batch_size": planned.batch_size,
-        "torch_threads": planned.torch_threads,
+        "torch_threads": threads,
         "models": {},
     }
     for key in keys:
@@ -344,7 +355,7 @@ def main() -> None:
         images_dir = fixtures(workdir, model.size, args.images)
         base = PhaseConfig(
             model=key, phase="", registry_name=model.registry_name, weights=model.weights, images_dir=str(images_dir),
-            images=0, output="", batch_size=planned.batch_size, torch_threads=planned.torch_threads, options=model.options,
+            images=0, output="", batch_size=planned.batch_size, torch_threads=threads, options=model.options,
         )  # fmt: skip
         phases = {}
         for phase in model.phases:

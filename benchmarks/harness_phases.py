@@ -3,9 +3,14 @@
     python -m benchmarks.harness_phases CONFIG.json RESULT.json
 
 Phases, all over the same PNG files with the same model object (rayseg's, built from the same
-weights and options) and the same batch size and torch threads as the pipeline's actor:
+weights and options) and the same batch size as the pipeline's actors; a single process runs
+torch on every core (`torch_threads`, torch's own default), the pipeline as it plans:
 
-- ceiling: `model.forward` alone over batches decoded and preprocessed beforehand;
+- ceiling: `model.forward` alone over batches decoded and preprocessed beforehand, in one
+  process with torch on every core (`torch_threads`), as a user's own loop runs it;
+- parallel: the same bare forward in one single-threaded process per core, each over its
+  share of the batches (prepared before the clock starts): a reference for data-parallel
+  actors, which the ceiling's one process cannot show;
 - baseline: what a user writes instead of rayseg — one process: PIL decode → preprocess →
   forward → postprocess → pycocotools RLE → pyarrow Parquet, batch by batch;
 - pool: the same loop over multiprocessing.Pool(2), the parent writing the Parquet;
@@ -46,6 +51,7 @@ from . import threshold_model
 from .common import ProcessTreeSampler, TreeMeasurement
 
 POOL_PROCESSES = 2
+PARALLEL_PROCESSES = os.cpu_count() or 1
 # The operator of the inference actors in a Ray Data plan (pipeline/segment.py).
 INFERENCE_OPERATOR = "SegmentImages"
 
@@ -157,6 +163,47 @@ def run_ceiling(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     return {"first_rows": outputs.first_rows}
 
 
+def _forward_share(config: dict, paths: list[Path], ready, go, done) -> None:
+    """One process of the `parallel` phase: builds the model and prepares its share of the
+    batches, reports ready, waits for `go`, runs the forward passes, puts its image count."""
+    torch.set_num_threads(1)
+    phase = PhaseConfig(**config)
+    model = build(phase)
+    prepared = [(model.preprocess([decode(path) for path in chunk]), len(chunk)) for chunk in batches(paths, phase.batch_size)]
+    ready.put(True)
+    go.wait()
+    with torch.inference_mode():
+        for batch, count in prepared:
+            model.forward(batch)
+    done.put(sum(count for _, count in prepared))
+
+
+def run_parallel(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
+    """The ceiling as separate processes: one per core, each the bare forward on one torch
+    thread over its own share of the batches — what the cores do when forward passes run
+    side by side instead of splitting each one over intra-op threads."""
+    paths = image_paths(config)
+    shares = [paths[i::PARALLEL_PROCESSES] for i in range(PARALLEL_PROCESSES)]
+    context = multiprocessing.get_context("spawn")
+    ready, done, go = context.Queue(), context.Queue(), context.Event()
+    workers = [context.Process(target=_forward_share, args=(asdict(config), share, ready, go, done)) for share in shares]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get()
+    outputs = OutputMarks(sampler, len(paths))
+    sampler.start()
+    sampler.mark("start")
+    go.set()
+    finished = 0
+    for _ in workers:
+        finished += done.get()
+        outputs.rows_out(finished)
+    for worker in workers:
+        worker.join()
+    return {"first_rows": outputs.first_rows, "processes": PARALLEL_PROCESSES}
+
+
 def write_rows(config: PhaseConfig, row_batches, outputs: OutputMarks) -> int:
     """Writes batches of output rows to one Parquet file as they come; returns the segments."""
     segments = done = 0
@@ -262,10 +309,17 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
         "actors": resources.max_actors,
         "cpus_per_actor": resources.cpus_per_actor,
         "task_cpus": resources.task_cpus,
+        "actor_threads": resources.torch_threads,
     }
 
 
-RUNNERS = {"ceiling": run_ceiling, "baseline": run_baseline, "pool": run_pool, "rayseg": run_rayseg}
+RUNNERS = {
+    "ceiling": run_ceiling,
+    "parallel": run_parallel,
+    "baseline": run_baseline,
+    "pool": run_pool,
+    "rayseg": run_rayseg,
+}
 
 
 def summarise(config: PhaseConfig, measured: TreeMeasurement, extra: dict) -> dict:

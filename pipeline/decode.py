@@ -63,6 +63,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise
     except Image.DecompressionBombError as e:
         raise DecodeError(f"image too large: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        # PIL's own message names the in-memory buffer (its address), not the file.
+        raise DecodeError("not a decodable image: no image format recognised") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeError(f"not a decodable image: {e}") from e
 
@@ -116,6 +119,21 @@ def decode_images(
                 pending, pending_bytes = [], 0
     if pending:
         yield _decoded_rows(batch, pending)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_batch_bytes: int = MAX_BATCH_BYTES,
+) -> dict[str, np.ndarray]:
+    """`decode_images` over one batch, handed back as one batch: for a consumer that decodes
+    the few rows it is about to use (the inference actors on CPU clusters)."""
+    parts = list(decode_images(batch, storage_options, max_pixels, max_batch_bytes=max_batch_bytes))
+    parts = parts or [_decoded_rows(batch, [])]
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def _source_error(batch: dict[str, np.ndarray], row: int) -> str | None:

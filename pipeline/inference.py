@@ -20,6 +20,7 @@ from PIL import Image
 from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.device import on_host
 from ..models.registry import build_model
+from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
@@ -102,7 +103,8 @@ def select_device() -> torch.device:
 
 
 class SegmentImages:
-    """Ray Data callable class: decoded rows → rows of segments with packed masks.
+    """Ray Data callable class: decoded rows (or, with `decode`, {image_id, uri} rows) →
+    rows of segments with packed masks.
 
     A batch that fails is retried one image at a time, so one bad image costs only its
     own row (status "error"), never its neighbours'.
@@ -119,7 +121,10 @@ class SegmentImages:
         torch_threads: int | None = None,
         model_options: dict | None = None,
         model_max_pixels: int = MODEL_MAX_PIXELS,
+        decode: dict | None = None,
     ):
+        """decode: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s keyword
+        arguments (storage_options, max_pixels): the actor reads and decodes them itself."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = select_device()
@@ -134,6 +139,7 @@ class SegmentImages:
         )
         self.labels = {category.id: category.name for category in self.model.categories}
         self.model_max_pixels = model_max_pixels
+        self.decode = decode
         log.info("built %s on %s", model_name, self.device)
 
     @torch.inference_mode()
@@ -156,6 +162,8 @@ class SegmentImages:
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
         count = len(batch["image_id"])
         statuses = list(batch["status"])
         # An all-null string column reaches numpy as floats (NaN): keep only real reasons.

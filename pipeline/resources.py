@@ -11,6 +11,11 @@ import math
 from dataclasses import dataclass
 
 
+# CPU clusters run one single-threaded actor per core, up to this many per node: each holds
+# its own copy of the model.
+CPU_ACTORS_PER_NODE = 8
+
+
 class ResourceError(ValueError):
     """A resource request this cluster can never satisfy."""
 
@@ -43,6 +48,10 @@ class Resources:
     batch_size: int
     torch_threads: int
     task_cpus: float
+    # CPU clusters: the actors decode their own rows. They are CPU workers already, so a
+    # decode stage before them would only add a hop: pixels serialised into the object
+    # store and out again. GPU actors leave decoding to the CPU tasks beside them.
+    decode_in_actors: bool
 
 
 def parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -95,8 +104,9 @@ def plan_resources(
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
-    CPU cluster: actors get half the CPUs, at most all but `reserved_cpus` (at least half
-    a CPU), up to 8 per actor; batch 8.
+    CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
+    half a CPU), split over one actor per core (at most CPU_ACTORS_PER_NODE per node), each
+    running one torch thread per core it owns and decoding its own images; batch 8.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
@@ -107,8 +117,12 @@ def plan_resources(
     else:
         pool_cpus = max(min(cluster_cpus / 2, cluster_cpus - reserved_cpus(cluster_cpus)), 0.5)
         if cpus_per_actor is None:
-            cpus_per_actor = min(pool_cpus, 8.0)
-        default_actors = max(1, math.floor(pool_cpus / cpus_per_actor))
+            # Data parallel: on CPUs, N single-threaded forward passes keep the cores busier
+            # than one pass split over N intra-op threads, which wait on each other at every
+            # layer (BENCHMARKS.md, the harness). The cap bounds the model copies per node.
+            actors_per_node = max(1, min(math.floor(cluster_cpus / nodes), CPU_ACTORS_PER_NODE))
+            cpus_per_actor = pool_cpus / (actors_per_node * nodes)
+        default_actors = max(1, math.floor(pool_cpus / cpus_per_actor + 1e-9))
     min_actors, max_actors = actors or (1, default_actors)
     if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
         raise ResourceError(
@@ -122,8 +136,8 @@ def plan_resources(
         )
     if batch_size is not None and batch_size < 1:
         raise ResourceError(f"--batch-size must be ≥ 1, got {batch_size}")
-    # On one machine a lone actor may use every core for torch's intra-op threads: the
-    # decode tasks are short and the forward pass dominates. Across nodes, its own share.
+    # On one machine the actors share every core between their torch threads: the decode
+    # tasks are short and the forward pass dominates. Across nodes, each its own share.
     threads = math.floor(cluster_cpus / max_actors) if nodes == 1 else math.ceil(cpus_per_actor)
     return Resources(
         min_actors=min_actors,
@@ -133,4 +147,5 @@ def plan_resources(
         batch_size=batch_size or (16 if gpus_per_actor > 0 else 8),
         torch_threads=max(1, threads),
         task_cpus=tasks,
+        decode_in_actors=gpus_per_actor == 0,
     )

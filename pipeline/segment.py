@@ -104,12 +104,16 @@ def segment(
     if decoded is None:
         schema = dataset.schema(fetch_if_missing=False)
         decoded = schema is not None and "image" in schema.names
+    decode_options = {"storage_options": storage_options, "max_pixels": max_pixels}
+    actors_decode = not decoded and resources.decode_in_actors
     if decoded:
-        decoded = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
+        rows = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
+    elif actors_decode:
+        rows = dataset
     else:
-        decoded = dataset.map_batches(
+        rows = dataset.map_batches(
             decode_images,
-            fn_kwargs={"storage_options": storage_options, "max_pixels": max_pixels},
+            fn_kwargs=decode_options,
             num_cpus=resources.task_cpus,
             # What a decode task holds at most: a batch of pixels and the files it came
             # from. Declaring it also keeps decode a stage of its own: Ray fuses a task
@@ -117,7 +121,7 @@ def segment(
             memory=DECODE_TASK_MEMORY,
             udf_modifying_row_count=False,
         )
-    inferred = decoded.map_batches(
+    inferred = rows.map_batches(
         SegmentImages,
         fn_constructor_args=(model.name, model.weights),
         fn_constructor_kwargs={
@@ -127,6 +131,7 @@ def segment(
             "torch_threads": resources.torch_threads,
             "model_options": model.options,
             "model_max_pixels": model_max_pixels,
+            "decode": decode_options if actors_decode else None,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_size,

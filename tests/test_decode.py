@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rayseg.pipeline.decode import DecodeError, decode_image, decode_images
+from rayseg.pipeline.decode import DecodeError, decode_batch, decode_image, decode_images
 
 
 def encoded(image: Image.Image, format: str = "PNG", **save_args) -> bytes:
@@ -91,6 +91,20 @@ def test_decoded_rows_are_yielded_in_bounded_batches_in_input_order(tmp_path):
     assert [len(b["image_id"]) for b in batches] == [2, 2, 1]
     assert [img[0, 0, 0] for b in batches for img in b["image"]] == [0, 1, 2, 3, 4]
     assert [i for b in batches for i in b["image_id"]] == ["0", "1", "2", "3", "4"]
+
+
+def test_decode_batch_hands_back_one_batch_in_input_order_with_error_rows(tmp_path):
+    for index in range(3):
+        (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", (10, 10), (index, 0, 0))))
+    uris = np.array([str(tmp_path / f"{i}.png") for i in range(3)] + [str(tmp_path / "gone.png")], dtype=object)
+    batch = {"image_id": np.array(["0", "1", "2", "gone"], dtype=object), "uri": uris}
+    # A 300-byte budget makes decode_images yield one row at a time: decode_batch joins them.
+    out = decode_batch(batch, max_batch_bytes=300)
+    assert list(out["image_id"]) == ["0", "1", "2", "gone"]
+    assert [image[0, 0, 0] for image in out["image"][:3]] == [0, 1, 2]
+    assert list(out["status"]) == ["ok", "ok", "ok", "error"]
+    empty = decode_batch({"image_id": np.array([], dtype=object), "uri": np.array([], dtype=object)})
+    assert len(empty["image"]) == 0 and len(empty["status"]) == 0
 
 
 def test_sixteen_bit_greys_are_scaled_not_clipped():

@@ -5,21 +5,35 @@ import pytest
 from rayseg.pipeline.resources import ResourceError, parse_actors, plan_resources
 
 
-def test_two_core_cpu_machine_gets_one_actor_leaving_room_for_a_reader_and_a_decoder():
+def test_two_core_cpu_machine_gets_one_single_threaded_actor_per_core():
     plan = plan_resources({"CPU": 2.0})
-    assert (plan.min_actors, plan.max_actors) == (1, 1)
+    assert (plan.min_actors, plan.max_actors) == (1, 2)
     assert plan.gpus_per_actor == 0
-    assert plan.cpus_per_actor == 0.5 and plan.task_cpus == 0.25
-    # A manifest reader (1 CPU), the actor, a decode and an encode task all fit at once.
+    assert plan.torch_threads == 1, "two actors' single torch threads fill the two cores"
+    assert plan.cpus_per_actor == 0.25 and plan.task_cpus == 0.25
+    # A manifest reader (1 CPU), both actors, a decode and an encode task all fit at once.
     assert 1.0 + plan.max_actors * plan.cpus_per_actor + 2 * plan.task_cpus <= 2
-    assert plan.task_cpus != plan.cpus_per_actor, "equal requests would fuse decode into the actor"
-    assert plan.torch_threads == 2, "the lone actor's torch still uses both cores"
 
 
-def test_larger_cpu_machines_give_half_their_cpus_to_actors_of_at_most_8():
-    assert (plan_resources({"CPU": 4.0}).cpus_per_actor, plan_resources({"CPU": 4.0}).max_actors) == (2.0, 1)
+def test_larger_cpu_machines_cap_the_model_copies_per_node_and_thread_the_rest():
+    four = plan_resources({"CPU": 4.0})
+    assert (four.max_actors, four.cpus_per_actor, four.torch_threads) == (4, 0.5, 1)
+    sixteen = plan_resources({"CPU": 16.0})
+    assert (sixteen.max_actors, sixteen.cpus_per_actor, sixteen.torch_threads) == (8, 1.0, 2)
     plan = plan_resources({"CPU": 64.0}, nodes=4)
-    assert (plan.cpus_per_actor, plan.max_actors, plan.torch_threads, plan.task_cpus) == (8.0, 4, 8, 1.0)
+    assert (plan.max_actors, plan.cpus_per_actor, plan.torch_threads, plan.task_cpus) == (32, 1.0, 1, 1.0)
+
+
+def test_cpus_per_actor_given_sets_the_pool_size():
+    plan = plan_resources({"CPU": 16.0}, cpus_per_actor=4.0)
+    assert (plan.max_actors, plan.torch_threads) == (2, 8)
+
+
+def test_cpu_actors_decode_their_own_images_and_gpu_actors_leave_it_to_cpu_tasks():
+    cpu = plan_resources({"CPU": 2.0})
+    assert cpu.decode_in_actors
+    gpu = plan_resources({"CPU": 8.0, "GPU": 1.0})
+    assert not gpu.decode_in_actors
 
 
 def test_gpu_cluster_gets_one_actor_per_gpu():

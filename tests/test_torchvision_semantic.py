@@ -96,7 +96,9 @@ def assert_equals_reference(segments: list[Segment], logits: torch.Tensor, ids: 
     assert [s.category_id for s in segments] == [ids[c] for c in present]
     for seg, channel in zip(segments, present):
         np.testing.assert_array_equal(seg.mask, labels == channel)
-        assert seg.score == pytest.approx(probability[labels == channel].mean(), abs=1e-5)
+        # The pipeline's actors run one torch thread, the reference this process's count:
+        # float sums in another order, equal to ~1e-5.
+        assert seg.score == pytest.approx(probability[labels == channel].mean(), abs=1e-4)
     return len(present)
 
 
