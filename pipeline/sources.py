@@ -30,6 +30,10 @@ MANIFEST_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", "
 # few enough that the driver's per-block bookkeeping stays small. Decoding streams each
 # block out in bounded batches (pipeline/decode.py), so this does not bound memory.
 ROWS_PER_BLOCK = 256
+# A listing of few images is still cut into this many blocks per CPU: with one block per
+# actor the stages could not overlap, and the first actor would take the work a second
+# one starting moments later should share.
+BLOCKS_PER_CPU = 4
 
 
 class SourceError(ValueError):
@@ -164,8 +168,9 @@ def read_manifest(
 
 
 def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
-    """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, at least `parallelism` of them."""
-    blocks = max(min(table.num_rows, parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
+    """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, and at least
+    BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while rows last."""
+    blocks = max(min(table.num_rows, BLOCKS_PER_CPU * parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
     size = math.ceil(table.num_rows / blocks)
     # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow would
     # run a remote task per block for it and wait, about 0.7 s before the pipeline starts.

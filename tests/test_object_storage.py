@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from rayseg.jobs.cli import app
 from rayseg.models.unet import UNet, UNetConfig, save_unet
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
-from rayseg.pipeline.sources import normalise_manifest, source_kind
+from rayseg.pipeline.sources import dataset_from_table, normalise_manifest, source_kind
 from rayseg.pipeline.storage import join_uri, parse_storage_options
 
 from .conftest import BUCKET, PLANTED_SECRET
@@ -238,6 +238,14 @@ def test_manifest_rows_keep_their_ids_and_rows_without_ids_or_uris_are_kept():
         {"image_id": "x/2.png", "uri": "s3://b/root/x/2.png", "error": None},
         {"image_id": "", "uri": None, "error": "manifest row has no uri"},
     ]
+
+
+@pytest.mark.parametrize("rows,cpus,blocks", [(500, 2, 8), (3000, 2, 12), (5, 2, 5), (100_000, 64, 391)])
+def test_a_listing_becomes_blocks_of_at_most_256_rows_and_several_per_cpu(rows, cpus, blocks):
+    table = pa.table({"image_id": [str(i) for i in range(rows)], "uri": [f"/images/{i}.png" for i in range(rows)]})
+    dataset = dataset_from_table(table, cpus)
+    assert dataset.num_blocks() == blocks
+    assert dataset.count() == rows
 
 
 def test_join_uri_keeps_absolute_paths_and_uris():
