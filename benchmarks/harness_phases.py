@@ -257,6 +257,7 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     from rayseg.jobs import cluster
     from rayseg.jobs.runner import run_segment_spec
     from rayseg.jobs.spec import parse_spec
+    from rayseg.models.registry import get_entry
     from rayseg.pipeline.resources import plan_resources
 
     from .stage_clock import StageClock
@@ -288,7 +289,7 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
         },
         source="benchmark",
     )
-    resources = plan_resources(ray.cluster_resources())
+    resources = plan_resources(ray.cluster_resources(), cpu_parallelism=get_entry(config.registry_name).cpu_parallelism)
     sampler.wait_idle()
     sampler.start()
     start = sampler.mark("start").time

@@ -77,9 +77,9 @@ def parse_size(text: str) -> tuple[int, int]:
 @app.command()
 def models() -> None:
     """List the registered models, their task and the weights they accept."""
-    table = Table("model", "task", "weights", "options")
+    table = Table("model", "task", "weights", "options", "on CPUs")
     for entry in REGISTRY.values():
-        table.add_row(entry.name, entry.task, entry.weights, ", ".join(model_options(entry.name)))
+        table.add_row(entry.name, entry.task, entry.weights, ", ".join(model_options(entry.name)), entry.cpu_parallelism)
     Console().print(table)
 
 

@@ -234,7 +234,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         pq.write_table(current, f)
 
     ray_seconds = cluster.connect(address)
-    resources = plan_on_cluster(spec.resources)
+    resources = plan_on_cluster(spec.resources, spec.model.name)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     rows = segment(dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options)
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []

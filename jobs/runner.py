@@ -10,6 +10,7 @@ import uuid
 import ray
 
 from .. import __version__
+from ..models.registry import get_entry
 from ..models.weights import RANDOM
 from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
@@ -57,8 +58,8 @@ def check_spec_output(spec: SegmentSpec, storage_options: dict) -> RunSummary | 
     return committed_summary(spec, storage_options)
 
 
-def plan_on_cluster(section: ResourcesSection) -> Resources:
-    """The resource plan for the cluster as it is now.
+def plan_on_cluster(section: ResourcesSection, model_name: str) -> Resources:
+    """The resource plan for the cluster as it is now, for model `model_name`.
 
     When the cluster lacks what is asked (GPUs on a cluster that scales its GPU workers from
     zero, say) and `scale_up_timeout_s` allows, the autoscaler is asked for the actors'
@@ -73,6 +74,7 @@ def plan_on_cluster(section: ResourcesSection) -> Resources:
             cpus_per_actor=section.cpus_per_actor,
             gpus_per_actor=section.gpus_per_actor,
             batch_size=section.batch_size,
+            cpu_parallelism=get_entry(model_name).cpu_parallelism,
         )
 
     try:
@@ -120,7 +122,7 @@ def run_segment_spec(
         # Re-labelled masks keep their box's category: name them as the prompt source does.
         model = dataclasses.replace(model, options={**model.options, "categories": [c.to_dict() for c in prompt_categories]})
     ray_seconds = cluster.connect(address)
-    resources = plan_on_cluster(spec.resources)
+    resources = plan_on_cluster(spec.resources, spec.model.name)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     dataset = read_source(
         spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit, parallelism=parallelism

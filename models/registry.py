@@ -20,6 +20,17 @@ from .base import SegmentationModel, Task
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled"
 
 
+# How a model family runs on CPU-only clusters (pipeline/resources.py, `plan_resources`):
+# DATA_PARALLEL — one single-threaded actor per core: small convolutions split badly over
+# intra-op threads, which wait for each other at every layer;
+# THREADED — one actor per node (per 8 cores) on all its cores: large matrix products split
+# well over threads, and parallel copies of the model compete for cache and memory bandwidth.
+# Measured for unet (data parallel 1.3–1.5× faster) and sam (threaded 1.1× faster, 0.78× the
+# CPU) in BENCHMARKS.md; the other families follow the nearest measured architecture.
+DATA_PARALLEL = "data-parallel"
+THREADED = "threaded"
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its name, the task it performs, the weights it accepts, its builder.
@@ -29,6 +40,7 @@ class ModelEntry:
     → model, where options are the model's own keyword arguments (see `model_options`).
     weights_file(weights) → the file whose sha256 identifies a checkpoint.
     default_weights: what `--weights` means when it is not given (None: it must be given).
+    cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
     """
 
     name: str
@@ -38,6 +50,7 @@ class ModelEntry:
     builder: str
     weights_finder: str
     default_weights: str | None = None
+    cpu_parallelism: str = DATA_PARALLEL
 
     def _attribute(self, name: str) -> Callable:
         return getattr(importlib.import_module(f"{__package__}.{self.module}"), name)
@@ -77,6 +90,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "sam",
             "build_sam",
             "sam_weights_file",
+            cpu_parallelism=THREADED,
         ),
         ModelEntry(
             "maskformer",
@@ -85,6 +99,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "maskformer",
             "build_maskformer",
             "hf_weights_file",
+            cpu_parallelism=THREADED,
         ),
         ModelEntry(
             "mask2former",
@@ -93,6 +108,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "maskformer",
             "build_mask2former",
             "hf_weights_file",
+            cpu_parallelism=THREADED,
         ),
         ModelEntry(
             "oneformer",
@@ -101,6 +117,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "oneformer",
             "build_oneformer",
             "hf_weights_file",
+            cpu_parallelism=THREADED,
         ),
     ]
 }

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..models.registry import DATA_PARALLEL
 
-# CPU clusters run one single-threaded actor per core, up to this many per node: each holds
-# its own copy of the model.
+
+# CPU clusters run one single-threaded actor per core for data-parallel models, up to this
+# many per node: each holds its own copy of the model. Threaded models get one actor per
+# this many cores.
 CPU_ACTORS_PER_NODE = 8
+THREADS_PER_THREADED_ACTOR = 8
 
 
 class ResourceError(ValueError):
@@ -100,13 +104,16 @@ def plan_resources(
     cpus_per_actor: float | None = None,
     gpus_per_actor: float | None = None,
     batch_size: int | None = None,
+    cpu_parallelism: str = DATA_PARALLEL,
 ) -> Resources:
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
     CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
-    half a CPU), split over one actor per core (at most CPU_ACTORS_PER_NODE per node), each
-    running one torch thread per core it owns and decoding its own images; batch 8.
+    half a CPU), split over its actors, which decode their own images; batch 8. A
+    DATA_PARALLEL model (`models.registry`) gets one single-threaded actor per core (at most
+    CPU_ACTORS_PER_NODE per node); a THREADED one an actor per node per
+    THREADS_PER_THREADED_ACTOR cores, each with a torch thread per core it covers.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
@@ -117,11 +124,13 @@ def plan_resources(
     else:
         pool_cpus = max(min(cluster_cpus / 2, cluster_cpus - reserved_cpus(cluster_cpus)), 0.5)
         if cpus_per_actor is None:
-            # Data parallel: on CPUs, N single-threaded forward passes keep the cores busier
-            # than one pass split over N intra-op threads, which wait on each other at every
-            # layer (BENCHMARKS.md, the harness). The cap bounds the model copies per node.
-            actors_per_node = max(1, min(math.floor(cluster_cpus / nodes), CPU_ACTORS_PER_NODE))
+            node_cpus = cluster_cpus / nodes
+            if cpu_parallelism == DATA_PARALLEL:
+                actors_per_node = max(1, min(math.floor(node_cpus), CPU_ACTORS_PER_NODE))
+            else:
+                actors_per_node = max(1, math.ceil(node_cpus / THREADS_PER_THREADED_ACTOR))
             cpus_per_actor = pool_cpus / (actors_per_node * nodes)
+        # The tolerance keeps P / (P / n) from flooring to n − 1 on a rounding error.
         default_actors = max(1, math.floor(pool_cpus / cpus_per_actor + 1e-9))
     min_actors, max_actors = actors or (1, default_actors)
     if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
@@ -136,8 +145,8 @@ def plan_resources(
         )
     if batch_size is not None and batch_size < 1:
         raise ResourceError(f"--batch-size must be ≥ 1, got {batch_size}")
-    # On one machine the actors share every core between their torch threads: the decode
-    # tasks are short and the forward pass dominates. Across nodes, each its own share.
+    # On one machine the actors share every core between their torch threads, the forward
+    # pass being most of the work. Across nodes, each its own share.
     threads = math.floor(cluster_cpus / max_actors) if nodes == 1 else math.ceil(cpus_per_actor)
     return Resources(
         min_actors=min_actors,

@@ -2,6 +2,7 @@
 
 import pytest
 
+from rayseg.models.registry import DATA_PARALLEL, REGISTRY, THREADED
 from rayseg.pipeline.resources import ResourceError, parse_actors, plan_resources
 
 
@@ -22,6 +23,21 @@ def test_larger_cpu_machines_cap_the_model_copies_per_node_and_thread_the_rest()
     assert (sixteen.max_actors, sixteen.cpus_per_actor, sixteen.torch_threads) == (8, 1.0, 2)
     plan = plan_resources({"CPU": 64.0}, nodes=4)
     assert (plan.max_actors, plan.cpus_per_actor, plan.torch_threads, plan.task_cpus) == (32, 1.0, 1, 1.0)
+
+
+def test_threaded_models_get_one_actor_per_node_with_a_thread_per_core():
+    two = plan_resources({"CPU": 2.0}, cpu_parallelism=THREADED)
+    assert (two.max_actors, two.cpus_per_actor, two.torch_threads) == (1, 0.5, 2)
+    big = plan_resources({"CPU": 64.0}, cpu_parallelism=THREADED)
+    assert (big.max_actors, big.cpus_per_actor, big.torch_threads) == (8, 4.0, 8)
+    assert two.decode_in_actors
+
+
+def test_each_model_family_says_how_it_runs_on_cpus():
+    assert REGISTRY["unet"].cpu_parallelism == DATA_PARALLEL
+    assert REGISTRY["maskrcnn"].cpu_parallelism == DATA_PARALLEL
+    assert REGISTRY["sam"].cpu_parallelism == THREADED
+    assert {entry.cpu_parallelism for entry in REGISTRY.values()} == {DATA_PARALLEL, THREADED}
 
 
 def test_cpus_per_actor_given_sets_the_pool_size():
@@ -84,5 +100,5 @@ def test_a_cluster_that_never_scales_up_is_refused_after_the_scale_up_timeout(ra
 
     started = time.monotonic()
     with pytest.raises(ResourceError, match=r"cluster has none .*after waiting 2 s for the autoscaler"):
-        plan_on_cluster(ResourcesSection(gpus_per_actor=1, scale_up_timeout_s=2))
+        plan_on_cluster(ResourcesSection(gpus_per_actor=1, scale_up_timeout_s=2), "unet")
     assert 2 <= time.monotonic() - started < 30
