@@ -25,8 +25,9 @@ BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled"
 # intra-op threads, which wait for each other at every layer;
 # THREADED — one actor per node (per 8 cores) on all its cores: large matrix products split
 # well over threads, and parallel copies of the model compete for cache and memory bandwidth.
-# Measured for unet (data parallel 1.3–1.5× faster) and sam (threaded 1.1× faster, 0.78× the
-# CPU) in BENCHMARKS.md; the other families follow the nearest measured architecture.
+# Measured in BENCHMARKS.md for unet (data parallel 1.1–1.5× faster), maskrcnn (1.25×) and
+# sam (threaded 1.1× faster at 0.78× the CPU); fcn and deeplabv3 follow maskrcnn's ResNet,
+# the maskformer family follows sam.
 DATA_PARALLEL = "data-parallel"
 THREADED = "threaded"
 
