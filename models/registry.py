@@ -25,9 +25,9 @@ BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled"
 # intra-op threads, which wait for each other at every layer;
 # THREADED — one actor per node (per 8 cores) on all its cores: large matrix products split
 # well over threads, and parallel copies of the model compete for cache and memory bandwidth.
-# Measured in BENCHMARKS.md for unet (data parallel 1.1–1.5× faster), maskrcnn (1.25×) and
-# sam (threaded 1.1× faster at 0.78× the CPU); fcn and deeplabv3 follow maskrcnn's ResNet,
-# the maskformer family follows sam.
+# Measured in BENCHMARKS.md (two single-threaded processes vs one 2-thread process): unet
+# 0.97–1.47× over five runs, maskrcnn 1.25×, sam 0.9× at 1.28× the CPU; fcn and deeplabv3
+# follow maskrcnn's ResNet, the maskformer family follows sam.
 DATA_PARALLEL = "data-parallel"
 THREADED = "threaded"
 
