@@ -126,6 +126,11 @@ def batches(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def prepared_batches(model: SegmentationModel, paths: list[Path], batch_size: int) -> list[tuple[object, int]]:
+    """(preprocessed batch, its image count) over `paths`, decoded beforehand."""
+    return [(model.preprocess([decode(path) for path in chunk]), len(chunk)) for chunk in batches(paths, batch_size)]
+
+
 class OutputMarks:
     """Marks the sampler "first_output" at the first output and "last_output" when every
     image is out, from the running count of images out."""
@@ -149,8 +154,7 @@ class OutputMarks:
 
 def run_ceiling(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     model = build(config)
-    chunks = batches([decode(path) for path in image_paths(config)], config.batch_size)
-    prepared = [(model.preprocess(chunk), len(chunk)) for chunk in chunks]
+    prepared = prepared_batches(model, image_paths(config), config.batch_size)
     outputs = OutputMarks(sampler, sum(count for _, count in prepared))
     sampler.start()
     sampler.mark("start")
@@ -169,7 +173,7 @@ def _forward_share(config: dict, paths: list[Path], ready, go, done) -> None:
     torch.set_num_threads(1)
     phase = PhaseConfig(**config)
     model = build(phase)
-    prepared = [(model.preprocess([decode(path) for path in chunk]), len(chunk)) for chunk in batches(paths, phase.batch_size)]
+    prepared = prepared_batches(model, paths, phase.batch_size)
     ready.put(True)
     go.wait()
     with torch.inference_mode():

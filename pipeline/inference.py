@@ -103,7 +103,7 @@ def select_device() -> torch.device:
 
 
 class SegmentImages:
-    """Ray Data callable class: decoded rows (or, with `decode`, {image_id, uri} rows) →
+    """Ray Data callable class: decoded rows (or, with `decode_options`, {image_id, uri} rows) →
     rows of segments with packed masks.
 
     A batch that fails is retried one image at a time, so one bad image costs only its
@@ -121,10 +121,10 @@ class SegmentImages:
         torch_threads: int | None = None,
         model_options: dict | None = None,
         model_max_pixels: int = MODEL_MAX_PIXELS,
-        decode: dict | None = None,
+        decode_options: dict | None = None,
     ):
-        """decode: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s keyword
-        arguments (storage_options, max_pixels): the actor reads and decodes them itself."""
+        """decode_options: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s
+        keyword arguments (storage_options, max_pixels): the actor reads and decodes them."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = select_device()
@@ -139,7 +139,7 @@ class SegmentImages:
         )
         self.labels = {category.id: category.name for category in self.model.categories}
         self.model_max_pixels = model_max_pixels
-        self.decode = decode
+        self.decode_options = decode_options
         log.info("built %s on %s", model_name, self.device)
 
     @torch.inference_mode()
@@ -162,8 +162,8 @@ class SegmentImages:
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.decode is not None:
-            batch = decode_batch(batch, **self.decode)
+        if self.decode_options is not None:
+            batch = decode_batch(batch, **self.decode_options)
         count = len(batch["image_id"])
         statuses = list(batch["status"])
         # An all-null string column reaches numpy as floats (NaN): keep only real reasons.

@@ -131,7 +131,7 @@ def segment(
             "torch_threads": resources.torch_threads,
             "model_options": model.options,
             "model_max_pixels": model_max_pixels,
-            "decode": decode_options if actors_decode else None,
+            "decode_options": decode_options if actors_decode else None,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_size,
