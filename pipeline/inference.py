@@ -3,7 +3,8 @@
 Per batch: model.preprocess → model.forward → model.postprocess (`postprocess_device` where
 the model has it: masks stay on the device and are bit-packed there), then masks leave the
 actor bit-packed (pipeline/masks.py) with their metadata; pycocotools encoding happens in
-the CPU stage after it, not on the accelerator's actor.
+the CPU stage after it, not on the accelerator's actor. Actors on CPUs (`encode=True`)
+encode their rows themselves: they are that CPU stage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.device import on_host
 from ..models.registry import build_model
 from .decode import decode_batch
+from .encode import encode_batch
 from .device_masks import full_size_masks, masks_to_wire
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
@@ -104,7 +106,7 @@ def select_device() -> torch.device:
 
 class SegmentImages:
     """Ray Data callable class: decoded rows (or, with `decode_options`, {image_id, uri} rows) →
-    rows of segments with packed masks.
+    rows of segments with packed masks (INFERENCE_SCHEMA), or with `encode` output rows.
 
     A batch that fails is retried one image at a time, so one bad image costs only its
     own row (status "error"), never its neighbours'.
@@ -122,9 +124,11 @@ class SegmentImages:
         model_options: dict | None = None,
         model_max_pixels: int = MODEL_MAX_PIXELS,
         decode_options: dict | None = None,
+        encode: bool = False,
     ):
         """decode_options: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s
-        keyword arguments (storage_options, max_pixels): the actor reads and decodes them."""
+        keyword arguments (storage_options, max_pixels): the actor reads and decodes them.
+        encode: return output rows (OUTPUT_SCHEMA, masks as COCO RLE), encoded here."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = select_device()
@@ -140,6 +144,7 @@ class SegmentImages:
         self.labels = {category.id: category.name for category in self.model.categories}
         self.model_max_pixels = model_max_pixels
         self.decode_options = decode_options
+        self.encode = encode
         log.info("built %s on %s", model_name, self.device)
 
     @torch.inference_mode()
@@ -188,7 +193,8 @@ class SegmentImages:
                     statuses[index] = STATUS_ERROR
                     errors[index] = f"inference failed: {type(e).__name__}: {e}"
                     log.warning("inference failed on %s:\n%s", batch["uri"][index], traceback.format_exc())
-        return self._rows(batch, statuses, errors, results)
+        rows = self._rows(batch, statuses, errors, results)
+        return encode_batch(rows) if self.encode else rows
 
     def _rows(self, batch, statuses, errors, results: list[tuple[list[Segment], bytes]]) -> pa.Table:
         per_row = [segments for segments, _ in results]

@@ -52,10 +52,12 @@ class Resources:
     batch_size: int
     torch_threads: int
     task_cpus: float
-    # CPU clusters: the actors decode their own rows. They are CPU workers already, so a
-    # decode stage before them would only add a hop: pixels serialised into the object
-    # store and out again. GPU actors leave decoding to the CPU tasks beside them.
-    decode_in_actors: bool
+    # CPU clusters: the actors decode their own rows and encode their own masks. They are
+    # CPU workers already, so a decode stage before them and an encode stage after them
+    # would only add hops: pixels and masks serialised into the object store and out again,
+    # and encoding held back until the writer gathers a file's rows. GPU actors leave both
+    # to the CPU tasks beside them.
+    cpu_stages_in_actors: bool
 
 
 def parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -110,9 +112,9 @@ def plan_resources(
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
     CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
-    half a CPU), split over its actors, which decode their own images; batch 8. A
-    DATA_PARALLEL model (`models.registry`) gets one single-threaded actor per core (at most
-    CPU_ACTORS_PER_NODE per node); a THREADED one an actor per node per
+    half a CPU), split over its actors, which decode their own images and encode their own
+    masks; batch 8. A DATA_PARALLEL model (`models.registry`) gets one single-threaded actor
+    per core (at most CPU_ACTORS_PER_NODE per node); a THREADED one an actor per node per
     THREADS_PER_THREADED_ACTOR cores, each with a torch thread per core it covers.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
@@ -156,5 +158,5 @@ def plan_resources(
         batch_size=batch_size or (16 if gpus_per_actor > 0 else 8),
         torch_threads=max(1, threads),
         task_cpus=tasks,
-        decode_in_actors=gpus_per_actor == 0,
+        cpu_stages_in_actors=gpus_per_actor == 0,
     )

@@ -105,7 +105,7 @@ def segment(
         schema = dataset.schema(fetch_if_missing=False)
         decoded = schema is not None and "image" in schema.names
     decode_options = {"storage_options": storage_options, "max_pixels": max_pixels}
-    actors_decode = not decoded and resources.decode_in_actors
+    actors_decode = not decoded and resources.cpu_stages_in_actors
     if decoded:
         rows = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
     elif actors_decode:
@@ -132,6 +132,7 @@ def segment(
             "model_options": model.options,
             "model_max_pixels": model_max_pixels,
             "decode_options": decode_options if actors_decode else None,
+            "encode": resources.cpu_stages_in_actors,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         batch_size=resources.batch_size,
@@ -139,6 +140,8 @@ def segment(
         num_gpus=resources.gpus_per_actor,
         udf_modifying_row_count=False,
     )
+    if resources.cpu_stages_in_actors:
+        return inferred
     return inferred.map_batches(
         encode_batch, batch_format="pyarrow", num_cpus=resources.task_cpus, udf_modifying_row_count=False
     )

@@ -81,8 +81,8 @@ def write_run(
 
     run_info: what the run was (model, weights, spec); stored in `_run.json` as given.
     started: time.time() when the run began, for the timings (default: now).
-    write_cpus: CPUs per write task; equal to the encode stage's, so encode and write fuse
-    into one task (`Resources.task_cpus`).
+    write_cpus: CPUs per write task; equal to the encode stage's where there is one (GPU
+    clusters), so encode and write fuse into one task (`Resources.task_cpus`).
     resume: keep what an earlier attempt of `run_id` staged (its rows must be absent from
     `dataset`: see `staged_image_ids`) and commit it together with the new rows.
     """

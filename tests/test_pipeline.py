@@ -113,19 +113,19 @@ def test_pipeline_output_equals_the_model_run_directly_on_a_saved_checkpoint(sha
     assert run["weights_sha256"] == model.weights_sha256
 
 
-def test_decoding_in_the_actors_or_in_tasks_before_them_gives_the_same_rows(shapes, checkpoint, tmp_path):
+def test_cpu_stages_in_the_actors_or_in_tasks_around_them_give_the_same_rows(shapes, checkpoint, tmp_path):
     source = shutil.copytree(shapes.images_dir, tmp_path / "images")
     (source / "broken.png").write_bytes(b"not a png")
     cpu_plan = plan_resources(ray.cluster_resources(), batch_size=3)
-    assert cpu_plan.decode_in_actors, "this cluster has no GPUs: its actors decode"
+    assert cpu_plan.cpu_stages_in_actors, "this cluster has no GPUs: its actors decode and encode"
     outputs = {}
-    for decode_in_actors in (True, False):
-        output = tmp_path / f"out-{decode_in_actors}"
+    for in_actors in (True, False):
+        output = tmp_path / f"out-{in_actors}"
         rows = segment(
-            read_source(str(source)), ModelSpec("unet", str(checkpoint)), replace(cpu_plan, decode_in_actors=decode_in_actors)
+            read_source(str(source)), ModelSpec("unet", str(checkpoint)), replace(cpu_plan, cpu_stages_in_actors=in_actors)
         )
-        write_run(rows, str(output), run_id="decode", run_info={"model": "unet"})
-        outputs[decode_in_actors] = sorted(read_rows(output), key=lambda row: row["image_id"])
+        write_run(rows, str(output), run_id="stages", run_info={"model": "unet"})
+        outputs[in_actors] = sorted(read_rows(output), key=lambda row: row["image_id"])
     assert outputs[True] == outputs[False]
     errors = [row for row in outputs[True] if row["status"] == "error"]
     assert [row["image_id"] for row in errors] == ["broken.png"] and "not a decodable image" in errors[0]["error"]

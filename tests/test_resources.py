@@ -30,7 +30,7 @@ def test_threaded_models_get_one_actor_per_node_with_a_thread_per_core():
     assert (two.max_actors, two.cpus_per_actor, two.torch_threads) == (1, 0.5, 2)
     big = plan_resources({"CPU": 64.0}, cpu_parallelism=THREADED)
     assert (big.max_actors, big.cpus_per_actor, big.torch_threads) == (8, 4.0, 8)
-    assert two.decode_in_actors
+    assert two.cpu_stages_in_actors
 
 
 def test_each_model_family_says_how_it_runs_on_cpus():
@@ -45,11 +45,11 @@ def test_cpus_per_actor_given_sets_the_pool_size():
     assert (plan.max_actors, plan.torch_threads) == (2, 8)
 
 
-def test_cpu_actors_decode_their_own_images_and_gpu_actors_leave_it_to_cpu_tasks():
+def test_cpu_actors_decode_and_encode_themselves_and_gpu_actors_leave_it_to_cpu_tasks():
     cpu = plan_resources({"CPU": 2.0})
-    assert cpu.decode_in_actors
+    assert cpu.cpu_stages_in_actors
     gpu = plan_resources({"CPU": 8.0, "GPU": 1.0})
-    assert not gpu.decode_in_actors
+    assert not gpu.cpu_stages_in_actors
 
 
 def test_gpu_cluster_gets_one_actor_per_gpu():
