@@ -133,9 +133,13 @@ def segment(
             "model_max_pixels": model_max_pixels,
             "decode_options": decode_options if actors_decode else None,
             "encode": resources.cpu_stages_in_actors,
+            "batch_size": resources.batch_size,
         },
         compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-        batch_size=resources.batch_size,
+        # CPU actors take whole blocks, which cost Ray one call and one output table each,
+        # and batch them for the model themselves (the sources make blocks of a few hundred
+        # rows). GPU actors take decoded pixels, one model batch at a time.
+        batch_size=None if resources.cpu_stages_in_actors else resources.batch_size,
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
         udf_modifying_row_count=False,

@@ -5,6 +5,7 @@ bytes the encode stage reads, device-side thresholding equals a CPU reference, a
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -118,7 +119,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
     actor = SegmentImages(name, weights, score_threshold=score_threshold, torch_threads=1, model_options=options)
     assert hasattr(actor.model, "postprocess_device")
     batch = images(2, 40, 56)
-    table = actor(rows(batch))
+    table = pa.concat_tables(actor(rows(batch)))
     expected = host_path_bytes(actor.model, batch)
     assert table["masks"].to_pylist() == expected
     assert any(expected), "the model found no masks: the comparison would be empty"
@@ -127,7 +128,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
 def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_weights):
     actor = SegmentImages("unet", str(unet_weights), torch_threads=1, model_max_pixels=20 * 28)
     batch = images(2, 40, 56)  # shown to the model at 20×28
-    table = actor(rows(batch))
+    table = pa.concat_tables(actor(rows(batch)))
     shown = [fit_for_model(image, 20 * 28) for image in batch]
     assert all(image.shape[:2] == (20, 28) for image in shown)
     with torch.inference_mode():

@@ -40,6 +40,7 @@ from typer.testing import CliRunner
 from rayseg.jobs.cli import app
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Segment
+from rayseg.pipeline import inference
 from rayseg.pipeline.inference import SegmentImages
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
@@ -188,24 +189,57 @@ class FailsOnMarkedImages:
         return [[Segment(1, 1.0, np.ones(size, dtype=bool))] for size in sizes]
 
 
-def test_a_model_that_raises_on_one_image_costs_only_that_images_row():
-    actor = SegmentImages("unet", "random", torch_threads=1)
-    actor.model = FailsOnMarkedImages()
-    actor.labels = {1: "thing"}
-    images = [np.full((4, 5, 3), value, dtype=np.uint8) for value in (1, 13, 2, 3)]
-    batch = {
-        "image_id": np.array(["a", "bad", "c", "d"], dtype=object),
-        "uri": np.array([None] * 4, dtype=object),
-        "image": np.array(images + [None], dtype=object)[:4],
-        "height": np.array([4] * 4, dtype=np.int32),
-        "width": np.array([5] * 4, dtype=np.int32),
-        "status": np.array(["ok"] * 4, dtype=object),
-        "error": np.array([None] * 4, dtype=object),
+def decoded_rows(first_pixels: list[int]) -> dict[str, np.ndarray]:
+    """Decoded 4×5 rows as Ray Data hands them to the actor, one per first-pixel value."""
+    count = len(first_pixels)
+    images = np.empty(count, dtype=object)
+    images[:] = [np.full((4, 5, 3), value, dtype=np.uint8) for value in first_pixels]
+    return {
+        "image_id": np.array([f"img{i}" for i in range(count)], dtype=object),
+        "uri": np.array([None] * count, dtype=object),
+        "image": images,
+        "height": np.array([4] * count, dtype=np.int32),
+        "width": np.array([5] * count, dtype=np.int32),
+        "status": np.array(["ok"] * count, dtype=object),
+        "error": np.array([None] * count, dtype=object),
     }
-    out = actor(batch).to_pylist()
+
+
+def actor_with(model, **kwargs) -> SegmentImages:
+    actor = SegmentImages("unet", "random", torch_threads=1, **kwargs)
+    actor.model = model
+    actor.labels = {1: "thing"}
+    return actor
+
+
+def test_a_model_that_raises_on_one_image_costs_only_that_images_row():
+    out = pa.concat_tables(actor_with(FailsOnMarkedImages())(decoded_rows([1, 13, 2, 3]))).to_pylist()
     assert [row["status"] for row in out] == ["ok", "error", "ok", "ok"]
     assert out[1]["error"] == "inference failed: RuntimeError: cannot handle this image"
     assert [row["category_ids"] for row in out] == [[1], [], [1], [1]]
+
+
+class RecordsBatches(FailsOnMarkedImages):
+    """FailsOnMarkedImages that remembers how many images each batch it was given held."""
+
+    def __init__(self):
+        self.batches = []
+
+    def preprocess(self, images):
+        self.batches.append(len(images))
+        return super().preprocess(images)
+
+
+def test_a_call_runs_the_model_a_batch_at_a_time_and_hands_on_contiguous_tables(monkeypatch):
+    monkeypatch.setattr(inference, "ROWS_PER_OUTPUT", 4)
+    model = RecordsBatches()
+    tables = list(actor_with(model, batch_size=3)(decoded_rows([1, 2, 13, 4, 5, 6, 7])))
+    assert model.batches == [3, 1, 1, 1, 3, 1], "batches of 3; the failing one retried image by image"
+    assert [table.num_rows for table in tables] == [6, 1], "handed on once 4 rows are ready, and the rest at the end"
+    assert all(column.num_chunks == 1 for table in tables for column in table.columns)
+    out = pa.concat_tables(tables).to_pylist()
+    assert [row["image_id"] for row in out] == [f"img{i}" for i in range(7)]
+    assert [row["status"] for row in out] == ["ok", "ok", "error", "ok", "ok", "ok", "ok"]
 
 
 def inference_actor_processes() -> list[psutil.Process]:
