@@ -69,7 +69,7 @@ from rayseg.models.unet import CONFIG_FILE, WEIGHTS_FILE
 from rayseg.pipeline.resources import plan_resources
 
 from .common import machine
-from .harness_phases import PhaseConfig
+from .harness_phases import INFERENCE_OPERATOR, PhaseConfig
 from .threshold_model import NAME as THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +238,21 @@ def _met(met: bool | None) -> str:
     return "–" if met is None else ("met" if met else "**missed**")
 
 
+def _operator_check(rayseg: dict) -> str:
+    """The full run's inference rate between its first and last output, and how the two
+    runs' starts differed: a difference in start-up is charged to the steady state."""
+    short, full = rayseg["short"], rayseg["full"]
+    stage = next((stage for name, stage in full["stages"].items() if INFERENCE_OPERATOR in name), None)
+    if stage is None or stage["last_output"] <= stage["first_output"]:
+        return "no inference output to time."
+    rate = (stage["rows"] - full["first_rows"]) / (stage["last_output"] - stage["first_output"])
+    return (
+        f"the full run's inference stage put out {rate:.2f} images/s between its first and last output; "
+        f"first output {short['first_output_s']:.2f} s (short run) and {full['first_output_s']:.2f} s (full run), "
+        f"after the last {short['tail_s']:.2f} s and {full['tail_s']:.2f} s."
+    )
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# rayseg benchmark: bare forward vs hand-written loop vs rayseg",
@@ -288,6 +303,8 @@ def markdown(report: dict) -> str:
             + f". ray.init {rayseg['ray_init_s']:.2f} s (not in rayseg's numbers); up to {rayseg['actors']} actor(s) × "
             f"{rayseg['cpus_per_actor']:g} CPU × {rayseg['actor_threads']} torch thread(s), tasks {rayseg['task_cpus']:g} CPU; after the last inference output "
             f"{rayseg['tail_s']:.2f} s to the committed run.",
+            "",
+            f"Cross-check of rayseg's steady state, which assumes both runs start alike: {_operator_check(phases['rayseg'])}",
             "",
             "rayseg, where the CPU went (full run, CPU-s): "
             + ", ".join(f"{name} {cpu:.2f}" for name, cpu in sorted(rayseg["by_process_cpu_s"].items(), key=lambda kv: -kv[1]) if cpu >= 0.01),

@@ -10,6 +10,7 @@ import io
 import warnings
 from collections.abc import Iterator
 
+import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -55,7 +56,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 width, height = image.size
                 if width * height > max_pixels:
                     raise DecodeError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)
                 if image.mode in SIXTEEN_BIT_MODES:
                     return _sixteen_bit_to_rgb(np.asarray(image))
                 return np.asarray(image.convert("RGB"))
@@ -74,9 +75,19 @@ def _read_all(uris: list[str], storage_options: dict | None) -> dict[str, bytes 
     """Bytes of each uri, or the exception that reading it raised; one cat() per filesystem."""
     groups: dict[int, tuple] = {}
     results: dict[str, bytes | Exception] = {}
+    # Resolving a uri's filesystem costs as much as reading a small local file: once per
+    # protocol here. Chained uris ("simplecache::s3://…") are resolved one by one.
+    by_protocol: dict[str | None, fsspec.AbstractFileSystem] = {}
     for uri in uris:
+        protocol = fsspec.core.split_protocol(uri)[0]
         try:
-            fs, path = filesystem(uri, storage_options)
+            if protocol in by_protocol:
+                fs = by_protocol[protocol]
+                path = fs._strip_protocol(uri)
+            else:
+                fs, path = filesystem(uri, storage_options)
+                if "::" not in uri:
+                    by_protocol[protocol] = fs
         except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol: this row's error
             results[uri] = e
             continue

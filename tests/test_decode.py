@@ -81,6 +81,17 @@ def test_decoding_turns_each_failure_into_its_own_error_row(tmp_path):
     assert out["image"][0].shape == (6, 8, 3) and out["image"][1].shape == (0, 0, 3)
 
 
+def test_a_batch_may_mix_plain_paths_uris_and_unknown_protocols(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(encoded(Image.new("RGB", (4, 3), "blue")))
+    uris = [str(tmp_path / "a.png"), f"file://{tmp_path / 'b.png'}", "nope://bucket/c.png", f"file://{tmp_path / 'gone.png'}"]
+    batch = {"image_id": np.array(["a", "b", "c", "gone"], dtype=object), "uri": np.array(uris, dtype=object)}
+    out = decode_batch(batch)
+    assert list(out["status"]) == ["ok", "ok", "error", "error"]
+    assert "nope" in out["error"][2] and "FileNotFoundError" in out["error"][3]
+    assert out["image"][1].shape == (3, 4, 3)
+
+
 def test_decoded_rows_are_yielded_in_bounded_batches_in_input_order(tmp_path):
     for index in range(5):
         (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", (10, 10), (index, 0, 0))))
