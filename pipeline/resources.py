@@ -110,13 +110,13 @@ def plan_resources(
 ) -> Resources:
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
 
-    GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16, the pool growing from one.
+    GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
     CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
     half a CPU), split over its actors, which decode their own images and encode their own
     masks; batch 8. A DATA_PARALLEL model (`models.registry`) gets one single-threaded actor
     per core (at most CPU_ACTORS_PER_NODE per node); a THREADED one an actor per node per
-    THREADS_PER_THREADED_ACTOR cores, each with a torch thread per core it covers. All of
-    them start at once.
+    THREADS_PER_THREADED_ACTOR cores, each with a torch thread per core it covers. Pools
+    are 1:MAX, growing as Ray Data's autoscaler finds work for more actors.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
@@ -135,10 +135,9 @@ def plan_resources(
             cpus_per_actor = pool_cpus / (actors_per_node * nodes)
         # The tolerance keeps P / (P / n) from flooring to n − 1 on a rounding error.
         default_actors = max(1, math.floor(pool_cpus / cpus_per_actor + 1e-9))
-    # CPU actors all start at once: a pool that grows on demand adds an actor only once the
-    # others are busy, and the next one's start-up (process, torch, model) then delays a
-    # run that already waits for it. GPU pools start with one actor and grow as GPUs free up.
-    min_actors, max_actors = actors or ((1 if gpus_per_actor > 0 else default_actors), default_actors)
+    # The pool grows from one actor: a run keeps going on whatever capacity is left when a
+    # node is lost, instead of stalling below a minimum it can no longer hold.
+    min_actors, max_actors = actors or (1, default_actors)
     if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
         raise ResourceError(
             f"{min_actors} actors × {gpus_per_actor:g} GPUs exceeds the cluster's {cluster_gpus:g} GPUs"

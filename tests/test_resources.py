@@ -6,9 +6,9 @@ from rayseg.models.registry import DATA_PARALLEL, REGISTRY, THREADED
 from rayseg.pipeline.resources import ResourceError, parse_actors, plan_resources
 
 
-def test_two_core_cpu_machine_gets_one_single_threaded_actor_per_core_all_started_at_once():
+def test_two_core_cpu_machine_gets_one_single_threaded_actor_per_core():
     plan = plan_resources({"CPU": 2.0})
-    assert (plan.min_actors, plan.max_actors) == (2, 2)
+    assert (plan.min_actors, plan.max_actors) == (1, 2)
     assert plan.gpus_per_actor == 0
     assert plan.torch_threads == 1, "two actors' single torch threads fill the two cores"
     assert plan.cpus_per_actor == 0.25 and plan.task_cpus == 0.25
