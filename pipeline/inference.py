@@ -23,8 +23,8 @@ from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.device import on_host
 from ..models.registry import build_model
 from .decode import decode_batch
-from .encode import encode_batch
 from .device_masks import full_size_masks, masks_to_wire
+from .encode import encode_batch
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
@@ -184,11 +184,13 @@ class SegmentImages:
         count = len(batch["image_id"])
         step = self.batch_size or count
         done: list[pa.Table] = []
+        done_rows = 0
         for start in range(0, count, step):
             done.append(self._model_batch({key: values[start : start + step] for key, values in batch.items()}))
-            if sum(table.num_rows for table in done) >= ROWS_PER_OUTPUT:
+            done_rows += done[-1].num_rows
+            if done_rows >= ROWS_PER_OUTPUT:
                 yield pa.concat_tables(done).combine_chunks()
-                done = []
+                done, done_rows = [], 0
         if done:
             yield pa.concat_tables(done).combine_chunks()
 
