@@ -1,6 +1,13 @@
-"""Encode: packed binary masks → compressed COCO RLE with bbox and area, in the output schema."""
+"""Encode: binary masks → compressed COCO RLE with bbox and area, in the output schema.
+
+Two callers: the encode stage beside GPU actors, over rows whose masks arrive bit-packed
+(`encode_batch`), and CPU actors, which encode their masks where the model left them
+(`fortran_masks` → `encode_masks` → `segment_structs`), never packing them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -9,12 +16,52 @@ from pycocotools import mask as mask_utils
 from .masks import unpack_masks
 from .schema import OUTPUT_SCHEMA, SEGMENT_TYPE
 
+# (RLE counts, areas, bboxes) of no masks.
+NO_MASKS_ENCODED: tuple[list[str], np.ndarray, np.ndarray] = ([], np.zeros(0, np.int64), np.zeros((0, 4), np.float32))
+_SEGMENT_FIELDS = [field.name for field in SEGMENT_TYPE]
+
+
+def fortran_masks(masks: np.ndarray) -> np.ndarray:
+    """bool or uint8 {0, 1} (N, H, W) → uint8 (H, W, N) Fortran-ordered, the layout
+    pycocotools' encoder takes."""
+    return np.ascontiguousarray(masks.transpose(0, 2, 1)).view(np.uint8).transpose(2, 1, 0)
+
 
 def encode_masks(masks: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
     """uint8 (H, W, N) Fortran-ordered masks → (RLE counts strings, areas int64 (N,), bboxes float32 (N, 4))."""
+    if masks.shape[2] == 0:
+        return NO_MASKS_ENCODED
     rles = mask_utils.encode(masks)
     counts = [rle["counts"].decode("ascii") for rle in rles]
     return counts, mask_utils.area(rles).astype(np.int64), mask_utils.toBbox(rles).astype(np.float32)
+
+
+def segment_structs(
+    category_ids: Sequence,
+    labels: Sequence,
+    scores: Sequence,
+    segment_ids: Sequence,
+    iscrowd: Sequence,
+    annotation_ids: Sequence,
+    encoded: tuple[list[str], np.ndarray, np.ndarray],
+) -> list[dict]:
+    """One image's segments as SEGMENT_TYPE values: its per-segment metadata, in mask order,
+    and `encode_masks`'s result for its masks."""
+    counts, areas, bboxes = encoded
+    return [
+        dict(zip(_SEGMENT_FIELDS, values))
+        for values in zip(
+            category_ids, labels, scores, bboxes.tolist(), areas.tolist(), counts, segment_ids, iscrowd, annotation_ids
+        )
+    ]
+
+
+def output_table(rows: dict, segments: list[list[dict]]) -> pa.Table:
+    """The output rows (OUTPUT_SCHEMA): `rows` holds the image columns (image_id, uri,
+    width, height, status, error, model) as lists or arrays, `segments` each row's
+    `segment_structs`."""
+    columns = {field.name: rows[field.name] for field in OUTPUT_SCHEMA if field.name != "segments"}
+    return pa.table({**columns, "segments": pa.array(segments, type=pa.list_(SEGMENT_TYPE))}, schema=OUTPUT_SCHEMA)
 
 
 def encode_batch(batch: pa.Table) -> pa.Table:
@@ -26,45 +73,16 @@ def encode_batch(batch: pa.Table) -> pa.Table:
         if not category_ids:
             segments.append([])
             continue
-        height, width = columns["height"][row], columns["width"][row]
-        masks = unpack_masks(columns["masks"][row], len(category_ids), height, width)
-        counts, areas, bboxes = encode_masks(masks)
+        masks = unpack_masks(columns["masks"][row], len(category_ids), columns["height"][row], columns["width"][row])
         segments.append(
-            [
-                {
-                    "category_id": category_id,
-                    "label": label,
-                    "score": score,
-                    "bbox": bbox,
-                    "area": area,
-                    "rle": rle,
-                    "segment_id": segment_id,
-                    "iscrowd": iscrowd,
-                    "annotation_id": annotation_id,
-                }
-                for category_id, label, score, bbox, area, rle, segment_id, iscrowd, annotation_id in zip(
-                    category_ids,
-                    columns["labels"][row],
-                    columns["scores"][row],
-                    bboxes.tolist(),
-                    areas.tolist(),
-                    counts,
-                    columns["segment_ids"][row],
-                    columns["iscrowd"][row],
-                    columns["annotation_ids"][row],
-                )
-            ]
+            segment_structs(
+                category_ids,
+                columns["labels"][row],
+                columns["scores"][row],
+                columns["segment_ids"][row],
+                columns["iscrowd"][row],
+                columns["annotation_ids"][row],
+                encode_masks(masks),
+            )
         )
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "uri": batch["uri"],
-            "width": batch["width"],
-            "height": batch["height"],
-            "status": batch["status"],
-            "error": batch["error"],
-            "model": batch["model"],
-            "segments": pa.array(segments, type=pa.list_(SEGMENT_TYPE)),
-        },
-        schema=OUTPUT_SCHEMA,
-    )
+    return output_table({name: batch[name] for name in batch.column_names}, segments)

@@ -3,8 +3,8 @@
 Per batch: model.preprocess → model.forward → model.postprocess (`postprocess_device` where
 the model has it: masks stay on the device and are bit-packed there), then masks leave the
 actor bit-packed (pipeline/masks.py) with their metadata; pycocotools encoding happens in
-the CPU stage after it, not on the accelerator's actor. Actors on CPUs (`encode=True`)
-encode their rows themselves: they are that CPU stage.
+the CPU stage after it, not on the accelerator's actor. Actors on CPUs (`encode=True`) are
+that CPU stage: they encode the model's masks themselves, never packing them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..models.device import on_host
 from ..models.registry import build_model
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
-from .encode import encode_batch
+from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, output_table, segment_structs
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
@@ -50,6 +50,8 @@ INFERENCE_SCHEMA = pa.schema(
         pa.field("masks", pa.binary()),
     ]
 )
+# INFERENCE_SCHEMA's per-segment columns, in `SegmentImages._metadata`'s order.
+METADATA_COLUMNS = ("category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids")
 
 
 
@@ -161,10 +163,18 @@ class SegmentImages:
         self.batch_size = batch_size
         log.info("built %s on %s", model_name, self.device)
 
+    def _masks_out(self, masks: torch.Tensor) -> bytes | tuple:
+        """bool (N, H, W) masks at an image's full size → what leaves this actor for them: with
+        `encode`, `encode_masks`'s (RLE counts, areas, bboxes); else `pack_masks` bytes, packed
+        on the model's device when it post-processes there."""
+        if not self.encode:
+            return masks_to_wire(masks)
+        return encode_masks(fortran_masks(masks.cpu().numpy()))
+
     @torch.inference_mode()
-    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[list[Segment], bytes]]:
-        """Per image: its segments (masks None) and their masks at the image's full size,
-        packed (`pack_masks` bytes) — on the model's device when it post-processes there."""
+    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[list[Segment], bytes | tuple]]:
+        """Per image: its segments (masks None) and `_masks_out` of their masks at the image's
+        full size."""
         shown = [fit_for_model(image, self.model_max_pixels) for image in images]
         if prompts is not None:
             prompts = [scale_prompts(p, image, small) for p, image, small in zip(prompts, images, shown)]
@@ -176,7 +186,7 @@ class SegmentImages:
         else:
             results = [on_host(segments, size) for segments, size in zip(self.model.postprocess(raw, sizes), sizes)]
         return [
-            (result.segments, masks_to_wire(result.masks if small is image else full_size_masks(result.masks, image.shape[:2])))
+            (result.segments, self._masks_out(result.masks if small is image else full_size_masks(result.masks, image.shape[:2])))
             for result, image, small in zip(results, images, shown)
         ]
 
@@ -206,7 +216,7 @@ class SegmentImages:
         for index, reason in enumerate(batch.get(PROMPT_ERROR, ())):
             if isinstance(reason, str) and statuses[index] == STATUS_OK:
                 statuses[index], errors[index] = STATUS_ERROR, f"bad prompts: {reason}"
-        results: list[tuple[list[Segment], bytes]] = [([], b"")] * count
+        results: list[tuple[list[Segment], bytes | tuple]] = [([], NO_MASKS_ENCODED if self.encode else b"")] * count
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]
         prompts = prompts_of(batch, ready)
@@ -222,26 +232,43 @@ class SegmentImages:
                     statuses[index] = STATUS_ERROR
                     errors[index] = f"inference failed: {type(e).__name__}: {e}"
                     log.warning("inference failed on %s:\n%s", batch["uri"][index], traceback.format_exc())
-        rows = self._rows(batch, statuses, errors, results)
-        return encode_batch(rows) if self.encode else rows
+        image_columns = self._image_columns(batch, statuses, errors)
+        if self.encode:
+            return output_table(
+                image_columns, [segment_structs(*self._metadata(segments), encoded) for segments, encoded in results]
+            )
+        return self._inference_rows(image_columns, results)
 
-    def _rows(self, batch, statuses, errors, results: list[tuple[list[Segment], bytes]]) -> pa.Table:
-        per_row = [segments for segments, _ in results]
+    def _image_columns(self, batch: dict[str, np.ndarray], statuses: list[str], errors: list[str | None]) -> dict:
+        """The image_id, uri, width, height, status, error and model columns of a batch's rows."""
+        return {
+            "image_id": [str(x) for x in batch["image_id"]],
+            "uri": [x if isinstance(x, str) else None for x in batch["uri"]],
+            "width": batch["width"],
+            "height": batch["height"],
+            "status": statuses,
+            "error": errors,
+            "model": [self.model.name] * len(statuses),
+        }
+
+    def _metadata(self, segments: list[Segment]) -> tuple[list, list, list, list, list, list]:
+        """An image's segments' category_ids, labels, scores, segment_ids, iscrowd, annotation_ids."""
+        return (
+            [s.category_id for s in segments],
+            [self.labels.get(s.category_id) for s in segments],
+            [s.score for s in segments],
+            [s.segment_id for s in segments],
+            [s.iscrowd for s in segments],
+            [s.annotation_id for s in segments],
+        )
+
+    def _inference_rows(self, image_columns: dict, results: list[tuple[list[Segment], bytes]]) -> pa.Table:
+        """Rows with their segments' metadata and packed masks (INFERENCE_SCHEMA), for the encode stage."""
+        metadata = [self._metadata(segments) for segments, _ in results]
         return pa.table(
             {
-                "image_id": [str(x) for x in batch["image_id"]],
-                "uri": [x if isinstance(x, str) else None for x in batch["uri"]],
-                "width": batch["width"],
-                "height": batch["height"],
-                "status": statuses,
-                "error": errors,
-                "model": [self.model.name] * len(statuses),
-                "category_ids": [[s.category_id for s in segments] for segments in per_row],
-                "labels": [[self.labels.get(s.category_id) for s in segments] for segments in per_row],
-                "scores": [[s.score for s in segments] for segments in per_row],
-                "segment_ids": [[s.segment_id for s in segments] for segments in per_row],
-                "iscrowd": [[s.iscrowd for s in segments] for segments in per_row],
-                "annotation_ids": [[s.annotation_id for s in segments] for segments in per_row],
+                **image_columns,
+                **{name: [row[index] for row in metadata] for index, name in enumerate(METADATA_COLUMNS)},
                 "masks": [packed for _, packed in results],
             },
             schema=INFERENCE_SCHEMA,

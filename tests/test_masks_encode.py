@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from pycocotools import mask as mask_utils
 
-from rayseg.pipeline.encode import encode_batch, encode_masks
+from rayseg.pipeline.encode import encode_batch, encode_masks, fortran_masks, output_table, segment_structs
 from rayseg.pipeline.inference import INFERENCE_SCHEMA
 from rayseg.pipeline.masks import pack_masks, unpack_masks
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
@@ -67,3 +67,32 @@ def test_encode_batch_produces_the_output_schema_with_empty_lists_for_error_rows
     decoded = mask_utils.decode({"size": [4, 5], "counts": segment["rle"]})
     np.testing.assert_array_equal(decoded.astype(bool), mask[0])
     assert second["segments"] == [] and second["status"] == "error"
+
+
+@pytest.mark.parametrize("count,height,width", [(0, 4, 5), (1, 1, 1), (3, 7, 13)])
+def test_fortran_masks_are_the_masks_as_uint8_in_pycocotools_layout(count, height, width):
+    masks = np.random.default_rng(count).random((count, height, width)) > 0.5
+    laid_out = fortran_masks(masks)
+    assert laid_out.dtype == np.uint8 and laid_out.shape == (height, width, count)
+    assert laid_out.flags.f_contiguous
+    np.testing.assert_array_equal(laid_out.transpose(2, 0, 1), masks)
+
+
+def test_masks_encoded_where_the_model_left_them_give_the_rows_of_masks_sent_packed():
+    masks = np.random.default_rng(7).random((3, 9, 11)) > 0.6
+    metadata = ([1, 2, 3], ["a", "b", None], [0.5, 0.25, 1.0], [None, None, None], [False, True, False], [None, 4, None])
+    image = {"image_id": ["x"], "uri": ["/x.png"], "width": [11], "height": [9], "status": ["ok"], "error": [None], "model": ["m"]}
+    direct = output_table(image, [segment_structs(*metadata, encode_masks(fortran_masks(masks)))])
+    names = ["category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids"]
+    packed = pa.table(
+        {**image, **{name: [values] for name, values in zip(names, metadata)}, "masks": [pack_masks(masks)]},
+        schema=INFERENCE_SCHEMA,
+    )
+    assert direct.equals(encode_batch(packed))
+    assert [s["area"] for s in direct.to_pylist()[0]["segments"]] == masks.sum(axis=(1, 2)).tolist()
+
+
+def test_no_masks_encode_to_no_segments():
+    counts, areas, bboxes = encode_masks(fortran_masks(np.zeros((0, 4, 5), dtype=bool)))
+    assert counts == [] and areas.shape == (0,) and bboxes.shape == (0, 4)
+    assert segment_structs([], [], [], [], [], [], (counts, areas, bboxes)) == []
