@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from rayseg.pipeline.inference import SegmentImages
+from rayseg.pipeline.inference import ImageSegmenter
 
 from . import threshold_model
 
@@ -35,7 +35,7 @@ def output_batches(fixtures: Path) -> list[pa.Table]:
     """Output rows (OUTPUT_SCHEMA) of the first ROWS images, one table per model batch."""
     threshold_model.register()
     paths = sorted(str(p) for p in (fixtures / "images").glob("*.png"))[:ROWS]
-    actor = SegmentImages(threshold_model.NAME, "random", decode_options={}, encode=True, batch_size=MODEL_BATCH)
+    actor = ImageSegmenter(threshold_model.NAME, "random", decode_options={}, encode=True, batch_size=MODEL_BATCH)
     batch = {"image_id": np.array([Path(p).name for p in paths], dtype=object), "uri": np.array(paths, dtype=object)}
     return [table for start in range(0, len(paths), MODEL_BATCH) for table in actor({k: v[start : start + MODEL_BATCH] for k, v in batch.items()})]
 

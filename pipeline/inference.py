@@ -22,6 +22,7 @@ from PIL import Image
 from ..models.base import Prompts, Segment, SegmentationModel
 from ..models.device import on_host
 from ..models.registry import build_model
+from .actor import MODEL_MAX_PIXELS
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
 from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, output_table, segment_structs
@@ -50,7 +51,7 @@ INFERENCE_SCHEMA = pa.schema(
         pa.field("masks", pa.binary()),
     ]
 )
-# INFERENCE_SCHEMA's per-segment columns, in `SegmentImages._metadata`'s order.
+# INFERENCE_SCHEMA's per-segment columns, in `ImageSegmenter._metadata`'s order.
 METADATA_COLUMNS = ("category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids")
 
 
@@ -84,12 +85,6 @@ def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | 
 ROWS_PER_OUTPUT = 256
 
 
-# Images beyond this many pixels are shown to the model downscaled (aspect kept) and their
-# masks scaled back to full size: models work at far lower resolutions, and a forward pass
-# at tens of megapixels would exhaust an accelerator's (or a CPU worker's) memory.
-MODEL_MAX_PIXELS = 4 * 1024 * 1024
-
-
 def fit_for_model(image: np.ndarray, max_pixels: int) -> np.ndarray:
     """`image` itself when small enough, else a copy resized to at most `max_pixels` pixels."""
     height, width = image.shape[:2]
@@ -113,10 +108,11 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class SegmentImages:
-    """Ray Data callable class: decoded rows (or, with `decode_options`, {image_id, uri} rows) →
-    tables of rows of segments with packed masks (INFERENCE_SCHEMA), or with `encode` output
-    rows, each table up to ROWS_PER_OUTPUT rows.
+class ImageSegmenter:
+    """An inference actor's work (`pipeline.actor.SegmentImages` builds it in the actor):
+    decoded rows (or, with `decode_options`, {image_id, uri} rows) → tables of rows of
+    segments with packed masks (INFERENCE_SCHEMA), or with `encode` output rows, each table
+    up to ROWS_PER_OUTPUT rows.
 
     A call takes any number of rows and puts them through the model `batch_size` at a time,
     decoding each model batch just before its forward pass: a call over a whole block of

@@ -19,9 +19,9 @@ from ray.data import ActorPoolStrategy
 
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
+from .actor import MODEL_MAX_PIXELS, SegmentImages
 from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images
 from .encode import encode_batch
-from .inference import MODEL_MAX_PIXELS, SegmentImages
 from .resources import Resources
 from .schema import STATUS_OK
 from .storage import filesystem

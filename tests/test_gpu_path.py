@@ -16,7 +16,7 @@ from rayseg.models.registry import check_options
 from rayseg.models.sam import build_sam
 from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet
 from rayseg.pipeline.device_masks import full_size_masks, masks_to_wire, pack_masks_on_device
-from rayseg.pipeline.inference import SegmentImages, fit_for_model
+from rayseg.pipeline.inference import ImageSegmenter, fit_for_model
 from rayseg.pipeline.masks import pack_masks, unpack_masks
 from rayseg.pipeline.schema import STATUS_OK
 
@@ -116,7 +116,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
     options = dict(options)
     score_threshold = options.pop("score_threshold", None)
     weights = str(unet_weights) if name == "unet" else "random"
-    actor = SegmentImages(name, weights, score_threshold=score_threshold, torch_threads=1, model_options=options)
+    actor = ImageSegmenter(name, weights, score_threshold=score_threshold, torch_threads=1, model_options=options)
     assert hasattr(actor.model, "postprocess_device")
     batch = images(2, 40, 56)
     table = pa.concat_tables(actor(rows(batch)))
@@ -126,7 +126,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
 
 
 def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_weights):
-    actor = SegmentImages("unet", str(unet_weights), torch_threads=1, model_max_pixels=20 * 28)
+    actor = ImageSegmenter("unet", str(unet_weights), torch_threads=1, model_max_pixels=20 * 28)
     batch = images(2, 40, 56)  # shown to the model at 20×28
     table = pa.concat_tables(actor(rows(batch)))
     shown = [fit_for_model(image, 20 * 28) for image in batch]

@@ -41,7 +41,7 @@ from rayseg.jobs.cli import app
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Segment
 from rayseg.pipeline import inference
-from rayseg.pipeline.inference import SegmentImages
+from rayseg.pipeline.inference import ImageSegmenter
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
@@ -205,8 +205,8 @@ def decoded_rows(first_pixels: list[int]) -> dict[str, np.ndarray]:
     }
 
 
-def actor_with(model, **kwargs) -> SegmentImages:
-    actor = SegmentImages("unet", "random", torch_threads=1, **kwargs)
+def actor_with(model, **kwargs) -> ImageSegmenter:
+    actor = ImageSegmenter("unet", "random", torch_threads=1, **kwargs)
     actor.model = model
     actor.labels = {1: "thing"}
     return actor
