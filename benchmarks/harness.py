@@ -239,15 +239,22 @@ def _met(met: bool | None) -> str:
 
 
 def _operator_check(rayseg: dict) -> str:
-    """The full run's inference rate between its first and last output, and how the two
-    runs' starts differed: a difference in start-up is charged to the steady state."""
+    """The full run's inference rate between its first and last output, and over its second
+    half of outputs (the pool grown, the start behind it); and how the two runs' starts
+    differed: a difference in start-up is charged to the steady state."""
     short, full = rayseg["short"], rayseg["full"]
     stage = next((stage for name, stage in full["stages"].items() if INFERENCE_OPERATOR in name), None)
     if stage is None or stage["last_output"] <= stage["first_output"]:
         return "no inference output to time."
     rate = (stage["rows"] - full["first_rows"]) / (stage["last_output"] - stage["first_output"])
+    half_time, half_rows = next((time, rows) for time, rows in stage["timeline"] if rows >= stage["rows"] / 2)
+    second_half = (
+        f", {(stage['rows'] - half_rows) / (stage['last_output'] - half_time):.2f} images/s over its second half"
+        if stage["last_output"] > half_time
+        else ""
+    )
     return (
-        f"the full run's inference stage put out {rate:.2f} images/s between its first and last output; "
+        f"the full run's inference stage put out {rate:.2f} images/s between its first and last output{second_half}; "
         f"first output {short['first_output_s']:.2f} s (short run) and {full['first_output_s']:.2f} s (full run), "
         f"after the last {short['tail_s']:.2f} s and {full['tail_s']:.2f} s."
     )

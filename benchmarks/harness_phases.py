@@ -301,7 +301,12 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     sampler.mark("end")
     sampler.mark("last_output")  # in case the executor ended before its callback saw the last rows
     stages = {
-        name: {**stage, "first_output": stage["first_output"] - start, "last_output": stage["last_output"] - start}
+        name: {
+            **stage,
+            "first_output": stage["first_output"] - start,
+            "last_output": stage["last_output"] - start,
+            "timeline": [(time - start, rows) for time, rows in stage["timeline"]],
+        }
         for name, stage in StageClock.stages.items()
     }
     return {

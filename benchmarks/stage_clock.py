@@ -13,9 +13,10 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 
 class StageClock(ExecutionCallback):
-    """Per operator: perf_counter time of its first and last output rows, the rows so far and
-    in how many steps they came (`stages`); each time the operator named like `watched` has produced more rows, calls
-    `on_rows(total rows so far)`. Configure with `watch` before the execution starts."""
+    """Per operator: perf_counter time of its first and last output rows, the rows so far, in
+    how many steps they came and each step's (time, rows so far) (`stages`); each time the
+    operator named like `watched` has produced more rows, calls `on_rows(total rows so far)`.
+    Configure with `watch` before the execution starts."""
 
     stages: dict[str, dict] = {}
     watched = ""
@@ -34,8 +35,9 @@ class StageClock(ExecutionCallback):
             if not rows or (stage is not None and rows == stage["rows"]):
                 continue
             if stage is None:
-                cls.stages[operator.name] = {"first_output": now, "last_output": now, "rows": rows, "steps": 1}
+                cls.stages[operator.name] = {"first_output": now, "last_output": now, "rows": rows, "steps": 1, "timeline": [(now, rows)]}
             else:
                 stage.update(last_output=now, rows=rows, steps=stage["steps"] + 1)
+                stage["timeline"].append((now, rows))
             if cls.watched in operator.name:
                 cls.on_rows(rows)
