@@ -20,19 +20,11 @@ import dataclasses
 import numpy as np
 import torch
 
+from .amp import AMP_AUTO, check_amp_dtype
 from .base import DeviceSegments, Segment
 
-# --model-option amp_dtype values → the autocast dtype; "auto" is resolved per device.
+# --model-option amp_dtype values (models/amp.py) → the autocast dtype; "auto" is resolved per device.
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
-AMP_AUTO = "auto"
-AMP_CHOICES = (AMP_AUTO, *AMP_DTYPES)
-
-
-def check_amp_dtype(amp_dtype: str) -> str:
-    """`amp_dtype` itself when it names an autocast setting; else ValueError naming the choices."""
-    if amp_dtype not in AMP_CHOICES:
-        raise ValueError(f"amp_dtype must be one of {', '.join(AMP_CHOICES)}, got {amp_dtype!r}")
-    return amp_dtype
 
 
 def resolve_amp_dtype(amp_dtype: str, device: torch.device) -> torch.dtype | None:

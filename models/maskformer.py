@@ -62,37 +62,19 @@ from transformers.utils import logging as hf_logging
 from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
 from .base import Segment
 from .categories import Category, load_category_file
+from .checkpoint_files import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 from .device import AMP_AUTO, autocast, check_amp_dtype, resolve_amp_dtype, to_device
 from .weights import RANDOM, WeightsError, warn_random
 
 log = logging.getLogger("rayseg.models")
 
 TASKS = ("semantic", "instance", "panoptic")
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-BIN_FILE = "pytorch_model.bin"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
 RANDOM_SEED = 0
 
 
 # --- checkpoint directories -------------------------------------------------------------
-
-
-def hf_weights_file(weights: str, storage_options: dict | None = None) -> str:
-    """The file whose sha256 identifies an HF checkpoint directory: its model.safetensors,
-    or its pytorch_model.bin when it has no safetensors."""
-    base = weights.rstrip("/")
-    if base.endswith((".safetensors", ".bin")):
-        return base
-    safetensors = posixpath.join(base, SAFETENSORS_FILE)
-    try:
-        fs, path = fsspec.core.url_to_fs(safetensors, **(storage_options or {}))
-        if not fs.exists(path) and fs.exists(path[: -len(SAFETENSORS_FILE)] + BIN_FILE):
-            return posixpath.join(base, BIN_FILE)
-    except Exception:  # unreachable store: the caller reports the missing file
-        log.debug("cannot list %s", base, exc_info=True)
-    return safetensors
 
 
 def _sha256_of_file(path: str) -> str:
@@ -661,5 +643,3 @@ def build_mask2former(
         overlap_mask_area_threshold=overlap_mask_area_threshold, amp_dtype=amp_dtype,
     )  # fmt: skip
 
-
-weights_file = hf_weights_file

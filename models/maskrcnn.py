@@ -39,7 +39,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from .base import DeviceSegments, Segment
 from .categories import COCO, Category, load_category_file
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, host_tensor, pins, resolve_amp_dtype, to_device
-from .torchvision_checkpoint import load_into, load_state_dict, pth_weights_file, tensor_shape
+from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .weights import RANDOM, WeightsError, warn_random
 
 ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
@@ -58,8 +58,6 @@ COCO_NUM_CLASSES = 91
 _EPS0_SHA256_PREFIXES = {
     MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url.rsplit("-", 1)[-1].split(".")[0],  # "bf2d0c1e"
 }
-
-weights_file = pth_weights_file
 
 
 class _BoxesOnlyTransform(GeneralizedRCNNTransform):

@@ -44,7 +44,6 @@ from .maskformer import (
     MaskFormerSegmenter,
     categories_from_config,
     check_weights,
-    hf_weights_file,
     load_network,
     local_directory,
     mask_logits_for,
@@ -57,8 +56,6 @@ from .weights import RANDOM, WeightsError
 
 TOKENIZER_FILES = ("tokenizer.json",)
 BPE_FILES = ("vocab.json", "merges.txt")
-
-weights_file = hf_weights_file
 
 
 def _tokenizer(directory: str, uri: str):

@@ -1,18 +1,20 @@
 """Model names → builders. `rayseg models` prints this table.
 
-Builders are imported when a model is built or its options are read, not with the registry:
-a process imports only the model family it runs (torchvision's detection models do not pull
-in transformers), which keeps actor start-up and the driver's memory small.
+Builders are imported when a model is built, not with the registry: a process imports only
+the model family it runs (torchvision's detection models do not pull in transformers), and
+the driver, which checks a run's options and pins its weights from the entry alone
+(`options`, models/checkpoint_files.py), imports no model code and no torch at all.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import checkpoint_files
+from .amp import check_amp_dtype
 from .base import SegmentationModel, Task
 
 # Weights the project trained itself, installed with the package (models/bundled/*/README.md
@@ -36,10 +38,13 @@ THREADED = "threaded"
 class ModelEntry:
     """A registered model: its name, the task it performs, the weights it accepts, its builder.
 
-    module: the module under rayseg.models that holds `builder` and `weights_finder`.
+    module: the module under rayseg.models that holds `builder`.
     build(weights, *, weights_sha256, device, storage_options, score_threshold, **options)
-    → model, where options are the model's own keyword arguments (see `model_options`).
-    weights_file(weights) → the file whose sha256 identifies a checkpoint.
+    → model, where options are the model's own keyword arguments.
+    options: the names of those keyword arguments, as the builder's signature has them
+    (tests/test_registry.py holds the two together): read without importing the builder.
+    weights_file(weights) → the file whose sha256 identifies a checkpoint, by
+    `weights_finder`'s name in models/checkpoint_files.py.
     default_weights: what `--weights` means when it is not given (None: it must be given).
     cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
     """
@@ -52,20 +57,21 @@ class ModelEntry:
     weights_finder: str
     default_weights: str | None = None
     cpu_parallelism: str = DATA_PARALLEL
-
-    def _attribute(self, name: str) -> Callable:
-        return getattr(importlib.import_module(f"{__package__}.{self.module}"), name)
+    options: tuple[str, ...] = ()
 
     @property
     def build(self) -> Callable[..., SegmentationModel]:
-        return self._attribute(self.builder)
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.builder)
 
     @property
     def weights_file(self) -> Callable[[str], str]:
-        return self._attribute(self.weights_finder)
+        return getattr(checkpoint_files, self.weights_finder)
 
 
 _PTH = "torchvision .pth state dict (path or URI); random"
+_TORCHVISION_SEMANTIC_OPTIONS = ("category_file", "resize", "amp_dtype")
+_MASKRCNN_OPTIONS = ("category_file", "max_detections", "mask_threshold", "min_size", "max_size", "amp_dtype")
+_MASKFORMER_OPTIONS = ("task", "category_file", "mask_threshold", "overlap_mask_area_threshold", "amp_dtype")
 
 REGISTRY: dict[str, ModelEntry] = {
     entry.name: entry
@@ -79,11 +85,20 @@ REGISTRY: dict[str, ModelEntry] = {
             "build_unet",
             "unet_weights_file",
             default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
+            options=("task", "min_area", "amp_dtype"),
         ),
-        ModelEntry("fcn", "semantic", _PTH, "torchvision_semantic", "build_fcn", "pth_weights_file"),
-        ModelEntry("deeplabv3", "semantic", _PTH, "torchvision_semantic", "build_deeplabv3", "pth_weights_file"),
-        ModelEntry("maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file"),
-        ModelEntry("maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file"),
+        ModelEntry(
+            "fcn", "semantic", _PTH, "torchvision_semantic", "build_fcn", "pth_weights_file",
+            options=_TORCHVISION_SEMANTIC_OPTIONS,
+        ),
+        ModelEntry(
+            "deeplabv3", "semantic", _PTH, "torchvision_semantic", "build_deeplabv3", "pth_weights_file",
+            options=_TORCHVISION_SEMANTIC_OPTIONS,
+        ),
+        ModelEntry("maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file", options=_MASKRCNN_OPTIONS),
+        ModelEntry(
+            "maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file", options=_MASKRCNN_OPTIONS
+        ),
         ModelEntry(
             "sam",
             "promptable",
@@ -92,6 +107,13 @@ REGISTRY: dict[str, ModelEntry] = {
             "build_sam",
             "sam_weights_file",
             cpu_parallelism=THREADED,
+            options=(
+                "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                "stability_score_offset", "box_nms_thresh", "crops_n_layers", "crops_nms_thresh",
+                "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area",
+                "mask_threshold", "model_type", "vit_num_heads", "target_size", "encoder_batch_size",
+                "categories", "category_file", "amp_dtype",
+            ),
         ),
         ModelEntry(
             "maskformer",
@@ -101,6 +123,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "build_maskformer",
             "hf_weights_file",
             cpu_parallelism=THREADED,
+            options=_MASKFORMER_OPTIONS,
         ),
         ModelEntry(
             "mask2former",
@@ -110,6 +133,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "build_mask2former",
             "hf_weights_file",
             cpu_parallelism=THREADED,
+            options=_MASKFORMER_OPTIONS,
         ),
         ModelEntry(
             "oneformer",
@@ -119,6 +143,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "build_oneformer",
             "hf_weights_file",
             cpu_parallelism=THREADED,
+            options=_MASKFORMER_OPTIONS,
         ),
     ]
 }
@@ -132,13 +157,12 @@ def get_entry(name: str) -> ModelEntry:
 
 
 # Arguments every builder takes from the pipeline rather than from the user's options.
-_PIPELINE_ARGUMENTS = {"weights", "weights_sha256", "device", "storage_options", "score_threshold"}
+PIPELINE_ARGUMENTS = frozenset({"weights", "weights_sha256", "device", "storage_options", "score_threshold"})
 
 
 def model_options(name: str) -> list[str]:
     """The model-specific options `name`'s builder accepts (e.g. max_detections)."""
-    parameters = inspect.signature(get_entry(name).build).parameters
-    return [p for p in parameters if p not in _PIPELINE_ARGUMENTS]
+    return list(get_entry(name).options)
 
 
 def check_options(name: str, options: dict) -> None:
@@ -152,8 +176,6 @@ def check_options(name: str, options: dict) -> None:
             f"it takes: {', '.join(accepted) or 'none'}"
         )
     if "amp_dtype" in options:
-        from .device import check_amp_dtype
-
         check_amp_dtype(options["amp_dtype"])
 
 

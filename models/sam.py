@@ -67,6 +67,8 @@ from transformers.utils import logging as hf_logging
 
 from .base import DeviceSegments, Prompts, Segment
 from .categories import Category, load_category_file, parse_categories
+from .checkpoint_files import CHECKPOINT_SUFFIXES, CONFIG_FILE, sam_weights_file
+from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, resolve_amp_dtype, to_device
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .torchvision_checkpoint import load_state_dict
@@ -76,10 +78,7 @@ log = logging.getLogger("rayseg.models")
 
 OBJECT = Category(1, "object", True)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 # `--weights random`: a deliberately small SAM (not ViT-B, whose random init alone takes
 # seconds and whose CPU forward takes more): a 2-block ViT of width 64 on 256×256 inputs
@@ -100,17 +99,6 @@ RANDOM_SEED = 0
 # Images (crops) per image-encoder call on CUDA; on the CPU it is 1 (see SamSegmenter).
 ENCODER_BATCH_CUDA = 4
 
-
-def sam_weights_file(weights: str) -> str:
-    """The file whose sha256 identifies a SAM checkpoint: the `.pth` itself, or an HF
-    directory's model.safetensors (a path to that file is accepted as the directory's)."""
-    base = weights.rstrip("/")
-    if base.endswith(CHECKPOINT_SUFFIXES) or base.endswith(".safetensors"):
-        return base
-    return posixpath.join(base, WEIGHTS_FILE)
-
-
-weights_file = sam_weights_file
 
 
 # --- loading -------------------------------------------------------------------------

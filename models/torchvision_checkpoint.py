@@ -14,11 +14,6 @@ from torch import nn
 from .weights import WeightsError, check_sha256, read_bytes
 
 
-def pth_weights_file(weights: str) -> str:
-    """A torchvision checkpoint is one `.pth` file: it is its own weights file."""
-    return weights
-
-
 def load_state_dict(
     weights: str, *, sha256: str | None = None, storage_options: dict | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:

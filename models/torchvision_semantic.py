@@ -35,7 +35,7 @@ from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
 from .base import DeviceSegments, Segment
 from .categories import VOC, Category, load_category_file
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_batch, host_segments, pins, resolve_amp_dtype, to_device
-from .torchvision_checkpoint import load_into, load_state_dict, pth_weights_file, tensor_shape
+from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .weights import RANDOM, WeightsError, warn_random
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -52,8 +52,6 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 BACKGROUND = Category(0, "background", False)
-
-weights_file = pth_weights_file
 
 
 def channel_categories(

@@ -22,6 +22,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .base import DeviceSegments, Segment
+from .checkpoint_files import CONFIG_FILE, unet_weights_file
+from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
 from .categories import SHAPES, Category, parse_categories
 from .device import (
     AMP_AUTO,
@@ -37,8 +39,6 @@ from .device import (
 from .unet_instances import DEFAULT_MIN_AREA, check_instance_options, semantic_to_instances
 from .weights import RANDOM, WeightsError, check_sha256, read_bytes, warn_random
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 # Inputs are scaled to [0, 1] and normalised with ImageNet statistics, the usual choice.
 _MEAN = (0.485, 0.456, 0.406)
@@ -154,12 +154,6 @@ class UNet(nn.Module):
         for block in self.up:
             x = block(x, skips.pop())
         return self.head(x)[..., :height, :width]
-
-
-def unet_weights_file(weights: str) -> str:
-    """The .safetensors file of a checkpoint given as its directory or as the file itself."""
-    base = weights.rstrip("/")
-    return base if base.endswith(".safetensors") else posixpath.join(base, WEIGHTS_FILE)
 
 
 def load_unet(weights: str, *, sha256: str | None = None, storage_options: dict | None = None) -> tuple[UNet, str | None]:

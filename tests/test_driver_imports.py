@@ -3,13 +3,28 @@
 import subprocess
 import sys
 
+HEAVY = "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'scipy') if m in sys.modules))\n"
+
+
+def driver_modules_after(code: str) -> str:
+    """The heavy modules a fresh interpreter holds after running `code`."""
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + code + HEAVY], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
 
 def test_planning_a_run_imports_no_torch_in_the_driver():
-    probe = (
-        "import sys\n"
-        "import rayseg.jobs.cli, rayseg.jobs.runner, rayseg.pipeline.segment\n"
-        "from rayseg.pipeline.actor import SegmentImages\n"
-        "print(sorted(m for m in ('torch', 'torchvision', 'transformers') if m in sys.modules))\n"
+    code = "import rayseg.jobs.cli, rayseg.jobs.runner, rayseg.pipeline.segment\nfrom rayseg.pipeline.actor import SegmentImages\n"
+    assert driver_modules_after(code) == "[]"
+
+
+def test_checking_every_model_s_options_and_pinning_weights_imports_no_model_code():
+    code = (
+        "from rayseg.models.registry import REGISTRY, check_options\n"
+        "from rayseg.pipeline.segment import ModelSpec, pin_weights\n"
+        "for name, entry in REGISTRY.items():\n"
+        "    check_options(name, {'amp_dtype': 'bf16'})\n"
+        "    entry.weights_file('checkpoints/' + name)\n"
+        "pinned = pin_weights(ModelSpec('unet', REGISTRY['unet'].default_weights))\n"
+        "assert len(pinned.weights_sha256) == 64\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    assert driver_modules_after(code) == "[]"

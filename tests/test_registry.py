@@ -3,12 +3,13 @@ a process imports only the model family it uses."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 from rayseg.jobs.spec import parse_spec
-from rayseg.models.registry import REGISTRY, model_options
+from rayseg.models.registry import PIPELINE_ARGUMENTS, REGISTRY, model_options
 
 
 def test_every_entry_resolves_its_builder_and_weights_finder():
@@ -16,6 +17,12 @@ def test_every_entry_resolves_its_builder_and_weights_finder():
         assert callable(entry.build) and callable(entry.weights_file)
         assert entry.task in ("semantic", "instance", "panoptic", "promptable")
         assert "weights_sha256" not in model_options(entry.name)
+
+
+def test_every_entry_declares_the_options_its_builder_takes_in_order():
+    for name, entry in REGISTRY.items():
+        parameters = inspect.signature(entry.build).parameters
+        assert entry.options == tuple(p for p in parameters if p not in PIPELINE_ARGUMENTS), name
 
 
 def test_importing_the_registry_or_building_the_unet_imports_no_other_family():

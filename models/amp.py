@@ -1,0 +1,18 @@
+"""The `amp_dtype` option's values (models/device.py turns them into autocast dtypes).
+
+Importable without torch: the driver checks a run's options before any model code loads.
+"""
+
+from __future__ import annotations
+
+AMP_AUTO = "auto"
+# auto: float16 on CUDA, full precision elsewhere; fp16/bf16: that autocast dtype anywhere;
+# none: full precision everywhere.
+AMP_CHOICES = (AMP_AUTO, "fp16", "bf16", "none")
+
+
+def check_amp_dtype(amp_dtype: str) -> str:
+    """`amp_dtype` itself when it names an autocast setting; else ValueError naming the choices."""
+    if amp_dtype not in AMP_CHOICES:
+        raise ValueError(f"amp_dtype must be one of {', '.join(AMP_CHOICES)}, got {amp_dtype!r}")
+    return amp_dtype
