@@ -22,9 +22,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .base import DeviceSegments, Segment
+from .categories import SHAPES, Category, parse_categories
 from .checkpoint_files import CONFIG_FILE, unet_weights_file
 from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
-from .categories import SHAPES, Category, parse_categories
 from .device import (
     AMP_AUTO,
     autocast,
