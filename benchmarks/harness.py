@@ -247,7 +247,7 @@ def _operator_check(rayseg: dict) -> str:
     if stage is None or stage["last_output"] <= stage["first_output"]:
         return "no inference output to time."
     rate = (stage["rows"] - full["first_rows"]) / (stage["last_output"] - stage["first_output"])
-    half_time, half_rows = next((time, rows) for time, rows in stage["timeline"] if rows >= stage["rows"] / 2)
+    half_time, half_rows = next((at, rows) for at, rows in stage["timeline"] if rows >= stage["rows"] / 2)
     second_half = (
         f", {(stage['rows'] - half_rows) / (stage['last_output'] - half_time):.2f} images/s over its second half"
         if stage["last_output"] > half_time

@@ -305,7 +305,7 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
             **stage,
             "first_output": stage["first_output"] - start,
             "last_output": stage["last_output"] - start,
-            "timeline": [(time - start, rows) for time, rows in stage["timeline"]],
+            "timeline": [(at - start, rows) for at, rows in stage["timeline"]],
         }
         for name, stage in StageClock.stages.items()
     }
