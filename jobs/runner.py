@@ -16,7 +16,7 @@ from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
 from ..pipeline.sink import OutputError, RunSummary, check_output, read_run, staged_image_ids, write_run
-from ..pipeline.sources import read_source
+from ..pipeline.sources import open_source
 from . import cluster
 from .spec import ResourcesSection, SegmentSpec
 
@@ -124,9 +124,17 @@ def run_segment_spec(
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources, spec.model.name)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
-    dataset = read_source(
-        spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit, parallelism=parallelism
+    source = open_source(
+        spec.input,
+        storage_options=storage_options,
+        image_root=spec.image_root,
+        limit=spec.limit,
+        parallelism=parallelism,
+        min_rows_per_block=resources.batch_size,
     )
+    dataset = source.dataset
+    if source.rows is not None:
+        resources = resources.for_rows(source.rows)
     run_id = spec.run_id or new_run_id()
     if spec.resume:
         dataset = without_done(dataset, staged_image_ids(spec.output, run_id, storage_options), parallelism)
@@ -149,6 +157,7 @@ def run_segment_spec(
         "resources": {
             "min_actors": resources.min_actors,
             "max_actors": resources.max_actors,
+            "initial_actors": resources.initial_actors,
             "cpus_per_actor": resources.cpus_per_actor,
             "gpus_per_actor": resources.gpus_per_actor,
             "batch_size": resources.batch_size,

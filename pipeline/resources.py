@@ -8,7 +8,7 @@ CPUs that no decode/encode task can ever run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..models.registry import DATA_PARALLEL
 
@@ -43,10 +43,15 @@ def reserved_cpus(cluster_cpus: float) -> float:
 
 @dataclass(frozen=True)
 class Resources:
-    """The resolved request: actor pool size, per-actor CPUs/GPUs, batch size, torch threads."""
+    """The resolved request: actor pool size, per-actor CPUs/GPUs, batch size, torch threads.
+
+    The pool starts with `initial_actors` and Ray Data's autoscaler keeps it between
+    `min_actors` and `max_actors`.
+    """
 
     min_actors: int
     max_actors: int
+    initial_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     batch_size: int
@@ -58,6 +63,14 @@ class Resources:
     # and encoding held back until the writer gathers a file's rows. GPU actors leave both
     # to the CPU tasks beside them.
     cpu_stages_in_actors: bool
+
+    def for_rows(self, rows: int) -> Resources:
+        """This plan for an input of `rows` rows known before the run (a listing, a COCO
+        json): the pool starts with no more actors than there are model batches to give
+        them, and never fewer than `min_actors`. An actor started for no work costs a
+        model load — seconds, and on CPU nodes cores the working actors need."""
+        batches = max(1, math.ceil(rows / self.batch_size))
+        return replace(self, initial_actors=max(self.min_actors, min(self.initial_actors, batches)))
 
 
 def parse_actors(value: str | int | None) -> tuple[int, int] | None:
@@ -116,7 +129,9 @@ def plan_resources(
     masks; batch 8. A DATA_PARALLEL model (`models.registry`) gets one single-threaded actor
     per core (at most CPU_ACTORS_PER_NODE per node); a THREADED one an actor per node per
     THREADS_PER_THREADED_ACTOR cores, each with a torch thread per core it covers. Pools
-    are 1:MAX, growing as Ray Data's autoscaler finds work for more actors.
+    are 1:MAX and start at MAX: a batch job has its work from the start, and an actor
+    added later makes the run wait again for a model load. An explicit `actors` (MIN, MAX)
+    starts at MIN. `Resources.for_rows` starts fewer when the input is known to be small.
     """
     cluster_cpus = cluster.get("CPU", 0.0)
     cluster_gpus = cluster.get("GPU", 0.0)
@@ -135,9 +150,10 @@ def plan_resources(
             cpus_per_actor = pool_cpus / (actors_per_node * nodes)
         # The tolerance keeps P / (P / n) from flooring to n − 1 on a rounding error.
         default_actors = max(1, math.floor(pool_cpus / cpus_per_actor + 1e-9))
-    # The pool grows from one actor: a run keeps going on whatever capacity is left when a
-    # node is lost, instead of stalling below a minimum it can no longer hold.
+    # The pool may shrink to one actor: a run keeps going on whatever capacity is left when
+    # a node is lost, instead of stalling below a minimum it can no longer hold.
     min_actors, max_actors = actors or (1, default_actors)
+    initial_actors = min_actors if actors else max_actors
     if gpus_per_actor > 0 and min_actors * gpus_per_actor > cluster_gpus:
         raise ResourceError(
             f"{min_actors} actors × {gpus_per_actor:g} GPUs exceeds the cluster's {cluster_gpus:g} GPUs"
@@ -156,6 +172,7 @@ def plan_resources(
     return Resources(
         min_actors=min_actors,
         max_actors=max_actors,
+        initial_actors=initial_actors,
         cpus_per_actor=cpus_per_actor,
         gpus_per_actor=gpus_per_actor,
         batch_size=batch_size or (16 if gpus_per_actor > 0 else 8),

@@ -135,7 +135,9 @@ def segment(
             "encode": resources.cpu_stages_in_actors,
             "batch_size": resources.batch_size,
         },
-        compute=ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        compute=ActorPoolStrategy(
+            min_size=resources.min_actors, max_size=resources.max_actors, initial_size=resources.initial_actors
+        ),
         # CPU actors take whole blocks, which cost Ray one call and one output table each,
         # and batch them for the model themselves (the sources make blocks of a few hundred
         # rows). GPU actors take decoded pixels, one model batch at a time.

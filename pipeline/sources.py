@@ -15,6 +15,7 @@ import io
 import json
 import math
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,7 +33,8 @@ MANIFEST_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", "
 ROWS_PER_BLOCK = 256
 # A listing of few images is still cut into this many blocks per CPU: with one block per
 # actor the stages could not overlap, and the first actor would take the work a second
-# one starting moments later should share.
+# one starting moments later should share. No block is cut smaller than a model batch,
+# though: the model would run part batches, and Ray Data calls an actor once per block.
 BLOCKS_PER_CPU = 4
 
 
@@ -167,14 +169,54 @@ def read_manifest(
     ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
-def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
+def dataset_from_table(table: pa.Table, parallelism: int, min_rows_per_block: int = 1) -> ray.data.Dataset:
     """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, and at least
-    BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while rows last."""
-    blocks = max(min(table.num_rows, BLOCKS_PER_CPU * parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
-    size = math.ceil(table.num_rows / blocks)
+    BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while every block can
+    still hold `min_rows_per_block` rows (the model's batch size)."""
+    rows = table.num_rows
+    blocks = max(min(rows // max(1, min_rows_per_block), BLOCKS_PER_CPU * parallelism), math.ceil(rows / ROWS_PER_BLOCK), 1)
+    size = math.ceil(rows / blocks)
     # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow would
     # run a remote task per block for it and wait, about 0.7 s before the pipeline starts.
-    return ray.data.from_blocks([table.slice(start, size) for start in range(0, table.num_rows, size)])
+    return ray.data.from_blocks([table.slice(start, size) for start in range(0, rows, size)])
+
+
+@dataclass(frozen=True)
+class Source:
+    """An INPUT opened: its lazy {image_id, uri} dataset, and its number of rows when known
+    before the run (a listing or a COCO json, read on the driver; None for a manifest,
+    which streams)."""
+
+    dataset: ray.data.Dataset
+    rows: int | None
+
+
+def open_source(
+    input_uri: str,
+    *,
+    storage_options: dict | None = None,
+    image_root: str | None = None,
+    limit: int | None = None,
+    parallelism: int = 2,
+    min_rows_per_block: int = 1,
+) -> Source:
+    """INPUT (see the module docstring) as a Source of at most `limit` rows; a listing is cut
+    into blocks as `dataset_from_table` says."""
+    kind = source_kind(input_uri)
+    if kind in ("parquet", "csv"):
+        dataset = read_manifest(input_uri, kind, image_root=image_root, storage_options=storage_options)
+        return Source(dataset.limit(limit) if limit is not None else dataset, None)
+    if kind == "coco":
+        if image_root is None:
+            raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")
+        table = coco_images(input_uri, image_root, storage_options)
+    else:
+        if image_root is not None:
+            raise SourceError("--image-root applies to manifest and COCO json inputs, not to a directory")
+        table = list_images(input_uri, storage_options)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return Source(dataset_from_table(table, parallelism, min_rows_per_block), table.num_rows)
 
 
 def read_source(
@@ -186,18 +228,6 @@ def read_source(
     parallelism: int = 2,
 ) -> ray.data.Dataset:
     """The lazy {image_id, uri} dataset for INPUT (see the module docstring), at most `limit` rows."""
-    kind = source_kind(input_uri)
-    if kind in ("parquet", "csv"):
-        dataset = read_manifest(input_uri, kind, image_root=image_root, storage_options=storage_options)
-        return dataset.limit(limit) if limit is not None else dataset
-    if kind == "coco":
-        if image_root is None:
-            raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")
-        table = coco_images(input_uri, image_root, storage_options)
-    else:
-        if image_root is not None:
-            raise SourceError("--image-root applies to manifest and COCO json inputs, not to a directory")
-        table = list_images(input_uri, storage_options)
-    if limit is not None:
-        table = table.slice(0, limit)
-    return dataset_from_table(table, parallelism)
+    return open_source(
+        input_uri, storage_options=storage_options, image_root=image_root, limit=limit, parallelism=parallelism
+    ).dataset

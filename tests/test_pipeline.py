@@ -155,6 +155,20 @@ def test_limit_processes_only_the_first_images(shapes, tmp_path):
     assert sorted(r["image_id"] for r in read_rows(tmp_path / "out")) == ["000000.png", "000001.png", "000002.png"]
 
 
+def test_a_run_starts_an_actor_per_model_batch_of_its_listing_up_to_the_pool(shapes, tmp_path):
+    def initial_actors(*args: str) -> int:
+        output = tmp_path / "runs" / ("-".join(args) or "all")
+        result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads((output / RUN_FILE).read_text())["resources"]["initial_actors"]
+
+    # The test cluster's two CPUs give a pool of up to two actors, batch 8; 20 images.
+    assert initial_actors("--limit", "3") == 1
+    assert initial_actors() == 2
+    assert initial_actors("--batch-size", "16") == 2
+    assert initial_actors("--batch-size", "32") == 1
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

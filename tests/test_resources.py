@@ -16,6 +16,21 @@ def test_two_core_cpu_machine_gets_one_single_threaded_actor_per_core():
     assert 1.0 + plan.max_actors * plan.cpus_per_actor + 2 * plan.task_cpus <= 2
 
 
+def test_a_default_pool_starts_whole_and_an_explicit_one_at_its_minimum():
+    assert plan_resources({"CPU": 2.0}).initial_actors == 2
+    assert plan_resources({"CPU": 32.0, "GPU": 4.0}).initial_actors == 4
+    assert plan_resources({"CPU": 16.0}, actors=(2, 6)).initial_actors == 2
+    assert plan_resources({"CPU": 16.0}, actors=(3, 3)).initial_actors == 3
+
+
+def test_a_small_input_starts_no_more_actors_than_it_has_model_batches():
+    plan = plan_resources({"CPU": 32.0, "GPU": 4.0})  # batch 16, 4 actors
+    assert [plan.for_rows(rows).initial_actors for rows in (1, 16, 17, 48, 64, 10_000)] == [1, 1, 2, 3, 4, 4]
+    assert (plan.for_rows(1).min_actors, plan.for_rows(1).max_actors) == (1, 4), "the pool may still grow"
+    explicit = plan_resources({"CPU": 16.0}, actors=(3, 6))
+    assert explicit.for_rows(1).initial_actors == 3, "never below the minimum asked for"
+
+
 def test_larger_cpu_machines_cap_the_model_copies_per_node_and_thread_the_rest():
     four = plan_resources({"CPU": 4.0})
     assert (four.max_actors, four.cpus_per_actor, four.torch_threads) == (4, 0.5, 1)
