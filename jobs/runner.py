@@ -130,7 +130,6 @@ def run_segment_spec(
         image_root=spec.image_root,
         limit=spec.limit,
         parallelism=parallelism,
-        min_rows_per_block=resources.batch_size,
     )
     dataset = source.dataset
     if source.rows is not None:

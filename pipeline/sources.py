@@ -33,8 +33,9 @@ MANIFEST_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", "
 ROWS_PER_BLOCK = 256
 # A listing of few images is still cut into this many blocks per CPU: with one block per
 # actor the stages could not overlap, and the first actor would take the work a second
-# one starting moments later should share. No block is cut smaller than a model batch,
-# though: the model would run part batches, and Ray Data calls an actor once per block.
+# one starting moments later should share. Blocks may hold less than a model batch: Ray
+# Data gives each actor up to two blocks at a time, and with two large blocks the first
+# actor ready would take them both (measured in BENCHMARKS.md, fifth pass).
 BLOCKS_PER_CPU = 4
 
 
@@ -169,12 +170,11 @@ def read_manifest(
     ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
-def dataset_from_table(table: pa.Table, parallelism: int, min_rows_per_block: int = 1) -> ray.data.Dataset:
+def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
     """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, and at least
-    BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while every block can
-    still hold `min_rows_per_block` rows (the model's batch size)."""
+    BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while rows last."""
     rows = table.num_rows
-    blocks = max(min(rows // max(1, min_rows_per_block), BLOCKS_PER_CPU * parallelism), math.ceil(rows / ROWS_PER_BLOCK), 1)
+    blocks = max(min(rows, BLOCKS_PER_CPU * parallelism), math.ceil(rows / ROWS_PER_BLOCK), 1)
     size = math.ceil(rows / blocks)
     # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow would
     # run a remote task per block for it and wait, about 0.7 s before the pipeline starts.
@@ -198,7 +198,6 @@ def open_source(
     image_root: str | None = None,
     limit: int | None = None,
     parallelism: int = 2,
-    min_rows_per_block: int = 1,
 ) -> Source:
     """INPUT (see the module docstring) as a Source of at most `limit` rows; a listing is cut
     into blocks as `dataset_from_table` says."""
@@ -216,7 +215,7 @@ def open_source(
         table = list_images(input_uri, storage_options)
     if limit is not None:
         table = table.slice(0, limit)
-    return Source(dataset_from_table(table, parallelism, min_rows_per_block), table.num_rows)
+    return Source(dataset_from_table(table, parallelism), table.num_rows)
 
 
 def read_source(

@@ -265,13 +265,6 @@ def test_a_listing_becomes_blocks_of_at_most_256_rows_and_several_per_cpu(rows, 
     assert dataset.count() == rows
 
 
-@pytest.mark.parametrize("rows,batch,blocks", [(16, 8, 2), (8, 8, 1), (3, 8, 1), (500, 8, 8), (3000, 8, 12), (40, 4, 8)])
-def test_no_block_of_a_listing_is_cut_smaller_than_a_model_batch(rows, batch, blocks):
-    table = pa.table({"image_id": [str(i) for i in range(rows)], "uri": [f"/images/{i}.png" for i in range(rows)]})
-    dataset = dataset_from_table(table, 2, min_rows_per_block=batch)
-    assert dataset.num_blocks() == blocks
-    assert dataset.count() == rows
-
 
 def test_join_uri_keeps_absolute_paths_and_uris():
     assert join_uri("s3://b/root/", "a/b.png") == "s3://b/root/a/b.png"
