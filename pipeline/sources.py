@@ -173,12 +173,11 @@ def read_manifest(
 def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
     """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, and at least
     BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while rows last."""
-    rows = table.num_rows
-    blocks = max(min(rows, BLOCKS_PER_CPU * parallelism), math.ceil(rows / ROWS_PER_BLOCK), 1)
-    size = math.ceil(rows / blocks)
+    blocks = max(min(table.num_rows, BLOCKS_PER_CPU * parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
+    size = math.ceil(table.num_rows / blocks)
     # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow would
     # run a remote task per block for it and wait, about 0.7 s before the pipeline starts.
-    return ray.data.from_blocks([table.slice(start, size) for start in range(0, rows, size)])
+    return ray.data.from_blocks([table.slice(start, size) for start in range(0, table.num_rows, size)])
 
 
 @dataclass(frozen=True)

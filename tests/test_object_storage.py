@@ -265,7 +265,6 @@ def test_a_listing_becomes_blocks_of_at_most_256_rows_and_several_per_cpu(rows, 
     assert dataset.count() == rows
 
 
-
 def test_join_uri_keeps_absolute_paths_and_uris():
     assert join_uri("s3://b/root/", "a/b.png") == "s3://b/root/a/b.png"
     assert join_uri("/data", "a.png") == "/data/a.png"
