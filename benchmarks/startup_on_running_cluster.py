@@ -11,7 +11,10 @@ autoscaling coordinator, actor-location tracker) are detached, so only the first
 cluster starts them.
 
     .venv/bin/python -m benchmarks.startup_on_running_cluster [--images DIR] [--limit 16] [--jobs 3]
-        [--weights build/bench/unet-weights]
+        [--weights build/bench/unet-weights] [--preload MODULE,...]
+
+--preload starts the cluster with Ray's `preload_python_modules` (every worker process it
+starts imports them first), e.g. torch,ray.data,rayseg.pipeline.inference.
 """
 
 from __future__ import annotations
@@ -31,13 +34,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--weights", default="build/bench/unet-weights")
+    parser.add_argument("--preload", default="", help="modules every Ray worker imports when it starts, comma-separated")
     args = parser.parse_args()
 
     # A local head without token authentication, for this process and the jobs it starts.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False})
+    head = {"num_cpus": os.cpu_count(), "include_dashboard": False}
+    if args.preload:
+        head["_system_config"] = {"preload_python_modules": args.preload.split(",")}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         with tempfile.TemporaryDirectory() as scratch:
             for job in range(1, args.jobs + 1):
