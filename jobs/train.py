@@ -40,7 +40,6 @@ import io
 import json
 import logging
 import math
-import os
 import posixpath
 import random
 import tempfile
@@ -728,12 +727,15 @@ def train_unet(
     from ray.train.torch import TorchTrainer
 
     from ..models.unet import UNetConfig
-    from ..pipeline.storage import filesystem
+    from ..pipeline.storage import absolute_uri, filesystem
     from .cluster import node_count
     from .runner import new_run_id
 
     started = time.time()
     storage_options = dict(storage_options or {})
+    data, out = absolute_uri(data, storage_options), absolute_uri(out, storage_options)
+    if resume_from:
+        resume_from = absolute_uri(resume_from, storage_options)
     if epochs < 1:
         raise TrainingError(f"--epochs must be ≥ 1, got {epochs}")
     if batch_size < 1:
@@ -785,8 +787,6 @@ def train_unet(
     fs.makedirs(out_path, exist_ok=True)
     run_id = run_id or new_run_id()
     storage_path = posixpath.join(out.rstrip("/"), RAY_TRAIN_DIR)
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
 
     decode = DecodePairs([c.to_dict() for c in categories], size, storage_options)
 

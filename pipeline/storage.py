@@ -38,6 +38,12 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def absolute_uri(uri: str, storage_options: dict | None = None) -> str:
+    """`uri` as any process reads it: a local path made absolute, a URI as it is. Ray's
+    workers need not share the driver's working directory (Ray Train's run in their own)."""
+    return full_uri(*filesystem(uri, storage_options))
+
+
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The same filesystem for pyarrow and Ray's Parquet reader and writer."""
     if isinstance(fs, LocalFileSystem):

@@ -4,7 +4,9 @@ run end to end (train, checkpoint, resume), and U-Net instance output."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import chdir
 
 import numpy as np
 import pytest
@@ -293,9 +295,12 @@ def _loss_on(network: UNet, fixtures) -> float:
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained") / "unet"
-    summary = train_unet(str(tiny.root), str(out), epochs=2, **TINY)
-    return summary, out
+    """Two epochs, with DATA and OUT given relative to the working directory, as users type
+    them: Ray Train's workers run in a directory of their own."""
+    base = tmp_path_factory.mktemp("trained")
+    with chdir(base):
+        summary = train_unet(os.path.relpath(tiny.root), "unet", epochs=2, **TINY)
+    return summary, base / "unet"
 
 
 def test_training_runs_on_ray_train_and_lowers_the_loss(trained, tiny):
@@ -335,7 +340,8 @@ def test_resume_continues_from_the_saved_epoch_into_object_storage(trained, tiny
     steps_before = [float(s["step"]) for s in load_training_state(str(out))["optimizer"]["state"].values()]
     assert set(steps_before) == {4.0}  # 2 epochs × 2 batches
     resumed_uri = f"s3://{BUCKET}/train/resumed"
-    resumed = train_unet(str(tiny.root), resumed_uri, epochs=3, resume_from=str(out), **{**TINY, "width": None, "depth": None})
+    with chdir(out.parent):  # --resume-from relative to the working directory, too
+        resumed = train_unet(str(tiny.root), resumed_uri, epochs=3, resume_from=out.name, **{**TINY, "width": None, "depth": None})
     assert resumed.start_epoch == 2
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]  # the history travels on
     state = load_training_state(resumed_uri)
