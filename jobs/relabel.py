@@ -236,7 +236,9 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources, spec.model.name).for_rows(todo.num_rows)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
-    rows = segment(dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options)
+    rows = segment(
+        dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options, decoded=False
+    )
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
     if previous_files and unchanged.num_rows:
         prev_fs, _ = filesystem(previous_files[0], storage_options)

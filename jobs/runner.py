@@ -141,7 +141,7 @@ def run_segment_spec(
     if prompts is not None:
         # On resume, the images already done would count as unmatched: the first attempt counted.
         dataset, prompt_report = attach_prompts(dataset, prompts, storage_options=storage_options, check_unmatched=not spec.resume)
-    rows = segment(dataset, model, resources, storage_options=storage_options)
+    rows = segment(dataset, model, resources, storage_options=storage_options, decoded=False)
     if model.weights == RANDOM:
         log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", model.name)
     run_info = {

@@ -24,6 +24,7 @@ from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images
 from .encode import encode_batch
 from .resources import Resources
 from .schema import STATUS_OK
+from .sources import SourceError
 from .storage import filesystem
 
 
@@ -79,6 +80,25 @@ def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def _input_columns(dataset: ray.data.Dataset) -> set[str]:
+    """The dataset's columns, checked: `image_id`, and `uri` or a decoded `image`.
+
+    Ray knows most sources' columns without running anything; behind a map (e.g.
+    `read_images` plus an `image_id`) it runs the first block to tell. An empty dataset
+    has no columns to check.
+    """
+    schema = dataset.schema(fetch_if_missing=False) or dataset.schema()
+    if schema is None:
+        return set()
+    columns = set(schema.names)
+    if "image_id" not in columns or not columns & {"uri", "image"}:
+        raise SourceError(
+            f"segment() takes rows of image_id and uri, or image_id and a decoded image; "
+            f"this dataset has {sorted(columns)}"
+        )
+    return columns
+
+
 def segment(
     dataset: ray.data.Dataset,
     model: ModelSpec,
@@ -94,7 +114,7 @@ def segment(
     max_pixels: larger images are refused (error rows) from their headers.
     model_max_pixels: larger images are downscaled for the model; masks come back full size.
     decoded: whether rows already carry an `image`; by default taken from the dataset's
-    schema when Ray knows it without executing anything, else rows are {image_id, uri}.
+    columns, which are checked (SourceError).
 
     Unless `model` is already pinned (`pin_weights`), checks its weights on the driver
     first (WeightsError), so a bad checkpoint fails before any cluster work.
@@ -102,8 +122,7 @@ def segment(
     if model.weights_sha256 is None:
         model = pin_weights(model, storage_options)
     if decoded is None:
-        schema = dataset.schema(fetch_if_missing=False)
-        decoded = schema is not None and "image" in schema.names
+        decoded = "image" in _input_columns(dataset)
     decode_options = {"storage_options": storage_options, "max_pixels": max_pixels}
     actors_decode = not decoded and resources.cpu_stages_in_actors
     if decoded:

@@ -19,7 +19,7 @@ from rayseg.models.unet import build_unet
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
-from rayseg.pipeline.sources import read_source
+from rayseg.pipeline.sources import SourceError, read_source
 from rayseg.pipeline.sink import RUN_FILE, OutputError, committed_files, write_run
 
 from .conftest import same_segments
@@ -147,6 +147,25 @@ def test_python_api_accepts_already_decoded_images(checkpoint, tmp_path):
     by_id = {row["image_id"]: row for row in read_rows(tmp_path / "out")}
     assert [(by_id[f"img{i}"]["height"], by_id[f"img{i}"]["width"]) for i in range(5)] == [(24 + i, 40) for i in range(5)]
     assert all(row["uri"] is None for row in by_id.values())
+
+
+def test_python_api_takes_ray_read_images_behind_a_map(shapes, checkpoint, tmp_path):
+    # Ray cannot tell a mapped dataset's columns without running it: segment() looks.
+    images = ray.data.read_images(str(shapes.images_dir), include_paths=True, mode="RGB").map(
+        lambda row: {"image_id": row["path"].rsplit("/", 1)[-1], "image": row["image"]}
+    )
+    assert images.schema(fetch_if_missing=False) is None
+    rows = segment(images, ModelSpec("unet", str(checkpoint)), plan_resources(ray.cluster_resources()))
+    summary = write_run(rows, str(tmp_path / "out"), run_id="read-images", run_info={"model": "unet"})
+    assert (summary.images, summary.ok) == (len(list(shapes.images_dir.glob("*.png"))),) * 2
+    by_id = {row["image_id"]: row for row in read_rows(tmp_path / "out")}
+    assert (by_id["000000.png"]["height"], by_id["000000.png"]["width"]) == Image.open(shapes.images_dir / "000000.png").size[::-1]
+
+
+def test_python_api_names_the_columns_it_needs_before_any_inference(checkpoint):
+    images = ray.data.from_items([{"image": np.zeros((8, 8, 3), np.uint8)}])
+    with pytest.raises(SourceError, match=r"image_id and uri, or image_id and a decoded image; this dataset has \['image'\]"):
+        segment(images, ModelSpec("unet", str(checkpoint)), plan_resources(ray.cluster_resources()))
 
 
 def test_limit_processes_only_the_first_images(shapes, tmp_path):
