@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..models.registry import REGISTRY, get_entry, model_options
+from ..models.registry import REGISTRY, check_options, get_entry
 from ..pipeline.resources import parse_actors
 
 # Storage option names whose values are credentials: allowed only by env reference.
@@ -84,12 +84,7 @@ class ModelSection(Strict):
 
     @model_validator(mode="after")
     def known_options(self) -> ModelSection:
-        unknown = sorted(set(self.options) - set(model_options(self.name)))
-        if unknown:
-            raise ValueError(
-                f"model {self.name!r} does not take option(s) {', '.join(unknown)}; "
-                f"it takes: {', '.join(model_options(self.name)) or 'none'}"
-            )
+        check_options(self.name, self.options)
         return self
 
 

@@ -47,6 +47,9 @@ class ModelEntry:
     `weights_finder`'s name in models/checkpoint_files.py.
     default_weights: what `--weights` means when it is not given (None: it must be given).
     cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
+    options_check: "module:function" under rayseg.models, a torch-free check of the options'
+    values, called with them before any work (ValueError); None when the builder alone
+    checks them.
     """
 
     name: str
@@ -58,6 +61,7 @@ class ModelEntry:
     default_weights: str | None = None
     cpu_parallelism: str = DATA_PARALLEL
     options: tuple[str, ...] = ()
+    options_check: str | None = None
 
     @property
     def build(self) -> Callable[..., SegmentationModel]:
@@ -86,6 +90,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "unet_weights_file",
             default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
             options=("task", "min_area", "amp_dtype"),
+            options_check="unet_instances:check_unet_options",
         ),
         ModelEntry(
             "fcn", "semantic", _PTH, "torchvision_semantic", "build_fcn", "pth_weights_file",
@@ -177,6 +182,9 @@ def check_options(name: str, options: dict) -> None:
         )
     if "amp_dtype" in options:
         check_amp_dtype(options["amp_dtype"])
+    if check := get_entry(name).options_check:
+        module, _, function = check.partition(":")
+        getattr(importlib.import_module(f"{__package__}.{module}"), function)(**options)
 
 
 def build_model(name: str, weights: str, **arguments) -> SegmentationModel:

@@ -30,6 +30,12 @@ def check_instance_options(task: str, min_area: int) -> None:
         raise ValueError(f"U-Net min_area must be an integer ≥ 0, got {min_area!r}")
 
 
+def check_unet_options(task: str = "semantic", min_area: int = DEFAULT_MIN_AREA, **_other) -> None:
+    """The U-Net's `task` and `min_area` options, checked on their own (the registry's
+    options_check): the driver refuses them before any work."""
+    check_instance_options(task, min_area)
+
+
 def semantic_to_instances(
     labels: np.ndarray,
     probabilities: np.ndarray,

@@ -196,6 +196,8 @@ def test_a_run_starts_an_actor_per_model_batch_of_its_listing_up_to_the_pool(sha
         (["--model", "unet", "--weights", "/no/such/checkpoint"], "weights not found"),
         (["--model", "unet", "--weights", "random", "--gpus-per-actor", "1"], "cluster has none"),
         (["--model", "unet", "--weights", "random", "--actors", "4", "--cpus-per-actor", "0.5"], "leaves no CPU"),
+        (["--model", "unet", "--weights", "random", "--task", "panoptic"], "U-Net task must be one of semantic, instance"),
+        (["--model", "unet", "--weights", "random", "--model-option", "min_area=-3"], "U-Net min_area must be an integer ≥ 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message_and_write_nothing(shapes, tmp_path, args, message):

@@ -73,9 +73,19 @@ def test_secrets_come_from_the_environment_by_reference(monkeypatch):
         spec.storage.resolve()
 
 
-def test_model_options_are_checked_against_the_model():
-    with pytest.raises(SpecError, match="does not take option"):
-        parse_spec({**GOOD, "model": {"name": "unet", "weights": "random", "options": {"max_detections": 5}}})
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"max_detections": 5}, "does not take option"),
+        ({"amp_dtype": "fp8"}, "amp_dtype"),
+        ({"task": "panoptic"}, "U-Net task must be one of semantic, instance, got 'panoptic'"),
+        ({"min_area": -3}, "U-Net min_area must be an integer ≥ 0, got -3"),
+        ({"min_area": "abc"}, "U-Net min_area must be an integer ≥ 0, got 'abc'"),
+    ],
+)
+def test_model_options_and_their_values_are_checked_against_the_model(options, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**GOOD, "model": {"name": "unet", "weights": "random", "options": options}})
 
 
 def test_relabel_specs_need_a_source_and_an_output_root_and_a_valid_schedule():
