@@ -19,9 +19,11 @@ predictions and are left out (counted in the summary).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -122,12 +124,23 @@ def _segmentation(prediction: Prediction, index: int) -> dict:
     return {"size": [int(prediction.height), int(prediction.width)], "counts": prediction.rle[index]}
 
 
-def _open_output(out: str, storage_options: dict | None):
-    fs, path = filesystem(out, storage_options)
+@contextlib.contextmanager
+def _written_whole(fs, path: str) -> Iterator:
+    """A text file that appears at `path` only once it is complete: written beside it under a
+    temporary name, moved into place at the end, removed if the export fails."""
+    if fs.isdir(path):
+        raise ExportError(f"{full_uri(fs, path)} is a directory; name the json file to write")
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    return fs, path
+    partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(partial, "w") as f:
+            yield f
+        fs.mv(partial, path)
+    finally:
+        if fs.exists(partial):
+            fs.rm(partial)
 
 
 def export_coco_results(
@@ -139,11 +152,11 @@ def export_coco_results(
 ) -> ExportSummary:
     """Writes the COCO results json (module docstring); returns what was written."""
     ids = ImageIds(annotations, storage_options)
-    fs, path = _open_output(out, storage_options)
+    fs, path = filesystem(out, storage_options)
     summary = ExportSummary(output=full_uri(fs, path))
     seen: set = set()
     categories: set = set()
-    with fs.open(path, "w") as f:
+    with _written_whole(fs, path) as f:
         f.write("[")
         first = True
         for prediction in iter_rows(predictions, storage_options):
@@ -189,7 +202,7 @@ def export_coco_dataset(
     """Writes a COCO dataset of the predictions (module docstring); returns what was written."""
     ids = ImageIds(annotations, storage_options, assign=True)
     run = read_run_info(predictions, storage_options)
-    fs, path = _open_output(out, storage_options)
+    fs, path = filesystem(out, storage_options)
     summary = ExportSummary(output=full_uri(fs, path))
     info = {
         "description": "rayseg predictions",
@@ -203,7 +216,7 @@ def export_coco_dataset(
     # Pass 1: the images (small columns only); which row of which image is exported.
     exported: dict[str, int] = {}
     exported_ids: set = set()
-    with fs.open(path, "w") as f:
+    with _written_whole(fs, path) as f:
         f.write('{"info":' + json.dumps(info) + ',"licenses":[],"images":[')
         first = True
         for prediction in iter_rows(predictions, storage_options):

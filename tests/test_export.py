@@ -80,6 +80,15 @@ def test_export_coco_needs_ground_truth_to_map_file_names(predictions, tmp_path)
     assert "--annotations" in " ".join(result.output.split())
     with pytest.raises(ExportError):
         export_coco_results(str(pred), str(tmp_path / "results.json"))
+    assert not list(tmp_path.glob("results.json*")), "a failed export leaves no file, whole or partial"
+
+
+@pytest.mark.parametrize("kind", ["coco", "dataset"])
+def test_export_to_a_directory_is_refused_naming_it(shapes, predictions, tmp_path, kind):
+    gt, pred = predictions
+    result = cli("export", kind, pred, tmp_path, "--annotations", shapes.instances_json)
+    assert result.exit_code == 2
+    assert f"{tmp_path} is a directory" in " ".join(result.output.split())
 
 
 def test_export_coco_with_numeric_ids_needs_no_ground_truth(shapes, tmp_path):
