@@ -85,13 +85,33 @@ def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | 
 ROWS_PER_OUTPUT = 256
 
 
+# Models pad their input to a multiple of their stride (the U-Net's 2**depth, a detector's
+# 32), and padding multiplies a very thin image: 1 × 5,000,000 pixels would become
+# 32 × 5,000,000. So the padded size is held to twice the pixel budget as well, which leaves
+# ordinary images alone.
+PAD_MULTIPLE = 32
+
+
+def _padded_pixels(height: int, width: int) -> int:
+    return -(-height // PAD_MULTIPLE) * PAD_MULTIPLE * (-(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
 def fit_for_model(image: np.ndarray, max_pixels: int) -> np.ndarray:
-    """`image` itself when small enough, else a copy resized to at most `max_pixels` pixels."""
+    """`image` (uint8 (H, W, 3)) itself when small enough, else a copy resized, keeping its
+    aspect ratio as far as one-pixel sides allow, to at most `max_pixels` pixels and at most
+    twice that once padded to a multiple of PAD_MULTIPLE."""
+
+    def fits(height: int, width: int) -> bool:
+        return height * width <= max_pixels and _padded_pixels(height, width) <= 2 * max_pixels
+
     height, width = image.shape[:2]
-    if height * width <= max_pixels:
+    if fits(height, width):
         return image
-    scale = (max_pixels / (height * width)) ** 0.5
+    scale = min(1.0, (max_pixels / (height * width)) ** 0.5)
     size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    while not fits(size[1], size[0]) and size != (1, 1):
+        scale *= 0.95
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 

@@ -139,6 +139,22 @@ def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_wei
         assert packed == pack_masks(full)
 
 
+def test_a_very_thin_image_is_shown_small_enough_once_padded_and_its_masks_come_back_full_size(unet_weights):
+    # 1 × 20000 pixels fit a budget of 40000, but padded to 32 rows they would be 640000.
+    thin = images(1, 1, 20000)
+    shown = fit_for_model(thin[0], 40000)
+    # Padded to 32 rows, 2500 columns are twice the budget: it shrinks in 5% steps to below that.
+    assert shown.shape[0] == 1 and 0.9 * 2500 < shown.shape[1] <= 2500
+    ordinary = images(1, 150, 250)[0]
+    assert fit_for_model(ordinary, 40000) is ordinary  # padded 160 × 256 stays within twice the budget
+    actor = ImageSegmenter("unet", str(unet_weights), torch_threads=1, model_max_pixels=40000)
+    table = pa.concat_tables(actor(rows(thin)))
+    (row,) = table.to_pylist()
+    assert row["status"] == STATUS_OK
+    masks = unpack_masks(row["masks"], len(row["category_ids"]), 1, 20000)
+    assert masks.shape == (1, 20000, len(row["category_ids"])) and masks.any(axis=2).all()  # (H, W, N)
+
+
 # --- autocast plumbing -------------------------------------------------------------------------
 
 
