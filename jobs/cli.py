@@ -33,6 +33,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts show defaults in [brackets]: plain text, not Rich markup tags to swallow.
+    rich_markup_mode=None,
 )
 log = logging.getLogger("rayseg")
 

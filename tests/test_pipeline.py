@@ -208,6 +208,14 @@ def test_bad_arguments_exit_2_with_a_clear_message_and_write_nothing(shapes, tmp
     assert not output.exists()
 
 
+def test_help_shows_each_default_in_its_brackets():
+    result = rayseg("segment", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for default in ("[the model's bundled weights: unet]", "[one per GPU]", "[GPU 16, CPU 8]"):
+        assert default in text
+
+
 def test_wrong_weights_sha256_is_refused_before_any_work(shapes, checkpoint, tmp_path):
     result = rayseg(
         "segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", checkpoint, "--weights-sha256", "0" * 64
