@@ -121,6 +121,10 @@ def _manifest_columns(fs, path: str, kind: str) -> list[str]:
         return next(csv.reader(io.StringIO(f.readline())), [])
 
 
+def _blank_as_null(strings: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.if_else(pc.equal(pc.utf8_trim_whitespace(strings), ""), pa.scalar(None, pa.string()), strings)
+
+
 def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
     """Manifest rows → {image_id, uri}: uris joined to `image_root`, ids derived when absent.
 
@@ -128,9 +132,11 @@ def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
     when given), so it stays stable if the images move. A row without a uri is kept (as
     an error row downstream), never dropped.
     """
-    written = pc.cast(batch["uri"], pa.string())
+    # An empty uri or image_id is none (a CSV's empty cell): an empty uri would name the
+    # working directory.
+    written = _blank_as_null(pc.cast(batch["uri"], pa.string()))
     uris = [u if u is None or image_root is None else join_uri(image_root, u) for u in written.to_pylist()]
-    ids = pc.cast(batch["image_id"], pa.string()) if "image_id" in batch.column_names else written
+    ids = _blank_as_null(pc.cast(batch["image_id"], pa.string())) if "image_id" in batch.column_names else written
     ids = pc.fill_null(pc.coalesce(ids, written), "")
     errors = pa.array([None if u is not None else "manifest row has no uri" for u in uris], pa.string())
     return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string()), "error": errors})

@@ -248,12 +248,14 @@ def test_source_kind_follows_the_extension(uri, kind):
 
 
 def test_manifest_rows_keep_their_ids_and_rows_without_ids_or_uris_are_kept():
-    table = pa.table({"image_id": ["a", None, None], "uri": ["x/1.png", "x/2.png", None]})
+    table = pa.table({"image_id": ["a", None, "", None, "b"], "uri": ["x/1.png", "x/2.png", "x/3.png", None, " "]})
     out = normalise_manifest(table, image_root="s3://b/root")
     assert out.to_pylist() == [
         {"image_id": "a", "uri": "s3://b/root/x/1.png", "error": None},
         {"image_id": "x/2.png", "uri": "s3://b/root/x/2.png", "error": None},
+        {"image_id": "x/3.png", "uri": "s3://b/root/x/3.png", "error": None},  # an empty id is none
         {"image_id": "", "uri": None, "error": "manifest row has no uri"},
+        {"image_id": "b", "uri": None, "error": "manifest row has no uri"},  # a blank uri is none
     ]
 
 
