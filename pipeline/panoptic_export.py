@@ -24,9 +24,9 @@ another id already took, e.g. "a.jpg" after "a.png"). An image_id in two rows is
 isthing: from `category_file` (COCO json or list with `isthing`) when given, else every
 category is a thing (the predictions do not record it).
 
-Reads only a committed run (its `_run.json`'s files) when there is one, else every Parquet
-file of PREDICTIONS (pipeline/evaluation/data.py's prediction_files); rows stream one row
-group at a time, the json is written at the end.
+Reads only a committed run: the files its `_run.json` lists, or one Parquet file given
+directly (pipeline/evaluation/data.py's prediction_files); rows stream one row group at a
+time, the json is written at the end.
 """
 
 from __future__ import annotations

@@ -168,9 +168,11 @@ def test_missing_inputs_exit_2(shapes, tmp_path):
     syn.write_predictions([], str(tmp_path / "pred"))
     result = evaluation_cli("evaluate", tmp_path / "pred", "--annotations", tmp_path / "no.json", "--report", tmp_path / "r")
     assert result.exit_code == 2 and "annotations not found" in result.output
-    (tmp_path / "empty").mkdir()
-    result = evaluation_cli("evaluate", tmp_path / "empty", "--annotations", shapes.instances_json, "--report", tmp_path / "r")
-    assert result.exit_code == 2 and "no Parquet files" in result.output
+    # A run that has not committed (no _run.json), e.g. still running or killed, is not read.
+    syn.write_predictions([], str(tmp_path / "torn"))
+    (tmp_path / "torn" / "_run.json").unlink()
+    result = evaluation_cli("evaluate", tmp_path / "torn", "--annotations", shapes.instances_json, "--report", tmp_path / "r")
+    assert result.exit_code == 2 and "holds no committed run (_run.json missing)" in " ".join(result.output.split())
 
 
 def test_the_best_and_worst_images_do_not_depend_on_order_or_sharding():

@@ -51,11 +51,10 @@ def panoptic_masks():
     return [(sky, 7, 0.9, 1), (person, 1, 0.8, 2), (car, 3, 0.7, 5)]
 
 
-def write_predictions(directory, rows, *, committed=True):
+def write_predictions(directory, rows):
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), directory / "part-0.parquet")
-    if committed:
-        (directory / "_run.json").write_text(json.dumps({"status": "complete", "files": ["part-0.parquet"]}))
+    (directory / "_run.json").write_text(json.dumps({"status": "complete", "files": ["part-0.parquet"]}))
 
 
 def test_round_trip_png_ids_and_json_match_the_segments(tmp_path):
@@ -123,7 +122,7 @@ def test_hostile_image_ids_stay_inside_dir(tmp_path):
     mask = np.zeros((H, W), bool)
     mask[:5, :5] = True
     predictions = tmp_path / "out"
-    write_predictions(predictions, [row(i, [segment(mask, 1, 0.5, 1)]) for i in hostile], committed=False)
+    write_predictions(predictions, [row(i, [segment(mask, 1, 0.5, 1)]) for i in hostile])
     out = tmp_path / "nested" / "pan"
     summary = export_panoptic(str(predictions), str(out))
     assert summary.images == len(hostile)

@@ -39,13 +39,20 @@ EXAMPLES = 5
 def prediction_files(predictions: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
     """(fsspec filesystem, sorted Parquet files) of a predictions OUTPUT directory or one file.
 
-    Files under `_`- or `.`-prefixed directories (Ray's `_staging`) are not part of the run.
+    A directory must hold a committed run (its `_run.json`): one still running, or one that
+    died, is refused. Files under `_`- or `.`-prefixed directories (Ray's `_staging`) are not
+    part of the run.
     """
     fs, root = filesystem(predictions, storage_options)
     if not fs.exists(root):
         raise EvaluationError(f"predictions not found: {predictions}")
     if not fs.isdir(root):
         return fs, [full_uri(fs, root)]
+    if not fs.exists(posixpath.join(root, RUN_FILE)):
+        raise EvaluationError(
+            f"{predictions} holds no committed run ({RUN_FILE} missing): it is still running, or it "
+            "stopped before committing (`rayseg segment --resume` finishes it)"
+        )
     files = []
     for path in fs.find(root):
         relative = posixpath.relpath(path, root.rstrip("/") or "/")
