@@ -105,6 +105,12 @@ def write_run(
     # Ray's workers wrote these files; listings this process cached before are stale.
     fs.invalidate_cache(root)
     staged = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
+    if not staged:
+        # An empty input still commits one file: readers see the schema and no rows, not nothing.
+        staged = [posixpath.join(staging, "empty.parquet")]
+        fs.makedirs(staging, exist_ok=True)
+        with fs.open(staged[0], "wb") as f:
+            pq.write_table(OUTPUT_SCHEMA.empty_table(), f)
     committed = [posixpath.join(root, f"part-{index:05d}.parquet") for index, _ in enumerate(staged)]
     for source, target in zip(staged, committed):
         fs.mv(source, target)

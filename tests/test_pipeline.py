@@ -168,6 +168,17 @@ def test_python_api_names_the_columns_it_needs_before_any_inference(checkpoint):
         segment(images, ModelSpec("unet", str(checkpoint)), plan_resources(ray.cluster_resources()))
 
 
+def test_an_empty_manifest_commits_one_file_with_the_schema_and_no_rows(tmp_path):
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("uri\n")
+    result = rayseg("segment", manifest, tmp_path / "out", "--model", "unet", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 0 and table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    run = json.loads((tmp_path / "out" / RUN_FILE).read_text())
+    assert run["files"] == ["part-00000.parquet"] and run["counts"]["images"] == 0
+
+
 def test_limit_processes_only_the_first_images(shapes, tmp_path):
     result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", "random", "--limit", "3")
     assert result.exit_code == 0, result.output
