@@ -15,7 +15,7 @@ from ..models.weights import RANDOM
 from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
-from ..pipeline.sink import OutputError, RunSummary, check_output, read_run, staged_image_ids, write_run
+from ..pipeline.sink import OutputError, RunSummary, check_attempt, check_output, read_run, staged_image_ids, write_run
 from ..pipeline.sources import open_source
 from . import cluster
 from .spec import ResourcesSection, SegmentSpec
@@ -116,6 +116,19 @@ def run_segment_spec(
         log.info("run %s is already committed in %s", spec.run_id, spec.output)
         return done
     model = pin_weights(model_spec(spec), storage_options)
+    # What makes the rows what they are: a resumed run must finish with the same.
+    attempt = {
+        "input": spec.input,
+        "image_root": spec.image_root,
+        "limit": spec.limit,
+        "prompts": spec.prompts,
+        "model": model.name,
+        "weights_sha256": model.weights_sha256,
+        "score_threshold": model.score_threshold,
+        "options": model.options,
+    }
+    if spec.resume:
+        check_attempt(spec.output, spec.run_id, attempt, storage_options)
     # Read and checked before any cluster work: a malformed source is a PromptError (exit 2).
     prompts, prompt_categories = load_prompts(spec.prompts, storage_options) if spec.prompts else (None, [])
     if prompt_categories and not {"categories", "category_file"} & set(model.options):
@@ -177,4 +190,5 @@ def run_segment_spec(
         started=started,
         write_cpus=resources.task_cpus,
         resume=spec.resume,
+        attempt=attempt,
     )

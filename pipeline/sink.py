@@ -26,6 +26,8 @@ log = logging.getLogger("rayseg.pipeline")
 
 RUN_FILE = "_run.json"
 STAGING_DIR = "_staging"
+# What a run was started with (pipeline/sink.check_attempt), beside its staged files.
+ATTEMPT_FILE = "_attempt.json"
 # Rows of one output file: our rows are small (RLE strings), so thousands of rows make a
 # file of a few MB instead of one file per small block.
 ROWS_PER_FILE = 5000
@@ -65,6 +67,30 @@ def check_output(output: str, storage_options: dict | None = None) -> None:
         raise OutputError(f"output is not empty: {output} holds {posixpath.basename(leftovers[0])}; choose a new OUTPUT")
 
 
+def check_attempt(output: str, run_id: str, attempt: dict, storage_options: dict | None = None) -> None:
+    """On resume: refuses (OutputError) to finish run `run_id` with another input or model
+    than its staged rows came from, naming what differs; `attempt` is what write_run
+    recorded beside them (JSON values). Logs when nothing is staged to resume."""
+    fs, root = filesystem(output, storage_options)
+    staging = posixpath.join(root, STAGING_DIR, run_id)
+    if not fs.exists(staging):
+        log.warning("run %s has nothing staged in %s: running it from the start", run_id, output)
+        return
+    record = posixpath.join(staging, ATTEMPT_FILE)
+    if not fs.exists(record):
+        return  # the attempt died before it recorded itself: nothing of it is staged to mismatch
+    with fs.open(record, "r") as f:
+        staged = json.load(f)
+    attempt = json.loads(json.dumps(attempt))  # as it reads back: tuples become lists
+    differ = [key for key in sorted(set(staged) | set(attempt)) if staged.get(key) != attempt.get(key)]
+    if differ:
+        raise OutputError(
+            f"run {run_id} in {output} was started with another "
+            + ", ".join(f"{key} ({staged.get(key)!r}, now {attempt.get(key)!r})" for key in differ)
+            + "; resume it as it began, or start a new run"
+        )
+
+
 def write_run(
     dataset: ray.data.Dataset,
     output: str,
@@ -76,6 +102,7 @@ def write_run(
     write_cpus: float = 1.0,
     rows_per_file: int = ROWS_PER_FILE,
     resume: bool = False,
+    attempt: dict | None = None,
 ) -> RunSummary:
     """Executes `dataset` (output rows), commits its Parquet files, writes `_run.json`.
 
@@ -85,12 +112,18 @@ def write_run(
     clusters), so encode and write fuse into one task (`Resources.task_cpus`).
     resume: keep what an earlier attempt of `run_id` staged (its rows must be absent from
     `dataset`: see `staged_image_ids`) and commit it together with the new rows.
+    attempt: what makes the rows what they are (input, model, weights' sha256, options),
+    recorded beside the staged files for `check_attempt` on a later resume.
     """
     started = time.time() if started is None else started
     fs, root = filesystem(output, storage_options)
     staging = posixpath.join(root, STAGING_DIR, run_id)
     if fs.exists(staging) and not resume:
         fs.rm(staging, recursive=True)
+    if attempt is not None and not fs.exists(posixpath.join(staging, ATTEMPT_FILE)):
+        fs.makedirs(staging, exist_ok=True)
+        with fs.open(posixpath.join(staging, ATTEMPT_FILE), "w") as f:
+            json.dump(attempt, f, indent=2)
     # Ray starts a task's worker process only when the task is due, and the write tasks come
     # last: a run shorter than one file would wait ~1.5 s after its last rows for a process
     # to start and import Ray Data. This starts one now, beside the actors, for them.

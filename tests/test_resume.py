@@ -3,6 +3,7 @@ uninterrupted run — nothing lost, nothing twice."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from rayseg.jobs.cli import app
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.unet import UNet, UNetConfig, save_unet
-from rayseg.pipeline.sink import RUN_FILE, STAGING_DIR
+from rayseg.pipeline.sink import ATTEMPT_FILE, RUN_FILE, STAGING_DIR
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -131,3 +132,22 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tmp_pa
 def test_resume_needs_the_run_id(shapes, tmp_path):
     result = runner.invoke(app, ["segment", str(shapes.images_dir), str(tmp_path / "o"), "--model", "unet", "--weights", "random", "--resume"])
     assert result.exit_code == 2 and "--run-id" in result.output
+
+
+def test_resume_refuses_rows_staged_by_another_model_and_goes_on_with_its_own(shapes, tmp_path):
+    output = tmp_path / "out"
+    staging = output / STAGING_DIR / "nightly"
+    staging.mkdir(parents=True)
+    began = {
+        "input": str(shapes.images_dir), "image_root": None, "limit": None, "prompts": None,
+        "model": "fcn", "weights_sha256": None, "score_threshold": None, "options": {},
+    }  # fmt: skip
+    (staging / ATTEMPT_FILE).write_text(json.dumps(began))
+    args = ["segment", str(shapes.images_dir), str(output), "--model", "unet", "--weights", "random", "--run-id", "nightly", "--resume"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2
+    assert "run nightly" in refused.output and "model ('fcn', now 'unet')" in " ".join(refused.output.split())
+    (staging / ATTEMPT_FILE).write_text(json.dumps({**began, "model": "unet"}))
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert len(rows_of(output)) == len(list(shapes.images_dir.glob("*.png")))
