@@ -101,7 +101,7 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
     if not images:
         raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
     try:
-        return pa.table(
+        table = pa.table(
             {
                 "image_id": [str(image["id"]) for image in images],
                 "uri": [join_uri(image_root, image["file_name"]) for image in images],
@@ -110,6 +110,15 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
         )
     except KeyError as e:
         raise SourceError(f"{annotations_uri}: every COCO image needs 'id' and 'file_name' (missing {e})") from None
+    # Rows are joined on image_id (resume, export, evaluation): two images under one id would
+    # be one image to them.
+    counts = pc.value_counts(table["image_id"])
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise SourceError(
+            f"{annotations_uri}: COCO image ids must be unique; {len(repeated)} repeat, e.g. {repeated[0].as_py()!r}"
+        )
+    return table
 
 
 def _manifest_columns(fs, path: str, kind: str) -> list[str]:

@@ -239,6 +239,18 @@ def test_a_coco_json_input_needs_an_image_root(shapes, tmp_path):
     assert result.exit_code == 2 and "--image-root" in result.output
 
 
+def test_a_coco_json_with_a_repeated_image_id_is_refused(shapes, tmp_path):
+    coco = json.loads(shapes.instances_json.read_text())
+    coco["images"][1]["id"] = coco["images"][0]["id"]
+    (tmp_path / "repeated.json").write_text(json.dumps(coco))
+    result = rayseg(
+        "segment", tmp_path / "repeated.json", tmp_path / "out", "--model", "unet", "--weights", "random",
+        "--image-root", shapes.images_dir,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"COCO image ids must be unique; 1 repeat, e.g. '{coco['images'][0]['id']}'" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     "uri,kind",
     [("s3://b/m.parquet", "parquet"), ("m.CSV", "csv"), ("gs://b/coco.json", "coco"), ("s3://b/images/", "directory"), ("/data", "directory")],
