@@ -1,4 +1,4 @@
-"""The `rayseg` command line (DESIGN.md §4). Thin: it parses, checks, and calls pipeline/."""
+"""The `rayseg` command line (README.md, "Usage"). Thin: it parses, checks, and calls pipeline/."""
 
 from __future__ import annotations
 

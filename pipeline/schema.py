@@ -1,4 +1,4 @@
-"""The output schema (DESIGN.md §3, a contract): one Parquet row per input image."""
+"""The output schema (README.md, "Output (contract)"): one Parquet row per input image."""
 
 from __future__ import annotations
 

@@ -82,6 +82,12 @@ def test_instance_report_has_every_number_and_a_self_contained_page(shapes, inst
         assert not next(t for t in report["thumbnails"] if t["image_id"] == "000000.png")["image_readable"]
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| AP |" in markdown and "![Precision–recall curves](figures/pr_curves.png)" in markdown
+    # Every row of a Markdown table has its header's cells: a `|` inside a cell is escaped.
+    tables = re.findall(r"(?:^\|.*\n)+", markdown, flags=re.MULTILINE)
+    assert any("AP @[IoU=0.50:0.95 \\| area=all \\| maxDets=100]" in table for table in tables)
+    for table in tables:
+        widths = {len(re.split(r"(?<!\\)\|", line)) for line in table.splitlines()}
+        assert len(widths) == 1, table
     for link in re.findall(r"\]\((figures/[^)]+)\)", markdown):
         assert (tmp_path / "report" / link).is_file()
 

@@ -407,6 +407,8 @@ def _template(name: str):
 
     text = resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
     environment = jinja2.Environment(autoescape=name.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    # A Markdown table cell ends at a bare `|`: pycocotools' metric names hold several.
+    environment.filters["cell"] = lambda value: str(value).replace("|", "\\|")
     return environment.from_string(text)
 
 
