@@ -11,12 +11,14 @@ optional `uri`), e.g. from `ray.data.read_images`.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
+from ..models.checkpoint_files import CONFIG_FILE
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .actor import MODEL_MAX_PIXELS, SegmentImages
@@ -25,7 +27,7 @@ from .encode import encode_batch
 from .resources import Resources
 from .schema import STATUS_OK
 from .sources import SourceError
-from .storage import filesystem
+from .storage import filesystem, full_uri
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,16 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
         return spec
     uri = entry.weights_file(spec.weights)
     digest = hashlib.sha256()
+    fs, path = filesystem(uri, storage_options)
     try:
-        fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise WeightsError(f"weights not found: {uri}") from None
+    # A safetensors/bin checkpoint (ours, HF's) is read with the config.json beside it.
+    if path.endswith((".safetensors", ".bin")) and not fs.exists(config := posixpath.join(posixpath.dirname(path), CONFIG_FILE)):
+        raise WeightsError(f"weights incomplete: {full_uri(fs, config)} is missing beside {posixpath.basename(path)}")
     actual = digest.hexdigest()
     if spec.weights_sha256 is not None and actual != spec.weights_sha256.strip().lower():
         raise WeightsError(f"sha256 mismatch for {uri}: expected {spec.weights_sha256}, got {actual}")

@@ -227,6 +227,20 @@ def test_help_shows_each_default_in_its_brackets():
         assert default in text
 
 
+def test_weights_that_cannot_load_are_refused_before_any_work(shapes, checkpoint, tmp_path):
+    without_config = tmp_path / "no-config"
+    without_config.mkdir()
+    shutil.copy(checkpoint / "model.safetensors", without_config)
+    not_a_directory = shapes.images_dir / "000000.png"
+    for weights, message in (
+        (without_config, f"weights incomplete: {without_config / 'config.json'} is missing beside model.safetensors"),
+        (not_a_directory, f"weights not found: {not_a_directory}/model.safetensors"),
+    ):
+        result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", weights)
+        assert result.exit_code == 2 and message in " ".join(result.output.split())
+        assert not (tmp_path / "out").exists()
+
+
 def test_wrong_weights_sha256_is_refused_before_any_work(shapes, checkpoint, tmp_path):
     result = rayseg(
         "segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", checkpoint, "--weights-sha256", "0" * 64
