@@ -134,17 +134,12 @@ def run_segment_spec(
     if prompt_categories and not {"categories", "category_file"} & set(model.options):
         # Re-labelled masks keep their box's category: name them as the prompt source does.
         model = dataclasses.replace(model, options={**model.options, "categories": [c.to_dict() for c in prompt_categories]})
+    # Listed, or its columns checked, before any cluster work: a bad INPUT is a SourceError (exit 2).
+    source = open_source(spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit)
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources, spec.model.name)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
-    source = open_source(
-        spec.input,
-        storage_options=storage_options,
-        image_root=spec.image_root,
-        limit=spec.limit,
-        parallelism=parallelism,
-    )
-    dataset = source.dataset
+    dataset = source.dataset(parallelism)
     if source.rows is not None:
         resources = resources.for_rows(source.rows)
     run_id = spec.run_id or new_run_id()

@@ -151,17 +151,24 @@ def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
     return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string()), "error": errors})
 
 
-def read_manifest(
-    manifest_uri: str, kind: str, *, image_root: str | None = None, storage_options: dict | None = None
-) -> ray.data.Dataset:
-    """A Parquet or CSV manifest as a lazy Ray dataset of {image_id, uri}."""
+def check_manifest(manifest_uri: str, kind: str, storage_options: dict | None = None) -> list[str]:
+    """The columns a Parquet or CSV manifest gives ({image_id,} uri), read from its footer or
+    header only; SourceError when it is missing or has no `uri` column."""
     fs, path = filesystem(manifest_uri, storage_options)
     if not fs.exists(path):
         raise SourceError(f"manifest not found: {manifest_uri}")
     columns = _manifest_columns(fs, path, kind)
     if "uri" not in columns:
         raise SourceError(f"manifest {manifest_uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
-    wanted = [c for c in ("image_id", "uri") if c in columns]
+    return [c for c in ("image_id", "uri") if c in columns]
+
+
+def read_manifest(
+    manifest_uri: str, kind: str, *, image_root: str | None = None, storage_options: dict | None = None
+) -> ray.data.Dataset:
+    """A Parquet or CSV manifest as a lazy Ray dataset of {image_id, uri}."""
+    wanted = check_manifest(manifest_uri, kind, storage_options)
+    fs, path = filesystem(manifest_uri, storage_options)
     # Read, normalise and re-block fuse into one streaming task of one CPU, alive while
     # the manifest streams (pipeline/resources.py leaves room for it).
     if kind == "parquet":
@@ -197,12 +204,29 @@ def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
 
 @dataclass(frozen=True)
 class Source:
-    """An INPUT opened: its lazy {image_id, uri} dataset, and its number of rows when known
-    before the run (a listing or a COCO json, read on the driver; None for a manifest,
-    which streams)."""
+    """An INPUT checked on the driver, before any cluster work: a listing's or a COCO json's
+    rows, read whole (`table`), or a manifest, checked from its footer or header and
+    streamed only by `dataset`."""
 
-    dataset: ray.data.Dataset
-    rows: int | None
+    uri: str
+    kind: str
+    table: pa.Table | None = None
+    image_root: str | None = None
+    limit: int | None = None
+    storage_options: dict | None = None
+
+    @property
+    def rows(self) -> int | None:
+        """The number of rows when known before the run (None for a manifest)."""
+        return None if self.table is None else self.table.num_rows
+
+    def dataset(self, parallelism: int = 2) -> ray.data.Dataset:
+        """The lazy {image_id, uri} dataset; a table is cut into blocks as `dataset_from_table`
+        says for `parallelism` CPUs."""
+        if self.table is not None:
+            return dataset_from_table(self.table, parallelism)
+        dataset = read_manifest(self.uri, self.kind, image_root=self.image_root, storage_options=self.storage_options)
+        return dataset.limit(self.limit) if self.limit is not None else dataset
 
 
 def open_source(
@@ -211,14 +235,13 @@ def open_source(
     storage_options: dict | None = None,
     image_root: str | None = None,
     limit: int | None = None,
-    parallelism: int = 2,
 ) -> Source:
-    """INPUT (see the module docstring) as a Source of at most `limit` rows; a listing is cut
-    into blocks as `dataset_from_table` says."""
+    """INPUT (see the module docstring), at most `limit` rows, checked without Ray: a
+    listing is listed, a COCO json read, a manifest's columns checked (SourceError)."""
     kind = source_kind(input_uri)
     if kind in ("parquet", "csv"):
-        dataset = read_manifest(input_uri, kind, image_root=image_root, storage_options=storage_options)
-        return Source(dataset.limit(limit) if limit is not None else dataset, None)
+        check_manifest(input_uri, kind, storage_options)
+        return Source(input_uri, kind, image_root=image_root, limit=limit, storage_options=storage_options)
     if kind == "coco":
         if image_root is None:
             raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")
@@ -229,7 +252,7 @@ def open_source(
         table = list_images(input_uri, storage_options)
     if limit is not None:
         table = table.slice(0, limit)
-    return Source(dataset_from_table(table, parallelism), table.num_rows)
+    return Source(input_uri, kind, table)
 
 
 def read_source(
@@ -241,6 +264,4 @@ def read_source(
     parallelism: int = 2,
 ) -> ray.data.Dataset:
     """The lazy {image_id, uri} dataset for INPUT (see the module docstring), at most `limit` rows."""
-    return open_source(
-        input_uri, storage_options=storage_options, image_root=image_root, limit=limit, parallelism=parallelism
-    ).dataset
+    return open_source(input_uri, storage_options=storage_options, image_root=image_root, limit=limit).dataset(parallelism)

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -225,6 +226,26 @@ def test_help_shows_each_default_in_its_brackets():
     text = " ".join(result.output.split())
     for default in ("[the model's bundled weights: unet]", "[one per GPU]", "[GPU 16, CPU 8]"):
         assert default in text
+
+
+def test_a_bad_input_is_refused_before_connecting_to_ray(shapes, tmp_path, monkeypatch):
+    from rayseg.jobs import runner as jobs_runner
+    from rayseg.jobs.spec import parse_spec
+
+    def connect(*args, **kwargs):
+        raise AssertionError("connected to Ray before the input was checked")
+
+    monkeypatch.setattr(jobs_runner.cluster, "connect", connect)
+    no_uri = tmp_path / "no-uri.parquet"
+    pq.write_table(pa.table({"path": ["a.png"]}), no_uri)
+    for source, message in (
+        ({"input": str(tmp_path / "nowhere")}, "input not found"),
+        ({"input": str(no_uri)}, "has no 'uri' column"),
+        ({"input": str(shapes.instances_json)}, "needs --image-root"),
+    ):
+        spec = parse_spec({"kind": "segment", **source, "output": str(tmp_path / "out"), "model": {"name": "unet", "weights": "random"}})
+        with pytest.raises(SourceError, match=message):
+            jobs_runner.run_segment_spec(spec, storage_options={})
 
 
 def test_weights_that_cannot_load_are_refused_before_any_work(shapes, checkpoint, tmp_path):
