@@ -11,6 +11,7 @@ from ray.job_submission import JobStatus
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from ..models.registry import REGISTRY, model_options
 from ..models.weights import WeightsError
@@ -81,7 +82,8 @@ def models() -> None:
     """List the registered models, their task and the weights they accept."""
     table = Table("model", "task", "weights", "options", "on CPUs")
     for entry in REGISTRY.values():
-        table.add_row(entry.name, entry.task, entry.weights, ", ".join(model_options(entry.name)), entry.cpu_parallelism)
+        # Plain text: "[default: …]" is not Rich markup.
+        table.add_row(entry.name, entry.task, Text(entry.weights), ", ".join(model_options(entry.name)), entry.cpu_parallelism)
     Console().print(table)
 
 

@@ -41,3 +41,15 @@ def test_unet_weights_default_to_the_bundled_ones_and_other_models_need_them():
     assert spec.model.weights == REGISTRY["unet"].default_weights
     assert Path(spec.model.weights).parent == Path(__file__).resolve().parents[1] / "models" / "bundled"
     assert all(entry.default_weights is None for name, entry in REGISTRY.items() if name != "unet")
+
+
+def test_models_command_lists_every_model_with_its_weights_as_written():
+    from typer.testing import CliRunner
+
+    from rayseg.jobs.cli import app
+
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert all(name in text for name in REGISTRY)
+    assert "[default: the bundled unet-shapes weights]" in text
