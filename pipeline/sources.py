@@ -96,10 +96,15 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
     """{image_id: str(COCO id), uri: image_root/file_name, error: null} for every image of a COCO json."""
     fs, path = filesystem(annotations_uri, storage_options)
     with fs.open(path, "rb") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise SourceError(f"{annotations_uri} is not valid JSON: {e}") from None
     images = data.get("images") if isinstance(data, dict) else None
     if not images:
         raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
+    if any(image.get("id") is None for image in images):
+        raise SourceError(f"{annotations_uri}: every COCO image needs an 'id' (one is null or missing)")
     try:
         table = pa.table(
             {

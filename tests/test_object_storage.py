@@ -239,6 +239,20 @@ def test_a_coco_json_input_needs_an_image_root(shapes, tmp_path):
     assert result.exit_code == 2 and "--image-root" in result.output
 
 
+def test_a_coco_json_that_is_not_json_or_has_a_null_id_is_refused_naming_the_file(shapes, tmp_path):
+    (tmp_path / "broken.json").write_text('{"images": [')
+    coco = json.loads(shapes.instances_json.read_text())
+    coco["images"][3]["id"] = None
+    (tmp_path / "null-id.json").write_text(json.dumps(coco))
+    for name, message in (("broken.json", "is not valid JSON"), ("null-id.json", "every COCO image needs an 'id'")):
+        result = rayseg(
+            "segment", tmp_path / name, tmp_path / "out", "--model", "unet", "--weights", "random",
+            "--image-root", shapes.images_dir,
+        )  # fmt: skip
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and name in text and message in text
+
+
 def test_a_coco_json_with_a_repeated_image_id_is_refused(shapes, tmp_path):
     coco = json.loads(shapes.instances_json.read_text())
     coco["images"][1]["id"] = coco["images"][0]["id"]
