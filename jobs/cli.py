@@ -287,11 +287,13 @@ def print_summary(summary: RunSummary) -> None:
     table = Table(title=f"run {summary.run_id}", show_header=False)
     table.add_row("images", str(summary.images))
     table.add_row("ok", str(summary.ok))
-    table.add_row("error", str(summary.error))
+    table.add_row("error", str(summary.error) + (f" (e.g. {summary.example_error})" if summary.example_error else ""))
     table.add_row("segments", str(summary.segments))
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     table.add_row("output", summary.output)
     Console().print(table)
+    if summary.images and not summary.ok:
+        log.warning("every image of run %s failed: its rows hold the reasons (column `error`)", summary.run_id)
 
 
 @app.command()

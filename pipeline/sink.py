@@ -49,6 +49,8 @@ class RunSummary:
     segments: int
     files: int
     seconds: float
+    # The reason of one error row, to show beside the count (None without errors).
+    example_error: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -224,14 +226,18 @@ def committed_files(output: str, storage_options: dict | None = None) -> list[st
 def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:
     """Counts read back from the committed files: the status column and one leaf of segments."""
     ok = error = segments = 0
+    example = None
     for path in files:
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["status", "segments.list.element.category_id"])
+            table = pq.ParquetFile(f).read(columns=["status", "error", "segments.list.element.category_id"])
         rows_ok = pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
         ok += rows_ok
         error += table.num_rows - rows_ok
         segments += pc.sum(pc.list_value_length(table["segments"])).as_py() or 0
-    return RunSummary(run_id, output, ok + error, ok, error, segments, len(files), seconds)
+        reasons = pc.drop_null(table["error"])
+        if example is None and len(reasons):
+            example = reasons[0].as_py()
+    return RunSummary(run_id, output, ok + error, ok, error, segments, len(files), seconds, example)
 
 
 def _iso(timestamp: float) -> str:

@@ -130,7 +130,7 @@ def test_every_bad_input_gets_its_own_row_and_the_job_exits_0(bad_inputs, tmp_pa
     run = json.loads((output / RUN_FILE).read_text())
     errors = sum(status == "error" for _, status, _ in MATRIX.values()) + 1
     assert run["counts"]["error"] == errors and run["counts"]["ok"] == len(MATRIX) + 1 - errors
-    assert f"│ error    │ {errors}" in result.output
+    assert f"│ error    │ {errors} (e.g. " in result.output, "the count shows one of the reasons"
 
 
 def test_duplicate_uris_in_a_manifest_give_one_row_each(shapes, tmp_path):
