@@ -148,7 +148,9 @@ def run_segment_spec(
     prompt_report = None
     if prompts is not None:
         # On resume, the images already done would count as unmatched: the first attempt counted.
-        dataset, prompt_report = attach_prompts(dataset, prompts, storage_options=storage_options, check_unmatched=not spec.resume)
+        dataset, prompt_report = attach_prompts(
+            dataset, prompts, storage_options=storage_options, check_unmatched=not spec.resume, name=spec.prompts
+        )
     rows = segment(dataset, model, resources, storage_options=storage_options, decoded=False)
     if model.weights == RANDOM:
         log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", model.name)

@@ -329,6 +329,7 @@ def attach_prompts(
     storage_options: dict | None = None,
     check_unmatched: bool = True,
     num_cpus: float = 0.25,
+    name: str | None = None,
 ) -> tuple[ray.data.Dataset, PromptReport]:
     """`images` (rows with image_id) plus the prompt columns, and what the prompts held.
 
@@ -338,14 +339,16 @@ def attach_prompts(
     column of `images` once (a listing or manifest: cheap; a dataset that decodes as it reads
     would decode twice — turn it off there).
     num_cpus: of each lookup task.
+    name: what log lines and the report call the prompts (default: `prompts` when it is a
+    path or URI, else "<table>"); give the source a table was read from.
 
     The result is lazy, one row per row of `images`, in its blocks. A dataset of decoded images
-    (`image` column) stays one: pass `decoded=True` to `segment`, which cannot see the
-    column through the added map without running it.
+    (`image` column) stays one: `segment` runs its first block to see the column through
+    the added map, unless told `decoded=True`.
     """
     table, categories = load_prompts(prompts, storage_options)
     table = table.combine_chunks()
-    name = prompts if isinstance(prompts, str) else "<table>"
+    name = name or (prompts if isinstance(prompts, str) else "<table>")
     boxes = pc.list_value_length(table["prompt_boxes"]).to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0, int)
     invalid = int(pc.sum(pc.is_valid(table[PROMPT_ERROR])).as_py() or 0)
     report = PromptReport(name, table.num_rows, int(boxes.sum()), invalid, categories=tuple(categories))

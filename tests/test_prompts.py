@@ -4,6 +4,7 @@ through the real Ray pipeline to SAM — every image keeps exactly one row."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -154,6 +155,19 @@ def test_attach_prompts_keeps_every_image_and_counts_strays(ray_cluster, shapes,
     assert rows[4]["prompt_boxes"] == [] and rows[5]["prompt_boxes"] == [] and rows[5]["prompt_error"] is None
     assert rows[0]["prompt_error"] is None and "annotation 9001" in rows[2]["prompt_error"]
     assert report.boxes == sum(len(row["prompt_boxes"]) for row in rows) + report.unmatched_boxes
+
+
+def test_prompts_read_beforehand_are_named_by_their_source_in_warnings(ray_cluster, shapes, prompts_json, caplog):
+    images = read_source(str(prompts_json), image_root=str(shapes.images_dir))
+    table, _ = load_prompts(str(prompts_json))
+    logger = logging.getLogger("rayseg.pipeline.prompts")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup may stop propagation to the root
+    try:
+        _, report = attach_prompts(images, table, name=str(prompts_json))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert report.source == str(prompts_json)
+    assert f"(1 boxes) of {prompts_json} are not in the input" in caplog.text
 
 
 def _check_prompted_output(rows, prompts_json, images_by_id, model):
