@@ -103,7 +103,7 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
     images = data.get("images") if isinstance(data, dict) else None
     if not images:
         raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
-    if any(image.get("id") is None for image in images):
+    if any(not isinstance(image, dict) or image.get("id") is None for image in images):
         raise SourceError(f"{annotations_uri}: every COCO image needs an 'id' (one is null or missing)")
     try:
         table = pa.table(
@@ -169,10 +169,10 @@ def check_manifest(manifest_uri: str, kind: str, storage_options: dict | None = 
 
 
 def read_manifest(
-    manifest_uri: str, kind: str, *, image_root: str | None = None, storage_options: dict | None = None
+    manifest_uri: str, kind: str, wanted: list[str], *, image_root: str | None = None, storage_options: dict | None = None
 ) -> ray.data.Dataset:
-    """A Parquet or CSV manifest as a lazy Ray dataset of {image_id, uri}."""
-    wanted = check_manifest(manifest_uri, kind, storage_options)
+    """A Parquet or CSV manifest as a lazy Ray dataset of {image_id, uri}; `wanted`: the
+    columns `check_manifest` found."""
     fs, path = filesystem(manifest_uri, storage_options)
     # Read, normalise and re-block fuse into one streaming task of one CPU, alive while
     # the manifest streams (pipeline/resources.py leaves room for it).
@@ -216,6 +216,7 @@ class Source:
     uri: str
     kind: str
     table: pa.Table | None = None
+    columns: tuple[str, ...] = ()  # a manifest's, as check_manifest found them
     image_root: str | None = None
     limit: int | None = None
     storage_options: dict | None = None
@@ -230,7 +231,9 @@ class Source:
         says for `parallelism` CPUs."""
         if self.table is not None:
             return dataset_from_table(self.table, parallelism)
-        dataset = read_manifest(self.uri, self.kind, image_root=self.image_root, storage_options=self.storage_options)
+        dataset = read_manifest(
+            self.uri, self.kind, list(self.columns), image_root=self.image_root, storage_options=self.storage_options
+        )
         return dataset.limit(self.limit) if self.limit is not None else dataset
 
 
@@ -245,8 +248,8 @@ def open_source(
     listing is listed, a COCO json read, a manifest's columns checked (SourceError)."""
     kind = source_kind(input_uri)
     if kind in ("parquet", "csv"):
-        check_manifest(input_uri, kind, storage_options)
-        return Source(input_uri, kind, image_root=image_root, limit=limit, storage_options=storage_options)
+        columns = tuple(check_manifest(input_uri, kind, storage_options))
+        return Source(input_uri, kind, columns=columns, image_root=image_root, limit=limit, storage_options=storage_options)
     if kind == "coco":
         if image_root is None:
             raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")
