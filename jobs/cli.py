@@ -287,7 +287,8 @@ def print_summary(summary: RunSummary) -> None:
     table = Table(title=f"run {summary.run_id}", show_header=False)
     table.add_row("images", str(summary.images))
     table.add_row("ok", str(summary.ok))
-    table.add_row("error", str(summary.error) + (f" (e.g. {summary.example_error})" if summary.example_error else ""))
+    # Text, not markup: a reason may hold brackets ("[Errno 2]", a path).
+    table.add_row("error", Text(str(summary.error) + (f" (e.g. {summary.example_error})" if summary.example_error else "")))
     table.add_row("segments", str(summary.segments))
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     table.add_row("output", summary.output)
