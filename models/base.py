@@ -18,6 +18,15 @@ if TYPE_CHECKING:  # this module stays importable without torch
     import torch
 
 Task = Literal["semantic", "instance", "panoptic", "promptable"]
+# The post-processings a universal (MaskFormer-family) model offers: its `task` option.
+UNIVERSAL_TASKS = ("semantic", "instance", "panoptic")
+
+
+def check_universal_options(task: str = "panoptic", **_other) -> None:
+    """A MaskFormer-family model's `task` option (ValueError names the choices): its
+    builders call it, and the registry's options_check before any work."""
+    if task not in UNIVERSAL_TASKS:
+        raise ValueError(f"task must be one of {', '.join(UNIVERSAL_TASKS)}, got {task!r}")
 
 
 @dataclass

@@ -60,7 +60,7 @@ from fsspec.implementations.local import LocalFileSystem
 from transformers.utils import logging as hf_logging
 
 from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
-from .base import Segment
+from .base import Segment, check_universal_options
 from .categories import Category, load_category_file
 from .checkpoint_files import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 from .device import AMP_AUTO, autocast, check_amp_dtype, resolve_amp_dtype, to_device
@@ -68,7 +68,6 @@ from .weights import RANDOM, WeightsError, warn_random
 
 log = logging.getLogger("rayseg.models")
 
-TASKS = ("semantic", "instance", "panoptic")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
 RANDOM_SEED = 0
@@ -413,8 +412,7 @@ class MaskFormerSegmenter:
         weights_sha256: str | None = None,
         amp_dtype: str = AMP_AUTO,
     ):
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        check_universal_options(task)
         threshold = 0.5 if score_threshold is None else float(score_threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
@@ -562,8 +560,7 @@ def _build(
 
     model_type, model_class, processor_class, upsample_first = _FAMILIES[name]
     network_cls, processor_cls = getattr(transformers, model_class), getattr(transformers, processor_class)
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_universal_options(task)
     if weights == RANDOM:
         warn_random(name)
         with torch.random.fork_rng(devices=[]):

@@ -36,11 +36,10 @@ import posixpath
 import numpy as np
 import torch
 
-from .base import Segment
+from .base import Segment, check_universal_options
 from .categories import Category
 from .device import AMP_AUTO, check_amp_dtype, to_device
 from .maskformer import (
-    TASKS,
     MaskFormerSegmenter,
     categories_from_config,
     check_weights,
@@ -179,8 +178,7 @@ def build_oneformer(
     from transformers import OneFormerForUniversalSegmentation, OneFormerProcessor
 
     check_amp_dtype(amp_dtype)
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_universal_options(task)
     if weights == RANDOM:
         raise WeightsError("oneformer has no random weights: its task input needs a checkpoint's tokenizer")
     base = weights.rstrip("/")

@@ -129,6 +129,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "hf_weights_file",
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
+            options_check="base:check_universal_options",
         ),
         ModelEntry(
             "mask2former",
@@ -139,6 +140,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "hf_weights_file",
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
+            options_check="base:check_universal_options",
         ),
         ModelEntry(
             "oneformer",
@@ -149,6 +151,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "hf_weights_file",
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
+            options_check="base:check_universal_options",
         ),
     ]
 }

@@ -88,6 +88,12 @@ def test_model_options_and_their_values_are_checked_against_the_model(options, m
         parse_spec({**GOOD, "model": {"name": "unet", "weights": "random", "options": options}})
 
 
+@pytest.mark.parametrize("name", ["maskformer", "mask2former", "oneformer"])
+def test_a_universal_models_task_is_checked_before_any_work(name):
+    with pytest.raises(SpecError, match="task must be one of semantic, instance, panoptic, got 'depth'"):
+        parse_spec({**GOOD, "model": {"name": name, "weights": "/w", "options": {"task": "depth"}}})
+
+
 def test_relabel_specs_need_a_source_and_an_output_root_and_a_valid_schedule():
     spec = parse_spec({"kind": "relabel", "source": "s3://b/images", "output_root": "s3://b/relabel", "schedule": "0 3 * * *", "model": {"name": "unet", "weights": "random"}})
     assert isinstance(spec, RelabelSpec)
