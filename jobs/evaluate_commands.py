@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..models.categories import load_category_file
 from ..pipeline.evaluation.base import EvaluationError
-from ..pipeline.evaluation.data import TASKS, infer_task, prediction_files
+from ..pipeline.evaluation.data import TASKS, infer_task, prediction_files, read_run_info, run_task
 from ..pipeline.evaluation.instance import IOU_TYPES
 from ..pipeline.evaluation.runner import DEFAULT_IGNORE_LABELS
 from ..pipeline.export import (
@@ -66,6 +66,13 @@ def evaluate(
             raise EvaluationError(f"--thumbnails must be ≥ 0, got {thumbnails}")
         task = task or infer_task(annotations, options)
         prediction_files(predictions, options)
+        produced = run_task(read_run_info(predictions, options))
+        if produced not in (None, task):
+            log.warning(
+                "%s holds %s predictions but is evaluated as %s: the numbers mean little "
+                "(run the model with --task %s, or evaluate against %s ground truth)",
+                predictions, produced, task, task, produced,
+            )  # fmt: skip
         category_list = [c.to_dict() for c in load_category_file(categories, options)] if categories else None
     except (EvaluationError, ValueError, FileNotFoundError) as e:
         raise fail(str(e)) from None

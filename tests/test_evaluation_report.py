@@ -222,3 +222,32 @@ def test_evaluate_instance_predictions_through_the_cli_on_ray(ray_cluster, shape
     local = evaluate_predictions(str(instance_predictions), str(shapes.instances_json), use_ray=False, iou_types=("segm",))
     assert report["metrics"]["segm"]["stats"] == local.metrics["segm"]["stats"]
     assert len(report["ranking"]["best"]) == 2 and report["evaluation"]["distributed"]
+
+
+def test_the_task_a_run_produced_is_read_from_its_run_record():
+    from rayseg.pipeline.evaluation.data import run_task
+
+    assert run_task({"model": "unet"}) == "semantic"
+    assert run_task({"model": "unet", "spec": {"model": {"options": {"task": "instance"}}}}) == "instance"
+    assert run_task({"model": "maskrcnn"}) == "instance"
+    assert run_task({"model": "sam"}) == "instance"  # promptable: its masks are instances
+    assert run_task({"model": "mask2former", "spec": {"model": {"options": {}}}}) == "panoptic"
+    assert run_task({"model": "synthetic"}) is None and run_task({}) is None
+
+
+def test_evaluating_a_run_against_another_tasks_ground_truth_warns(ray_cluster, shapes, tmp_path, caplog):
+    import logging
+
+    names = sorted(os.listdir(shapes.images_dir))
+    rows = syn.semantic_rows(str(shapes.semantic_dir), names, images_dir=str(shapes.images_dir))
+    syn.write_predictions(rows, str(tmp_path / "sem"), run_info={"model": "unet"})
+    logger = logging.getLogger("rayseg")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup stops propagation to the root
+    try:
+        result = evaluation_cli(
+            "evaluate", tmp_path / "sem", "--annotations", shapes.instances_json, "--report", tmp_path / "r", "--thumbnails", "0"
+        )
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert result.exit_code == 0, result.output
+    assert "holds semantic predictions but is evaluated as instance" in caplog.text

@@ -74,6 +74,20 @@ def read_run_info(predictions: str, storage_options: dict | None = None) -> dict
         return json.load(f)
 
 
+def run_task(run: dict) -> str | None:
+    """The kind of segments a run's `_run.json` says it produced: its model's `task` option,
+    else the registry's task for it (a promptable model's masks are instances); None for a
+    model the registry does not know."""
+    from ...models.registry import REGISTRY
+
+    entry = REGISTRY.get(run.get("model"))
+    if entry is None:
+        return None
+    options = ((run.get("spec") or {}).get("model") or {}).get("options") or {}
+    task = options.get("task") or entry.task
+    return "instance" if task == "promptable" else task
+
+
 def read_predictions(fs, parts: list[tuple[str, int, list[int]]]) -> list[Prediction]:
     """The rows at (file, row group, row indices) parts, in that order, with their segments."""
     predictions: list[Prediction] = []
