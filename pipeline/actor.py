@@ -20,12 +20,14 @@ MODEL_MAX_PIXELS = 4 * 1024 * 1024
 
 class SegmentImages:
     """Ray Data callable class: a `pipeline.inference.ImageSegmenter`, built in the actor
-    from the same arguments; each call yields its tables."""
+    from the same arguments and recording its images in hand (`pipeline/in_flight.py`);
+    each call yields its tables."""
 
     def __init__(self, *args, **kwargs):
+        from .in_flight import InFlightRecord
         from .inference import ImageSegmenter
 
-        self.segmenter = ImageSegmenter(*args, **kwargs)
+        self.segmenter = ImageSegmenter(*args, in_flight=InFlightRecord.for_current_actor(), **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         yield from self.segmenter(batch)

@@ -26,6 +26,7 @@ from .actor import MODEL_MAX_PIXELS
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
 from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, output_table, segment_structs
+from .in_flight import Deaths, InFlightRecord
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
@@ -155,11 +156,14 @@ class ImageSegmenter:
         decode_options: dict | None = None,
         encode: bool = False,
         batch_size: int | None = None,
+        in_flight: InFlightRecord | None = None,
     ):
         """batch_size: images per forward pass (default: a call's rows all at once).
         decode_options: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s
         keyword arguments (storage_options, max_pixels): the actor reads and decodes them.
-        encode: return output rows (OUTPUT_SCHEMA, masks as COCO RLE), encoded here."""
+        encode: return output rows (OUTPUT_SCHEMA, masks as COCO RLE), encoded here.
+        in_flight: where the images in hand are recorded, so that one which kills the process
+        is found and given up on (`pipeline/in_flight.py`); None: not recorded."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = select_device()
@@ -177,6 +181,7 @@ class ImageSegmenter:
         self.decode_options = decode_options
         self.encode = encode
         self.batch_size = batch_size
+        self.in_flight = in_flight
         log.info("built %s on %s", model_name, self.device)
 
     def _masks_out(self, masks: torch.Tensor) -> bytes | tuple:
@@ -212,13 +217,47 @@ class ImageSegmenter:
         done: list[pa.Table] = []
         done_rows = 0
         for start in range(0, count, step):
-            done.append(self._model_batch({key: values[start : start + step] for key, values in batch.items()}))
+            done.append(self._held_batch({key: values[start : start + step] for key, values in batch.items()}))
             done_rows += done[-1].num_rows
             if done_rows >= ROWS_PER_OUTPUT:
                 yield pa.concat_tables(done).combine_chunks()
                 done, done_rows = [], 0
         if done:
             yield pa.concat_tables(done).combine_chunks()
+
+    def _held_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """`_model_batch`, with its images recorded as in hand (`pipeline/in_flight.py`) while
+        it runs. Images a dead process had in hand go through one at a time, each recorded
+        alone, and those that killed it too often become error rows without another try."""
+        if self.in_flight is None:
+            return self._model_batch(batch)
+        image_ids = [str(x) for x in batch["image_id"]]
+        if not self.in_flight.suspects(image_ids):
+            self.in_flight.hold(image_ids)
+            table = self._model_batch(batch)
+            self.in_flight.release(image_ids)
+            return table
+        tables = []
+        for index, image_id in enumerate(image_ids):
+            row = {key: values[index : index + 1] for key, values in batch.items()}
+            if deaths := self.in_flight.given_up(image_id):
+                tables.append(self._given_up_row(row, deaths))
+            else:
+                self.in_flight.hold([image_id])
+                tables.append(self._model_batch(row))
+            self.in_flight.release([image_id])
+        return pa.concat_tables(tables).combine_chunks()
+
+    def _given_up_row(self, row: dict[str, np.ndarray], deaths: Deaths) -> pa.Table:
+        """The error row of an image that killed its actor's process `deaths.alone` times."""
+        reason = (
+            f"the worker process died {deaths.alone} times while segmenting this image alone "
+            "(out of memory, or a crash in native code); not tried again"
+        )
+        log.error("giving up on %s: %s", row["uri"][0], reason)
+        # Not decoded here: its size is known only if it arrived decoded.
+        sizes = {key: row[key] if key in row else np.zeros(1, dtype=np.int32) for key in ("width", "height")}
+        return self._table(self._image_columns({**row, **sizes}, [STATUS_ERROR], [reason]), [self._no_masks])
 
     def _model_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """One model batch of rows → their table."""
@@ -232,7 +271,7 @@ class ImageSegmenter:
         for index, reason in enumerate(batch.get(PROMPT_ERROR, ())):
             if isinstance(reason, str) and statuses[index] == STATUS_OK:
                 statuses[index], errors[index] = STATUS_ERROR, f"bad prompts: {reason}"
-        results: list[tuple[list[Segment], bytes | tuple]] = [([], NO_MASKS_ENCODED if self.encode else b"")] * count
+        results: list[tuple[list[Segment], bytes | tuple]] = [self._no_masks] * count
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]
         prompts = prompts_of(batch, ready)
@@ -248,7 +287,16 @@ class ImageSegmenter:
                     statuses[index] = STATUS_ERROR
                     errors[index] = f"inference failed: {type(e).__name__}: {e}"
                     log.warning("inference failed on %s:\n%s", batch["uri"][index], traceback.format_exc())
-        image_columns = self._image_columns(batch, statuses, errors)
+        return self._table(self._image_columns(batch, statuses, errors), results)
+
+    @property
+    def _no_masks(self) -> tuple[list[Segment], bytes | tuple]:
+        """An image's result when it has no segments (or no result: an error row)."""
+        return [], NO_MASKS_ENCODED if self.encode else b""
+
+    def _table(self, image_columns: dict, results: list[tuple[list[Segment], bytes | tuple]]) -> pa.Table:
+        """Rows of `_image_columns` and per-image results: output rows with `encode`, else
+        rows for the encode stage."""
         if self.encode:
             return output_table(
                 image_columns, [segment_structs(*self._metadata(segments), encoded) for segments, encoded in results]

@@ -41,6 +41,7 @@ from rayseg.jobs.cli import app
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Segment
 from rayseg.pipeline import inference
+from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
 from rayseg.pipeline.inference import ImageSegmenter
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
@@ -242,6 +243,26 @@ def test_a_call_runs_the_model_a_batch_at_a_time_and_hands_on_contiguous_tables(
     assert [row["status"] for row in out] == ["ok", "ok", "error", "ok", "ok", "ok", "ok"]
 
 
+def test_images_a_dead_process_held_go_through_alone_and_one_that_keeps_killing_it_is_an_error_row(monkeypatch, tmp_path):
+    monkeypatch.setattr(inference, "ROWS_PER_OUTPUT", 4)
+    record = str(tmp_path / "actor.json")
+    # Earlier processes of this actor died holding img0–img2, then holding img1 alone, twice.
+    for in_hand in [["img0", "img1", "img2"]] + [["img1"]] * MAX_DEATHS_ALONE:
+        InFlightRecord.load(record).hold(in_hand)
+    model = RecordsBatches()
+    tables = list(actor_with(model, batch_size=3, in_flight=InFlightRecord.load(record))(decoded_rows([1, 2, 3, 4, 5, 6])))
+    assert model.batches == [1, 1, 3], "img0 and img2 alone, img1 not tried again, the next batch whole"
+    out = pa.concat_tables(tables).to_pylist()
+    assert [row["status"] for row in out] == ["ok", "error", "ok", "ok", "ok", "ok"]
+    assert out[1]["error"].startswith(f"the worker process died {MAX_DEATHS_ALONE} times while segmenting this image alone")
+    assert (out[1]["width"], out[1]["height"]) == (5, 4)
+    plain = list(actor_with(RecordsBatches(), batch_size=3)(decoded_rows([1, 2, 3, 4, 5, 6])))
+    assert [t.num_rows for t in tables] == [t.num_rows for t in plain], (
+        "the same tables as a first attempt: Ray keeps the outputs a dead attempt already handed on"
+    )
+    assert not InFlightRecord.load(record).deaths, "every image finished, so none is remembered"
+
+
 def inference_actor_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
@@ -294,6 +315,20 @@ def test_a_worker_node_removed_mid_run_costs_nothing(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     counts = json.loads((output / RUN_FILE).read_text())["counts"]
     assert (counts["images"], counts["ok"]) == (48, 48)
+
+
+def test_an_image_that_kills_its_actor_every_time_becomes_an_error_row_instead_of_stalling_the_run(tmp_path):
+    """Ray restarts a dead actor and retries its call without end: without the in-flight
+    record (pipeline/in_flight.py) this run never finishes (tests/poison_run.py)."""
+    images = make_fixtures(tmp_path / "fixtures", images=10, size=(64, 64), seed=4).images_dir
+    shutil.copy(next(images.glob("*.png")), images / "poison.png")
+    output = tmp_path / "out"
+    summary = run_in_own_ray("rayseg.tests.poison_run", str(images), str(output), log=tmp_path / "stderr", timeout=240)
+    assert summary["error"] is None, summary
+    rows = {r["image_id"]: r for r in pq.read_table(output).to_pylist()}
+    assert sorted(rows) == sorted(p.name for p in images.glob("*.png")), "every input exactly once"
+    assert rows.pop("poison.png")["error"].startswith("the worker process died 2 times while segmenting this image alone")
+    assert all(r["status"] == "ok" for r in rows.values()), "the images beside it are segmented"
 
 
 def run_in_own_ray(module: str, *args: str, log: Path, timeout: float) -> dict:
