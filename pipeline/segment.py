@@ -19,6 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from ..models.checkpoint_files import CONFIG_FILE
+from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .actor import MODEL_MAX_PIXELS, SegmentImages
@@ -47,22 +48,26 @@ class ModelSpec:
 def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSpec:
     """`spec` with `weights_sha256` set to the checkpoint's digest, read once on the driver.
 
-    Checks the checkpoint exists (and matches a given sha256) before any actor starts, and
-    every actor then verifies the same digest, so all of them load identical weights.
+    Checks the checkpoint exists, is whole (`models/checkpoint_integrity.py`) and matches a
+    given sha256 before any actor starts; every actor then verifies the same digest, so all
+    of them load identical weights.
     """
     entry = get_entry(spec.name)
     check_options(spec.name, spec.options)
     if spec.weights == RANDOM:
         return spec
     uri = entry.weights_file(spec.weights)
-    digest = hashlib.sha256()
+    digest, head, size = hashlib.sha256(), b"", 0
     fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
+                head, size = head or chunk, size + len(chunk)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise WeightsError(f"weights not found: {uri}") from None
+    if problem := checkpoint_problem(path, head, size, lambda: fs.open(path, "rb")):
+        raise WeightsError(f"weights unusable: {uri}: {problem}")
     # A safetensors/bin checkpoint (ours, HF's) is read with the config.json beside it.
     if path.endswith((".safetensors", ".bin")) and not fs.exists(config := posixpath.join(posixpath.dirname(path), CONFIG_FILE)):
         raise WeightsError(f"weights incomplete: {full_uri(fs, config)} is missing beside {posixpath.basename(path)}")

@@ -253,9 +253,13 @@ def test_weights_that_cannot_load_are_refused_before_any_work(shapes, checkpoint
     without_config.mkdir()
     shutil.copy(checkpoint / "model.safetensors", without_config)
     not_a_directory = shapes.images_dir / "000000.png"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    (truncated / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:-100])
     for weights, message in (
         (without_config, f"weights incomplete: {without_config / 'config.json'} is missing beside model.safetensors"),
         (not_a_directory, f"weights not found: {not_a_directory}/model.safetensors"),
+        (truncated, f"weights unusable: {truncated / 'model.safetensors'}: truncated or corrupt"),
     ):
         result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", weights)
         assert result.exit_code == 2 and message in " ".join(result.output.split())
