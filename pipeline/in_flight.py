@@ -10,7 +10,9 @@ names one image; an image whose process died `MAX_DEATHS_ALONE` times while it w
 becomes an error row instead of being tried again.
 
 The file lives in Ray's session directory on the node, so a restart on another node (after
-a node loss, which is no image's fault) starts without history.
+a node loss, which is no image's fault) starts without history. One file per actor is
+enough because an actor runs one call at a time (Ray's default `max_concurrency` of 1,
+which the pipeline keeps).
 """
 
 from __future__ import annotations
