@@ -273,14 +273,21 @@ def submit(
 
 
 def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None = None) -> RunSummary:
-    """Runs a segment spec; user errors exit 2, failures of the job itself exit 1."""
+    """Runs a segment spec; user errors exit 2, failures of the job itself exit 1, an
+    interrupt 130. A run that stops before its commit says how to finish it."""
+    if spec.run_id is None and not spec.resume:
+        # Named here, so that a run that stops can be resumed by name.
+        spec = spec.model_copy(update={"run_id": new_run_id()})
+    to_finish = f"run {spec.run_id} is not committed; the same command with `--resume --run-id {spec.run_id}` finishes it, keeping the rows it staged"
     try:
         return run_segment_spec(spec, address=address, storage_options=storage_options)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise fail(f"interrupted: {to_finish}", code=130) from None
     except Exception as e:
         log.exception("run failed")
-        raise fail(f"run failed: {type(e).__name__}: {e}", code=1) from None
+        raise fail(f"run failed: {type(e).__name__}: {e}\n{to_finish}", code=1) from None
 
 
 def print_summary(summary: RunSummary) -> None:

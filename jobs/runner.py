@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 import uuid
 
@@ -15,7 +16,16 @@ from ..models.weights import RANDOM
 from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
-from ..pipeline.sink import OutputError, RunSummary, check_attempt, check_output, read_run, staged_image_ids, write_run
+from ..pipeline.sink import (
+    STAGING_DIR,
+    OutputError,
+    RunSummary,
+    check_attempt,
+    check_output,
+    read_run,
+    staged_image_ids,
+    write_run,
+)
 from ..pipeline.sources import open_source
 from . import cluster
 from .spec import ResourcesSection, SegmentSpec
@@ -143,6 +153,7 @@ def run_segment_spec(
     if source.rows is not None:
         resources = resources.for_rows(source.rows)
     run_id = spec.run_id or new_run_id()
+    log.info("run %s: staged in %s until it commits", run_id, posixpath.join(spec.output, STAGING_DIR, run_id))
     if spec.resume:
         dataset = without_done(dataset, staged_image_ids(spec.output, run_id, storage_options), parallelism)
     prompt_report = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -264,6 +265,31 @@ def test_weights_that_cannot_load_are_refused_before_any_work(shapes, checkpoint
         result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "unet", "--weights", weights)
         assert result.exit_code == 2 and message in " ".join(result.output.split())
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stop,code,said", [(KeyboardInterrupt(), 130, "interrupted"), (RuntimeError("disk full"), 1, "run failed: RuntimeError: disk full")])
+def test_a_run_that_stops_before_its_commit_says_how_to_finish_it(shapes, tmp_path, monkeypatch, stop, code, said):
+    from rayseg.jobs import runner as jobs_runner
+
+    def stopped_write_run(*args, **kwargs):
+        raise stop
+
+    output = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        patched.setattr(jobs_runner, "write_run", stopped_write_run)
+        result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", "--limit", "2")
+    text = " ".join(result.output.split())
+    assert result.exit_code == code and f"error: {said}" in text
+    run_id = re.search(r"the same command with `--resume --run-id (\S+)` finishes it", text).group(1)
+    finished = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", "--limit", "2", "--resume", "--run-id", run_id)
+    assert finished.exit_code == 0, finished.output
+    assert json.loads((output / RUN_FILE).read_text())["run_id"] == run_id
+
+
+def test_error_messages_are_printed_as_given_brackets_included(tmp_path):
+    weights = tmp_path / "[model]" / "unet"
+    result = rayseg("segment", tmp_path, tmp_path / "out", "--model", "unet", "--weights", weights)
+    assert result.exit_code == 2 and f"weights not found: {weights}/model.safetensors" in " ".join(result.output.split())
 
 
 def test_wrong_weights_sha256_is_refused_before_any_work(shapes, checkpoint, tmp_path):
