@@ -203,15 +203,20 @@ def run_relabel(spec: RelabelSpec, address: str | None) -> None:
         summary = relabel(spec, address=address)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
+    # An unfinished version's staged rows are taken over by the next relabel (jobs/relabel.py).
+    except KeyboardInterrupt:
+        raise fail("interrupted: the next relabel run takes over the rows this one staged", code=130) from None
     except Exception as e:
         log.exception("relabel failed")
-        raise fail(f"relabel failed: {type(e).__name__}: {e}", code=1) from None
+        raise fail(f"relabel failed: {type(e).__name__}: {e}\nthe next relabel run takes over the rows this one staged", code=1) from None
     if summary.version is None:
         console.print(f"source unchanged since {summary.previous}: no new version")
         return
     images = summary.diff["images"]
     console.print(
-        f"{summary.version}: {summary.processed} images segmented, {summary.carried} carried forward from "
+        f"{summary.version}: {summary.processed} images segmented, "
+        + (f"{summary.recovered} taken from unfinished versions, " if summary.recovered else "")
+        + f"{summary.carried} carried forward from "
         f"{summary.previous or '(none)'}; {images['added']} added, {images['removed']} removed, "
         f"{images['changed']} changed\n{summary.path}"
     )

@@ -10,6 +10,13 @@ ROOT/versions/v0001/, v0002/, ... each hold
 Only new or changed images (fingerprint: the object's etag, else size + mtime) go through
 the model; unchanged images' rows are carried forward from the previous version. A source
 without changes makes no new version.
+
+A run that dies (preempted, past its deadline) leaves an unfinished version: its index and
+the rows it staged, but no committed predictions. The next run writes a new version and
+takes from unfinished ones the staged rows of images it still has to do, where the image's
+fingerprint has not changed since and the same model, weights and options made them; it
+then deletes the unfinished versions. A dataset too large for one run's deadline is thus
+finished over several runs.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from .. import __version__
 from ..pipeline.export import export_coco_dataset
 from ..pipeline.schema import OUTPUT_SCHEMA
 from ..pipeline.segment import pin_weights, segment
-from ..pipeline.sink import RUN_FILE, committed_files, write_run
+from ..pipeline.sink import RUN_FILE, committed_files, read_attempt, staged_files, write_run
 from ..pipeline.sources import IMAGE_EXTENSIONS, SourceError, dataset_from_table, source_kind
 from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri
 from . import cluster
@@ -124,13 +131,101 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[Versio
     return versions
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A version whose run died before its commit: its name, path and source index."""
+
+    name: str
+    path: str
+    index: pa.Table
+
+
+def _version_number(name: str) -> int | None:
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else None
+
+
+def unfinished_versions(root: str, after: str | None, storage_options: dict | None = None) -> list[Unfinished]:
+    """Versions newer than `after` (the last committed one) whose predictions never
+    committed, newest first."""
+    fs, base = filesystem(root, storage_options)
+    directory = posixpath.join(base, VERSIONS_DIR)
+    if not fs.exists(directory):
+        return []
+    newer_than = _version_number(after) if after else 0
+    found = []
+    for path in fs.ls(directory, detail=False):
+        name = posixpath.basename(path.rstrip("/"))
+        number = _version_number(name)
+        index_path = posixpath.join(path, INDEX_FILE)
+        if number is None or number <= newer_than or fs.exists(posixpath.join(path, PREDICTIONS_DIR, RUN_FILE)):
+            continue
+        if not fs.exists(index_path):
+            continue  # died before it wrote its index: it staged nothing
+        with fs.open(index_path, "rb") as f:
+            found.append(Unfinished(name, full_uri(fs, path), pq.read_table(f, schema=INDEX_SCHEMA)))
+    return sorted(found, key=lambda version: _version_number(version.name), reverse=True)
+
+
+def recoverable_rows(
+    unfinished: list[Unfinished], todo: pa.Table, attempt: dict, storage_options: dict | None = None
+) -> list[tuple[Unfinished, list[str], pa.Table]]:
+    """Per unfinished version (newest first) that this run can take rows from: its complete
+    staged files, and the image ids (a one-column table) to take from them — images in
+    `todo` whose fingerprint is the one the unfinished version saw, staged by a run begun
+    with the same `attempt` (model, weights, options). Each image is taken once."""
+    keys = ["image_id", "fingerprint"]
+    remaining = todo.select(keys)
+    attempt = json.loads(json.dumps(attempt))  # as it reads back: tuples become lists
+    found = []
+    for version in unfinished:
+        predictions = _predictions(version.path)
+        began = read_attempt(predictions, version.name, storage_options)
+        if began != attempt:
+            if began is not None:
+                log.info("not reusing unfinished %s: it was begun with another model, weights or options", version.name)
+            continue
+        files = staged_files(predictions, version.name, storage_options)
+        if not files:
+            continue
+        fs, _ = filesystem(predictions, storage_options)
+        staged = pa.concat_tables([_image_ids(fs, path) for path in files])
+        usable = (
+            remaining.join(version.index.select(keys), keys=keys, join_type="left semi")
+            .join(staged, keys="image_id", join_type="left semi")
+            .select(["image_id"])
+        )
+        if usable.num_rows:
+            found.append((version, files, usable))
+            remaining = remaining.join(usable, keys="image_id", join_type="left anti")
+    return found
+
+
+def _image_ids(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=["image_id"])
+
+
+def _rows_of_images(fs, paths: list[str], image_ids: pa.Table, parallelism: int) -> ray.data.Dataset:
+    """The rows of `image_ids` (a one-column table) in the output files `paths`: a
+    distributed semi-join, as the files may hold millions of rows."""
+    return ray.data.read_parquet(paths, filesystem=arrow_filesystem(fs), schema=OUTPUT_SCHEMA).join(
+        ray.data.from_arrow(image_ids),
+        join_type="left_semi",
+        num_partitions=parallelism,
+        on=("image_id",),
+        # The join's aggregators finish before the actor pool needs the CPUs; a quarter
+        # CPU each keeps them schedulable beside it on small machines.
+        aggregator_ray_remote_args={"num_cpus": 0.25},
+    )
+
+
 def _next_name(root: str, storage_options: dict) -> str:
     """v0001, v0002, ...: one past every directory present, committed or not, so a version
     that died half-written is never overwritten."""
     fs, base = filesystem(root, storage_options)
     directory = posixpath.join(base, VERSIONS_DIR)
     taken = [posixpath.basename(p.rstrip("/")) for p in fs.ls(directory, detail=False)] if fs.exists(directory) else []
-    numbers = [int(name[1:]) for name in taken if name[:1] == "v" and name[1:].isdigit()]
+    numbers = [number for name in taken if (number := _version_number(name)) is not None]
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
@@ -203,6 +298,8 @@ class RelabelSummary:
     processed: int
     carried: int
     diff: dict
+    # Rows taken from unfinished versions' staging instead of segmented again.
+    recovered: int = 0
 
 
 def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
@@ -226,6 +323,20 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         log.info("source unchanged since %s: no new version", previous.name)
         return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
 
+    # What makes a staged row reusable by a later run (recoverable_rows).
+    attempt = {
+        "source": spec.source,
+        "image_root": spec.image_root,
+        "model": model.name,
+        "weights_sha256": model.weights_sha256,
+        "score_threshold": model.score_threshold,
+        "options": model.options,
+    }
+    unfinished = unfinished_versions(spec.output_root, previous.name if previous else None, storage_options)
+    recovered = recoverable_rows(unfinished, todo, attempt, storage_options)
+    to_segment = todo
+    for _, _, image_ids in recovered:
+        to_segment = to_segment.join(image_ids, keys="image_id", join_type="left anti")
     name = _next_name(spec.output_root, storage_options)
     fs, base = filesystem(spec.output_root, storage_options)
     version_path = posixpath.join(base, VERSIONS_DIR, name)
@@ -234,24 +345,21 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         pq.write_table(current, f)
 
     ray_seconds = cluster.connect(address)
-    resources = plan_on_cluster(spec.resources, spec.model.name).for_rows(todo.num_rows)
+    resources = plan_on_cluster(spec.resources, spec.model.name).for_rows(to_segment.num_rows)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
-    rows = segment(
-        dataset_from_table(todo.select(["image_id", "uri"]), parallelism), model, resources, storage_options=storage_options, decoded=False
-    )
+    parts = []
+    for version, files, image_ids in recovered:
+        log.info("taking %d staged rows from unfinished %s", image_ids.num_rows, version.name)
+        parts.append(_rows_of_images(filesystem(version.path, storage_options)[0], files, image_ids, parallelism))
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
     if previous_files and unchanged.num_rows:
         prev_fs, _ = filesystem(previous_files[0], storage_options)
-        carried = ray.data.read_parquet(
-            [filesystem(u, storage_options)[1] for u in previous_files], filesystem=arrow_filesystem(prev_fs), schema=OUTPUT_SCHEMA
-        ).join(
-            ray.data.from_arrow(unchanged.select(["image_id"])),
-            join_type="left_semi",
-            num_partitions=parallelism,
-            on=("image_id",),
-            aggregator_ray_remote_args={"num_cpus": 0.25},
-        )
-        rows = rows.union(carried) if todo_ids else carried
+        paths = [filesystem(u, storage_options)[1] for u in previous_files]
+        parts.append(_rows_of_images(prev_fs, paths, unchanged.select(["image_id"]), parallelism))
+    if to_segment.num_rows or not parts:  # a source emptied since the previous version commits no rows
+        to_rows = dataset_from_table(to_segment.select(["image_id", "uri"]), parallelism)
+        parts.insert(0, segment(to_rows, model, resources, storage_options=storage_options, decoded=False))
+    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     run_info = {
         "rayseg_version": __version__,
         "kind": "relabel",
@@ -262,13 +370,23 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         "weights": model.weights,
         "weights_sha256": model.weights_sha256,
         "spec": spec.model_dump(mode="json", exclude={"storage"}),
-        "processed": len(todo_ids),
+        "processed": to_segment.num_rows,
+        "recovered": {version.name: image_ids.num_rows for version, _, image_ids in recovered},
         "carried_forward": unchanged.num_rows,
         "ray_init_seconds": round(ray_seconds, 3),
     }
     version_uri = full_uri(fs, version_path)
     predictions = _predictions(version_uri)
-    write_run(rows, predictions, run_id=name, run_info=run_info, storage_options=storage_options, started=started, write_cpus=resources.task_cpus)
+    write_run(
+        rows,
+        predictions,
+        run_id=name,
+        run_info=run_info,
+        storage_options=storage_options,
+        started=started,
+        write_cpus=resources.task_cpus,
+        attempt=attempt,
+    )
     export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)
     diff = diff_versions(previous_files, committed_files(predictions, storage_options), added, removed, changed, storage_options)
     diff["previous_version"] = previous.name if previous else None
@@ -276,4 +394,16 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         json.dump(diff, f, indent=2)
     with fs.open(posixpath.join(version_path, "diff.md"), "w") as f:
         f.write(_diff_markdown(name, previous.name if previous else None, diff))
-    return RelabelSummary(name, version_uri, previous.name if previous else None, len(todo_ids), unchanged.num_rows, diff)
+    for version in unfinished:
+        log.info("deleting unfinished %s: %s supersedes it", version.name, name)
+        version_fs, path = filesystem(version.path, storage_options)
+        version_fs.rm(path, recursive=True)
+    return RelabelSummary(
+        name,
+        version_uri,
+        previous.name if previous else None,
+        to_segment.num_rows,
+        unchanged.num_rows,
+        diff,
+        recovered=sum(image_ids.num_rows for _, _, image_ids in recovered),
+    )

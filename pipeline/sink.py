@@ -78,11 +78,9 @@ def check_attempt(output: str, run_id: str, attempt: dict, storage_options: dict
     if not fs.exists(staging):
         log.warning("run %s has nothing staged in %s: running it from the start", run_id, output)
         return
-    record = posixpath.join(staging, ATTEMPT_FILE)
-    if not fs.exists(record):
+    staged = read_attempt(output, run_id, storage_options)
+    if staged is None:
         return  # the attempt died before it recorded itself: nothing of it is staged to mismatch
-    with fs.open(record, "r") as f:
-        staged = json.load(f)
     attempt = json.loads(json.dumps(attempt))  # as it reads back: tuples become lists
     differ = [key for key in sorted(set(staged) | set(attempt)) if staged.get(key) != attempt.get(key)]
     if differ:
@@ -195,10 +193,21 @@ def staged_image_ids(output: str, run_id: str, storage_options: dict | None = No
     are simply processed again. The ids stay in the cluster — they are never collected
     into this process — so resuming costs no driver memory however much was done.
     """
+    fs, _ = filesystem(output, storage_options)
+    complete = staged_files(output, run_id, storage_options)
+    if not complete:
+        return None
+    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs)).select_columns(["image_id"])
+
+
+def staged_files(output: str, run_id: str, storage_options: dict | None = None) -> list[str]:
+    """The complete Parquet files an interrupted attempt of `run_id` staged (paths within
+    OUTPUT's filesystem), after deleting the torn ones a killed writer left (no footer):
+    their rows are simply processed again."""
     fs, root = filesystem(output, storage_options)
     staging = posixpath.join(root, STAGING_DIR, run_id)
     if not fs.exists(staging):
-        return None
+        return []
     fs.invalidate_cache(staging)
     complete = []
     for path in sorted(p for p in fs.find(staging) if p.endswith(".parquet")):
@@ -209,9 +218,18 @@ def staged_image_ids(output: str, run_id: str, storage_options: dict | None = No
         except Exception:  # noqa: BLE001 - a torn file: drop it, its rows are redone
             log.warning("removing incomplete staged file %s", full_uri(fs, path))
             fs.rm(path)
-    if not complete:
+    return complete
+
+
+def read_attempt(output: str, run_id: str, storage_options: dict | None = None) -> dict | None:
+    """What an interrupted attempt of `run_id` was started with (`write_run`'s `attempt`), or
+    None if it recorded nothing."""
+    fs, root = filesystem(output, storage_options)
+    record = posixpath.join(root, STAGING_DIR, run_id, ATTEMPT_FILE)
+    if not fs.exists(record):
         return None
-    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs)).select_columns(["image_id"])
+    with fs.open(record, "r") as f:
+        return json.load(f)
 
 
 def committed_files(output: str, storage_options: dict | None = None) -> list[str]:

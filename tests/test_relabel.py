@@ -3,13 +3,17 @@ rest are carried forward; a COCO export and a diff against the previous version.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
@@ -98,3 +102,68 @@ def test_a_relabel_spec_is_not_a_segment_spec(tmp_path):
     spec.write_text(yaml.safe_dump({"input": "a", "output": "b", "model": {"name": "unet", "weights": "random"}}))
     result = runner.invoke(app, ["relabel", str(spec)])
     assert result.exit_code == 2 and "kind: relabel" in result.output
+
+
+def test_a_relabel_that_died_before_its_commit_is_finished_by_the_next_from_what_it_staged(shapes, tmp_path, monkeypatch):
+    source = tmp_path / "images"
+    source.mkdir()
+    for image in sorted(shapes.images_dir.glob("*.png"))[:12]:
+        shutil.copy(image, source)
+    torch.manual_seed(1)
+    network = UNet(UNetConfig(width=4, depth=2))
+    with torch.no_grad():
+        network.head.weight.mul_(100)
+    weights = tmp_path / "unet"
+    save_unet(network, str(weights))
+    root = tmp_path / "relabel"
+    spec = tmp_path / "relabel.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "relabel", "source": str(source), "output_root": str(root), "schedule": "0 3 * * *",
+        "model": {"name": "unet", "weights": str(weights)},
+    }))
+    assert runner.invoke(app, ["relabel", str(spec)]).exit_code == 0
+    for index, image in enumerate(sorted(shapes.images_dir.glob("*.png"))[12:18]):
+        shutil.copy(image, source / f"new-{index}.png")
+    (source / "000003.png").write_bytes((shapes.images_dir / "000019.png").read_bytes())
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("preempted")
+
+    with monkeypatch.context() as patched:  # the second run dies as it commits: all staged, nothing committed
+        patched.setattr(LocalFileSystem, "mv", killed)
+        died = runner.invoke(app, ["relabel", str(spec)])
+    assert died.exit_code == 1 and "the next relabel run takes over the rows this one staged" in died.output
+    staging = root / "versions" / "v0002" / "predictions" / "_staging" / "v0002"
+    # As if it had died earlier, having staged three of its seven new or changed images.
+    kept = {"new-0.png", "new-1.png", "000003.png"}
+    staged = pq.read_table(sorted(staging.glob("*.parquet")))
+    for path in staging.glob("*.parquet"):
+        path.unlink()
+    pq.write_table(staged.filter(pc.is_in(staged["image_id"], pa.array(sorted(kept)))), staging / "part-0.parquet")
+    (staging / "torn.parquet").write_bytes(b"PAR1 half a file")
+    # An unfinished version begun with other weights: nothing of it may be taken.
+    other = root / "versions" / "v0005"
+    shutil.copytree(root / "versions" / "v0002", other)
+    other_staging = other / "predictions" / "_staging" / "v0002"
+    other_staging.rename(other_staging.parent / "v0005")
+    attempt = json.loads((other_staging.parent / "v0005" / "_attempt.json").read_text())
+    (other_staging.parent / "v0005" / "_attempt.json").write_text(json.dumps({**attempt, "weights_sha256": "0" * 64}))
+    # new-1.png changes after the run that staged it died: its staged row is stale.
+    (source / "new-1.png").write_bytes((shapes.images_dir / "000001.png").read_bytes())
+
+    resumed = runner.invoke(app, ["relabel", str(spec)])
+    assert resumed.exit_code == 0, resumed.output
+    v1, v6 = list_versions(str(root))
+    assert v6.name == "v0006" and v6.run["previous_version"] == "v0001"
+    assert v6.run["recovered"] == {"v0002": 2}, "new-0.png and 000003.png; not new-1.png, nor anything of v0005"
+    assert v6.run["processed"] == 5 and v6.run["carried_forward"] == 11
+    assert "2 taken from unfinished versions" in " ".join(resumed.output.split())
+    assert v6.diff["images"] == {"added": 6, "removed": 0, "changed": 1}
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001", "v0006"], "unfinished versions deleted"
+
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, ["segment", str(source), str(fresh), "--model", "unet", "--weights", str(weights)]).exit_code == 0
+    version_rows, fresh_rows = rows_by_id(root / "versions" / "v0006" / "predictions"), rows_by_id(fresh)
+    assert version_rows.keys() == fresh_rows.keys()
+    for image_id, row in version_rows.items():
+        same_segments(row["segments"], fresh_rows[image_id]["segments"])
