@@ -171,7 +171,7 @@ def recoverable_rows(
 ) -> list[tuple[Unfinished, list[str], pa.Table]]:
     """Per unfinished version (newest first) that this run can take rows from: its complete
     staged files, and the image ids (a one-column table) to take from them — images in
-    `todo` whose fingerprint is the one the unfinished version saw, staged by a run begun
+    `todo` whose fingerprint is the one the unfinished version saw, staged once by a run begun
     with the same `attempt` (model, weights, options). Each image is taken once."""
     keys = ["image_id", "fingerprint"]
     remaining = todo.select(keys)
@@ -189,6 +189,10 @@ def recoverable_rows(
             continue
         fs, _ = filesystem(predictions, storage_options)
         staged = pa.concat_tables([_image_ids(fs, path) for path in files])
+        # An image staged twice (a write retried under another file name) is segmented
+        # again rather than taken twice.
+        counts = staged.group_by("image_id").aggregate([("image_id", "count")])
+        staged = counts.filter(pc.equal(counts["image_id_count"], 1)).select(["image_id"])
         usable = (
             remaining.join(version.index.select(keys), keys=keys, join_type="left semi")
             .join(staged, keys="image_id", join_type="left semi")

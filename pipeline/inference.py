@@ -254,7 +254,7 @@ class ImageSegmenter:
             f"the worker process died {deaths.alone} times while segmenting this image alone "
             "(out of memory, or a crash in native code); not tried again"
         )
-        log.error("giving up on %s: %s", row["uri"][0], reason)
+        log.error("giving up on %s: %s", row["image_id"][0], reason)
         # Not decoded here: its size is known only if it arrived decoded.
         sizes = {key: row[key] if key in row else np.zeros(1, dtype=np.int32) for key in ("width", "height")}
         return self._table(self._image_columns({**row, **sizes}, [STATUS_ERROR], [reason]), [self._no_masks])
