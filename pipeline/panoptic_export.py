@@ -21,8 +21,10 @@ PNG names never leave DIR/panoptic: an image_id that is a plain file name
 stable suffix of its sha1, so that distinct ids never share a file (as is an id whose stem
 another id already took, e.g. "a.jpg" after "a.png"). An image_id in two rows is an error.
 
-isthing: from `category_file` (COCO json or list with `isthing`) when given, else every
-category is a thing (the predictions do not record it).
+isthing: from `category_file` (COCO json or list with `isthing`) when given, else from the
+category file the run's model was given; else, as the rows do not record it, from the
+run's task (`_run.json`): a semantic run's classes are stuff (one region per class and
+image), an instance or panoptic run's are things.
 
 Reads only a committed run: the files its `_run.json` lists, or one Parquet file given
 directly (pipeline/evaluation/data.py's prediction_files); rows stream one row group at a
@@ -46,7 +48,7 @@ from pycocotools import mask as mask_utils
 
 from ..models.categories import load_category_file
 from .evaluation.base import Prediction
-from .evaluation.data import prediction_files, predictions_from_table
+from .evaluation.data import prediction_files, predictions_from_table, read_run_info, run_task
 from .sink import RUN_FILE, committed_files
 from .storage import filesystem
 
@@ -159,9 +161,13 @@ def export_panoptic(
     category_file: str | None = None,
 ) -> PanopticSummary:
     """Writes OUT_DIR/panoptic.json and OUT_DIR/panoptic/*.png (module docstring)."""
+    run = read_run_info(predictions, storage_options)
+    model_options = ((run.get("spec") or {}).get("model") or {}).get("options") or {}
+    category_file = category_file or model_options.get("category_file")
     isthing = {}
     if category_file is not None:
         isthing = {c.id: c.isthing for c in load_category_file(category_file, storage_options)}
+    things_by_default = run_task(run) != "semantic"
     fs, root = filesystem(out_dir, storage_options)
     root = root.rstrip("/")
     png_dir = posixpath.join(root, PNG_DIR)
@@ -200,7 +206,8 @@ def export_panoptic(
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": cid, "name": name, "isthing": int(isthing.get(cid, True))} for cid, name in sorted(categories.items())
+            {"id": cid, "name": name, "isthing": int(isthing.get(cid, things_by_default))}
+            for cid, name in sorted(categories.items())
         ],
     }
     with fs.open(summary.json_path, "w") as f:

@@ -51,10 +51,32 @@ def panoptic_masks():
     return [(sky, 7, 0.9, 1), (person, 1, 0.8, 2), (car, 3, 0.7, 5)]
 
 
-def write_predictions(directory, rows):
+def write_predictions(directory, rows, **run):
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), directory / "part-0.parquet")
-    (directory / "_run.json").write_text(json.dumps({"status": "complete", "files": ["part-0.parquet"]}))
+    (directory / "_run.json").write_text(json.dumps({"status": "complete", "files": ["part-0.parquet"], **run}))
+
+
+def exported_isthing(tmp_path, **run) -> dict[int, int]:
+    """category id → isthing in the panoptic.json of a run of `panoptic_masks` (its `_run.json` holding `run`)."""
+    write_predictions(tmp_path / "run", [row("1", [segment(m, c, s, i) for m, c, s, i in panoptic_masks()])], **run)
+    export_panoptic(str(tmp_path / "run"), str(tmp_path / "pan"))
+    return {c["id"]: c["isthing"] for c in json.loads((tmp_path / "pan" / "panoptic.json").read_text())["categories"]}
+
+
+def test_a_semantic_run_s_classes_are_exported_as_stuff(tmp_path):
+    assert exported_isthing(tmp_path, model="unet", spec={"model": {"options": {}}}) == {1: 0, 3: 0, 7: 0}
+
+
+def test_an_instance_or_panoptic_run_s_classes_are_exported_as_things(tmp_path):
+    assert exported_isthing(tmp_path, model="unet", spec={"model": {"options": {"task": "instance"}}}) == {1: 1, 3: 1, 7: 1}
+
+
+def test_isthing_comes_from_the_category_file_the_run_s_model_was_given(tmp_path):
+    categories = tmp_path / "categories.json"
+    categories.write_text(json.dumps([{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 7, "name": "sky", "isthing": False}]))
+    run = {"model": "mask2former", "spec": {"model": {"options": {"category_file": str(categories)}}}}
+    assert exported_isthing(tmp_path, **run) == {1: 1, 3: 1, 7: 0}
 
 
 def test_round_trip_png_ids_and_json_match_the_segments(tmp_path):
