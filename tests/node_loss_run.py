@@ -16,7 +16,6 @@ machine would otherwise find and join.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from rayseg.tests.own_ray_script import run_script
 
 # A run takes ~25 s on a loaded 2-core machine; past this, it reports itself stalled.
 RUN_DEADLINE_S = 150
@@ -144,11 +145,4 @@ def main(images: str, output: str) -> dict:
 
 
 if __name__ == "__main__":
-    if "RAY_TMPDIR" not in os.environ:
-        sys.exit("set RAY_TMPDIR to a private directory: the cluster's address is written there")
-    # Without this, a Ray call after ray.shutdown() (a stalled run's thread) would join
-    # whichever other Ray instance runs on this machine.
-    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    result = main(sys.argv[1], sys.argv[2])
-    print(json.dumps(result), flush=True)
-    sys.exit(1 if result["error"] else 0)  # the test then shows stderr: progress, diagnostics
+    run_script(main)

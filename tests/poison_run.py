@@ -13,12 +13,12 @@ RAY_TMPDIR must be set (to a short private directory): see tests/node_loss_run.p
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import threading
 import time
+
+from rayseg.tests.own_ray_script import run_script
 
 # Without the fix the run never ends; with it, three actor restarts take ~20 s here.
 RUN_DEADLINE_S = 150
@@ -82,9 +82,4 @@ def main(images: str, output: str) -> dict:
 
 
 if __name__ == "__main__":
-    if "RAY_TMPDIR" not in os.environ:
-        sys.exit("set RAY_TMPDIR to a private directory: the cluster's address is written there")
-    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    result = main(sys.argv[1], sys.argv[2])
-    print(json.dumps(result), flush=True)
-    sys.exit(1 if result["error"] else 0)
+    run_script(main)

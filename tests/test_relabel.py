@@ -32,12 +32,14 @@ def rows_by_id(directory) -> dict[str, dict]:
     return {row["image_id"]: row for row in pq.read_table(directory).to_pylist()}
 
 
-def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_path):
+def relabel_setup(shapes, tmp_path, seed: int):
+    """A source of 12 images (000000 … 000011), U-Net weights that predict several classes
+    per image, and a relabel spec over them: (source, weights, output root, spec file)."""
     source = tmp_path / "images"
-    shutil.copytree(shapes.images_dir, source)
-    for extra in sorted(source.glob("*.png"))[12:]:
-        extra.unlink()  # 12 images: 000000 … 000011
-    torch.manual_seed(0)
+    source.mkdir()
+    for image in sorted(shapes.images_dir.glob("*.png"))[:12]:
+        shutil.copy(image, source)
+    torch.manual_seed(seed)
     network = UNet(UNetConfig(width=4, depth=2))
     with torch.no_grad():
         network.head.weight.mul_(100)
@@ -49,6 +51,11 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
         "kind": "relabel", "source": str(source), "output_root": str(root), "schedule": "0 3 * * *",
         "model": {"name": "unet", "weights": str(weights)},
     }))
+    return source, weights, root, spec
+
+
+def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_path):
+    source, weights, root, spec = relabel_setup(shapes, tmp_path, seed=0)
 
     first = runner.invoke(app, ["relabel", str(spec)])
     assert first.exit_code == 0, first.output
@@ -105,22 +112,7 @@ def test_a_relabel_spec_is_not_a_segment_spec(tmp_path):
 
 
 def test_a_relabel_that_died_before_its_commit_is_finished_by_the_next_from_what_it_staged(shapes, tmp_path, monkeypatch):
-    source = tmp_path / "images"
-    source.mkdir()
-    for image in sorted(shapes.images_dir.glob("*.png"))[:12]:
-        shutil.copy(image, source)
-    torch.manual_seed(1)
-    network = UNet(UNetConfig(width=4, depth=2))
-    with torch.no_grad():
-        network.head.weight.mul_(100)
-    weights = tmp_path / "unet"
-    save_unet(network, str(weights))
-    root = tmp_path / "relabel"
-    spec = tmp_path / "relabel.yaml"
-    spec.write_text(yaml.safe_dump({
-        "kind": "relabel", "source": str(source), "output_root": str(root), "schedule": "0 3 * * *",
-        "model": {"name": "unet", "weights": str(weights)},
-    }))
+    source, weights, root, spec = relabel_setup(shapes, tmp_path, seed=1)
     assert runner.invoke(app, ["relabel", str(spec)]).exit_code == 0
     for index, image in enumerate(sorted(shapes.images_dir.glob("*.png"))[12:18]):
         shutil.copy(image, source / f"new-{index}.png")
