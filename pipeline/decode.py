@@ -14,6 +14,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
+from .in_flight import InFlightRecord
 from .schema import STATUS_ERROR, STATUS_OK
 from .storage import filesystem
 
@@ -105,12 +106,16 @@ def decode_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rows_per_read: int = READ_ROWS,
     max_batch_bytes: int = MAX_BATCH_BYTES,
+    in_flight: InFlightRecord | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch generator: {image_id, uri} → + image, width, height, status, error.
 
     Reads `rows_per_read` files at a time and yields decoded rows whenever they reach
     `max_batch_bytes`, so a task holds a bounded amount of pixels however large its
     input block is.
+
+    in_flight: where each image is recorded as in hand while it decodes; an image whose
+    process died too often while decoding it becomes an error row (`pipeline/in_flight.py`).
     """
     count = len(batch["uri"])
     pending: list[tuple[int, np.ndarray, str | None]] = []
@@ -122,14 +127,46 @@ def decode_images(
         contents = _read_all(list(dict.fromkeys(uris)), storage_options)
         for row in rows:
             reason = unreadable[row]
-            image, error = _decode_content(DecodeError(reason) if reason else contents[batch["uri"][row]], max_pixels)
+            content = DecodeError(reason) if reason else contents[batch["uri"][row]]
+            image_id = str(batch["image_id"][row])
+            if in_flight is None:
+                image, error = _decode_content(content, max_pixels)
+                image_bytes = image.nbytes
+            elif deaths := in_flight.given_up(image_id):
+                image, error = EMPTY_IMAGE, in_flight.given_up_reason(deaths)
+                # Counted at its decoded size, so that this attempt yields the same batches
+                # as the attempts before it: Ray keeps what a dead attempt already yielded.
+                image_bytes = _declared_bytes(content)
+                in_flight.release([image_id])
+            else:
+                in_flight.hold([image_id])
+                image, error = _decode_content(content, max_pixels)
+                image_bytes = image.nbytes
+                in_flight.release([image_id])
             pending.append((row, image, error))
-            pending_bytes += image.nbytes
+            pending_bytes += image_bytes
             if pending_bytes >= max_batch_bytes:
                 yield _decoded_rows(batch, pending)
                 pending, pending_bytes = [], 0
     if pending:
         yield _decoded_rows(batch, pending)
+
+
+def decode_images_in_task(batch: dict[str, np.ndarray], **options) -> Iterator[dict[str, np.ndarray]]:
+    """`decode_images` as a Ray Data decode task runs it: with the task's in-flight record,
+    so that an image which kills the task's process is found and given up on."""
+    yield from decode_images(batch, **options, in_flight=InFlightRecord.for_current_task())
+
+
+def _declared_bytes(content: bytes | Exception) -> int:
+    """What an image decodes to (height × width × RGB), from its header alone; 0 for what
+    does not decode."""
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            width, height = image.size
+        return width * height * 3
+    except Exception:  # noqa: BLE001 - not an image: its decode is an error row, 0 bytes
+        return 0
 
 
 def decode_batch(

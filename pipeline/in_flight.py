@@ -1,16 +1,19 @@
-"""Which images an inference actor had in hand when its process died, kept across restarts.
+"""Which images a worker had in hand when its process died, kept across Ray's retries.
 
-Ray Data restarts a dead actor and retries its call without end. An image that kills the
-process every time (out of memory, a crash in a native decoder or kernel) would therefore
-stall a run forever. Each actor writes the image ids of the model batch it is working on
-to a small file on its node before it starts on them, and clears it when done. A restarted
-actor (same actor id) reads what its previous process left: those images were in hand when
-it died. It then puts each of them through alone, recording each alone, so a later death
-names one image; an image whose process died `MAX_DEATHS_ALONE` times while it was alone
-becomes an error row instead of being tried again.
+Ray Data restarts a dead actor and retries its call without end, and retries a task whose
+process died without end too. An image that kills the process every time (out of memory, a
+crash in a native decoder or kernel) would therefore stall a run forever. Each inference
+actor writes the image ids of the model batch it is working on to a small file on its node
+before it starts on them, and clears it when done; each decode task (GPU clusters) does so
+for the image it decodes. A restarted actor (same actor id) or retried task (same task id)
+reads what its previous process left: those images were in hand when it died. It then puts
+each of them through alone, recording each alone, so a later death names one image; an
+image whose process died `MAX_DEATHS_ALONE` times while it was alone becomes an error row
+instead of being tried again.
 
 The file lives in Ray's session directory on the node, so a restart on another node (after
-a node loss, which is no image's fault) starts without history. One file per actor is
+a node loss, which is no image's fault) starts without history; a task retried on another
+node is found out once a retry lands where an earlier attempt died. One file per actor is
 enough because an actor runs one call at a time (Ray's default `max_concurrency` of 1,
 which the pipeline keeps).
 """
@@ -53,13 +56,27 @@ class InFlightRecord:
         its earlier processes left behind."""
         import ray
 
+        return cls._for_worker(ray.get_runtime_context().get_actor_id())
+
+    @classmethod
+    def for_current_task(cls) -> InFlightRecord | None:
+        """The record of the Ray task this runs in (None outside a task), with the deaths its
+        earlier attempts on this node left behind: a retried task keeps its task id."""
+        import ray
+
         context = ray.get_runtime_context()
-        actor_id = context.get_actor_id()
-        if actor_id is None:
+        return None if context.get_actor_id() is not None else cls._for_worker(context.get_task_id())
+
+    @classmethod
+    def _for_worker(cls, worker_key: str | None) -> InFlightRecord | None:
+        import ray
+
+        if worker_key is None:
             return None
+        context = ray.get_runtime_context()
         directory = os.path.join(context.get_temp_dir(), context.get_session_name(), "rayseg-in-flight")
         os.makedirs(directory, exist_ok=True)
-        return cls.load(os.path.join(directory, f"{actor_id}.json"))
+        return cls.load(os.path.join(directory, f"{worker_key}.json"))
 
     @classmethod
     def load(cls, path: str) -> InFlightRecord:
@@ -83,8 +100,8 @@ class InFlightRecord:
                 deaths.with_others += 1
         if in_hand:
             log.warning(
-                "this actor's previous process died with %d image(s) in hand (%s); they are now "
-                "segmented one at a time",
+                "the previous process of this actor or task died with %d image(s) in hand (%s); "
+                "they are now worked on one at a time",
                 len(in_hand),
                 ", ".join(in_hand[:5]) + (", …" if len(in_hand) > 5 else ""),
             )
@@ -99,6 +116,14 @@ class InFlightRecord:
         """The image's deaths if it killed its process too often to be tried again."""
         deaths = self.deaths.get(image_id)
         return deaths if deaths is not None and deaths.alone >= MAX_DEATHS_ALONE else None
+
+    @staticmethod
+    def given_up_reason(deaths: Deaths) -> str:
+        """The error of an image given up on."""
+        return (
+            f"the worker process died {deaths.alone} times while working on this image alone "
+            "(out of memory, or a crash in native code); not tried again"
+        )
 
     def hold(self, image_ids: list[str]) -> None:
         """Records these images as in hand, before any work on them starts."""

@@ -250,10 +250,7 @@ class ImageSegmenter:
 
     def _given_up_row(self, row: dict[str, np.ndarray], deaths: Deaths) -> pa.Table:
         """The error row of an image that killed its actor's process `deaths.alone` times."""
-        reason = (
-            f"the worker process died {deaths.alone} times while segmenting this image alone "
-            "(out of memory, or a crash in native code); not tried again"
-        )
+        reason = InFlightRecord.given_up_reason(deaths)
         log.error("giving up on %s: %s", row["image_id"][0], reason)
         # Not decoded here: its size is known only if it arrived decoded.
         sizes = {key: row[key] if key in row else np.zeros(1, dtype=np.int32) for key in ("width", "height")}

@@ -23,7 +23,7 @@ from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .actor import MODEL_MAX_PIXELS, SegmentImages
-from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images
+from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images_in_task
 from .encode import encode_batch
 from .resources import Resources
 from .schema import STATUS_OK
@@ -141,7 +141,7 @@ def segment(
         rows = dataset
     else:
         rows = dataset.map_batches(
-            decode_images,
+            decode_images_in_task,
             fn_kwargs=decode_options,
             num_cpus=resources.task_cpus,
             # What a decode task holds at most: a batch of pixels and the files it came

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Callable
 
 
-def run_script(main: Callable[[str, str], dict]) -> None:
-    """Runs `main(IMAGES, OUTPUT)` from the command line and prints its JSON summary as the
+def run_script(main: Callable[..., dict]) -> None:
+    """Runs `main(*arguments)` from the command line and prints its JSON summary as the
     last line of stdout; exit status 1 when the summary holds an error (the test then shows
     stderr: progress, diagnostics).
 
@@ -24,6 +24,6 @@ def run_script(main: Callable[[str, str], dict]) -> None:
     # Without this, a Ray call after ray.shutdown() (a stalled run's thread) would join
     # whichever other Ray instance runs on this machine.
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    result = main(sys.argv[1], sys.argv[2])
+    result = main(*sys.argv[1:])
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["error"] else 0)

@@ -1,11 +1,11 @@
 """A segment run over a directory holding one image that kills any process decoding it.
 
-    RAY_TMPDIR=/tmp/short python -m rayseg.tests.poison_run IMAGES OUTPUT
+    RAY_TMPDIR=/tmp/short python -m rayseg.tests.poison_run IMAGES OUTPUT GPUS
 
 Run by tests/test_reliability.py in a subprocess, with a local Ray of its own: every Ray
-worker runs `kill_on_poison` when it starts (Ray's `worker_process_setup_hook`), so an
-inference actor that decodes a file named `poison*` SIGKILLs itself, as the kernel's or
-Ray's out-of-memory killer would. Prints a JSON summary as its last line of stdout (exit
+worker runs `kill_on_poison` when it starts (Ray's `worker_process_setup_hook`), so the
+inference actor or decode task that decodes the poisoned file SIGKILLs itself, as the
+kernel's or Ray's out-of-memory killer would. Prints a JSON summary as its last line of stdout (exit
 status 1 when the run failed or stalled).
 
 RAY_TMPDIR must be set (to a short private directory): see tests/node_loss_run.py.
@@ -24,21 +24,27 @@ from rayseg.tests.own_ray_script import run_script
 RUN_DEADLINE_S = 150
 
 
+POISON = b"rayseg-test-poison"
+
+
 def kill_on_poison() -> None:
-    """Makes this process SIGKILL itself when it is about to decode a file named poison*."""
+    """Makes this process SIGKILL itself when it decodes a file holding POISON (a PNG text
+    chunk, say)."""
     from rayseg.pipeline import decode
 
-    decode_images = decode.decode_images
+    decode_content = decode._decode_content
 
-    def killing_decode_images(batch, *args, **kwargs):
-        if any(os.path.basename(str(uri)).startswith("poison") for uri in batch["uri"]):
+    def killing_decode_content(content, *args, **kwargs):
+        if isinstance(content, bytes) and POISON in content:
             os.kill(os.getpid(), signal.SIGKILL)
-        return decode_images(batch, *args, **kwargs)
+        return decode_content(content, *args, **kwargs)
 
-    decode.decode_images = killing_decode_images
+    decode._decode_content = killing_decode_content
 
 
-def main(images: str, output: str) -> dict:
+def main(images: str, output: str, gpus: str = "0") -> dict:
+    """gpus: "1" fakes a GPU for scheduling, so images decode in tasks and reach the
+    inference actor decoded, as on GPU clusters; "0" decodes in the (CPU) actors."""
     import ray
 
     from rayseg.pipeline.resources import plan_resources
@@ -48,6 +54,7 @@ def main(images: str, output: str) -> dict:
 
     ray.init(
         num_cpus=2,
+        num_gpus=int(gpus),
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"worker_process_setup_hook": "rayseg.tests.poison_run.kill_on_poison"},
@@ -55,6 +62,7 @@ def main(images: str, output: str) -> dict:
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         plan = plan_resources(ray.cluster_resources(), batch_size=4)
+        assert plan.cpu_stages_in_actors == (gpus == "0"), plan
         rows = segment(read_source(images), ModelSpec("unet"), plan)
         outcome: dict = {}
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from rayseg.pipeline.decode import DecodeError, decode_batch, decode_image, decode_images
+from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
 
 
 def encoded(image: Image.Image, format: str = "PNG", **save_args) -> bytes:
@@ -139,3 +140,20 @@ def test_other_columns_travel_on_with_their_rows(tmp_path):
     }
     (out,) = decode_images(batch)
     assert list(out["prompt_category_ids"]) == [[1, 2], [3]]
+
+
+def test_an_image_that_killed_its_decode_task_too_often_is_an_error_row_in_the_same_batches(tmp_path):
+    for index in range(5):
+        (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", (10, 10), (index, 0, 0))))
+    uris = np.array([str(tmp_path / f"{i}.png") for i in range(5)], dtype=object)
+    batch = {"image_id": np.arange(5).astype(str).astype(object), "uri": uris}
+    record = str(tmp_path / "task.json")
+    for _ in range(MAX_DEATHS_ALONE):  # earlier attempts of the task died decoding image 1
+        InFlightRecord.load(record).hold(["1"])
+    batches = list(decode_images(batch, rows_per_read=3, max_batch_bytes=600, in_flight=InFlightRecord.load(record)))
+    assert [len(b["image_id"]) for b in batches] == [2, 2, 1], "batches as an attempt that decoded it would yield"
+    statuses = [s for b in batches for s in b["status"]]
+    errors = [e for b in batches for e in b["error"]]
+    assert statuses == ["ok", "error", "ok", "ok", "ok"]
+    assert errors[1].startswith(f"the worker process died {MAX_DEATHS_ALONE} times while working on this image alone")
+    assert not InFlightRecord.load(record).deaths, "every image done: nothing remembered"

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
@@ -49,6 +49,7 @@ from rayseg.pipeline.sink import RUN_FILE, write_run
 from rayseg.pipeline.sources import read_source
 
 from .conftest import BUCKET
+from .poison_run import POISON
 
 pytestmark = [pytest.mark.reliability, pytest.mark.usefixtures("ray_cluster")]
 
@@ -254,7 +255,7 @@ def test_images_a_dead_process_held_go_through_alone_and_one_that_keeps_killing_
     assert model.batches == [1, 1, 3], "img0 and img2 alone, img1 not tried again, the next batch whole"
     out = pa.concat_tables(tables).to_pylist()
     assert [row["status"] for row in out] == ["ok", "error", "ok", "ok", "ok", "ok"]
-    assert out[1]["error"].startswith(f"the worker process died {MAX_DEATHS_ALONE} times while segmenting this image alone")
+    assert out[1]["error"].startswith(f"the worker process died {MAX_DEATHS_ALONE} times while working on this image alone")
     assert (out[1]["width"], out[1]["height"]) == (5, 4)
     plain = list(actor_with(RecordsBatches(), batch_size=3)(decoded_rows([1, 2, 3, 4, 5, 6])))
     assert [t.num_rows for t in tables] == [t.num_rows for t in plain], (
@@ -317,17 +318,22 @@ def test_a_worker_node_removed_mid_run_costs_nothing(tmp_path):
     assert (counts["images"], counts["ok"]) == (48, 48)
 
 
-def test_an_image_that_kills_its_actor_every_time_becomes_an_error_row_instead_of_stalling_the_run(tmp_path):
-    """Ray restarts a dead actor and retries its call without end: without the in-flight
-    record (pipeline/in_flight.py) this run never finishes (tests/poison_run.py)."""
+@pytest.mark.parametrize("decoded_in", ["actors", "tasks"])
+def test_an_image_that_kills_its_process_every_time_becomes_an_error_row_instead_of_stalling_the_run(tmp_path, decoded_in):
+    """Ray restarts a dead actor or task and retries it without end: without the in-flight
+    record (pipeline/in_flight.py) this run never finishes (tests/poison_run.py). CPU
+    clusters decode in the inference actors; GPU clusters (one faked here) in tasks."""
     images = make_fixtures(tmp_path / "fixtures", images=10, size=(64, 64), seed=4).images_dir
-    shutil.copy(next(images.glob("*.png")), images / "poison.png")
+    poison = PngImagePlugin.PngInfo()
+    poison.add_text("note", POISON.decode())
+    Image.open(next(images.glob("*.png"))).save(images / "poison.png", pnginfo=poison)
     output = tmp_path / "out"
-    summary = run_in_own_ray("rayseg.tests.poison_run", str(images), str(output), log=tmp_path / "stderr", timeout=240)
+    gpus = "1" if decoded_in == "tasks" else "0"
+    summary = run_in_own_ray("rayseg.tests.poison_run", str(images), str(output), gpus, log=tmp_path / "stderr", timeout=240)
     assert summary["error"] is None, summary
     rows = {r["image_id"]: r for r in pq.read_table(output).to_pylist()}
     assert sorted(rows) == sorted(p.name for p in images.glob("*.png")), "every input exactly once"
-    assert rows.pop("poison.png")["error"].startswith("the worker process died 2 times while segmenting this image alone")
+    assert rows.pop("poison.png")["error"].startswith("the worker process died 2 times while working on this image alone")
     assert all(r["status"] == "ok" for r in rows.values()), "the images beside it are segmented"
 
 
