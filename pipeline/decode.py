@@ -114,8 +114,9 @@ def decode_images(
     `max_batch_bytes`, so a task holds a bounded amount of pixels however large its
     input block is.
 
-    in_flight: where each image is recorded as in hand while it decodes; an image whose
-    process died too often while decoding it becomes an error row (`pipeline/in_flight.py`).
+    in_flight: where the images being read and decoded are recorded as in hand; an image
+    whose process died too often while decoding it alone becomes an error row
+    (`pipeline/in_flight.py`).
     """
     count = len(batch["uri"])
     pending: list[tuple[int, np.ndarray, str | None]] = []
@@ -125,11 +126,15 @@ def decode_images(
         unreadable = {row: _source_error(batch, row) for row in rows}
         uris = [batch["uri"][row] for row in rows if unreadable[row] is None]
         contents = _read_all(list(dict.fromkeys(uris)), storage_options)
-        for row in rows:
+        image_ids = [str(batch["image_id"][row]) for row in rows]
+        # Recorded as a group; images a dead process had in hand one by one (as the actors do).
+        one_by_one = in_flight is not None and in_flight.suspects(image_ids)
+        if in_flight is not None and not one_by_one:
+            in_flight.hold(image_ids)
+        for row, image_id in zip(rows, image_ids):
             reason = unreadable[row]
             content = DecodeError(reason) if reason else contents[batch["uri"][row]]
-            image_id = str(batch["image_id"][row])
-            if in_flight is None:
+            if not one_by_one:
                 image, error = _decode_content(content, max_pixels)
                 image_bytes = image.nbytes
             elif deaths := in_flight.given_up(image_id):
@@ -148,6 +153,8 @@ def decode_images(
             if pending_bytes >= max_batch_bytes:
                 yield _decoded_rows(batch, pending)
                 pending, pending_bytes = [], 0
+        if in_flight is not None and not one_by_one:
+            in_flight.release(image_ids)
     if pending:
         yield _decoded_rows(batch, pending)
 

@@ -5,7 +5,7 @@ process died without end too. An image that kills the process every time (out of
 crash in a native decoder or kernel) would therefore stall a run forever. Each inference
 actor writes the image ids of the model batch it is working on to a small file on its node
 before it starts on them, and clears it when done; each decode task (GPU clusters) does so
-for the image it decodes. A restarted actor (same actor id) or retried task (same task id)
+for the images it reads and decodes together. A restarted actor (same actor id) or retried task (same task id)
 reads what its previous process left: those images were in hand when it died. It then puts
 each of them through alone, recording each alone, so a later death names one image; an
 image whose process died `MAX_DEATHS_ALONE` times while it was alone becomes an error row

@@ -148,8 +148,9 @@ def test_an_image_that_killed_its_decode_task_too_often_is_an_error_row_in_the_s
     uris = np.array([str(tmp_path / f"{i}.png") for i in range(5)], dtype=object)
     batch = {"image_id": np.arange(5).astype(str).astype(object), "uri": uris}
     record = str(tmp_path / "task.json")
-    for _ in range(MAX_DEATHS_ALONE):  # earlier attempts of the task died decoding image 1
-        InFlightRecord.load(record).hold(["1"])
+    # Earlier attempts of the task died holding images 0–2, then holding image 1 alone.
+    for in_hand in [["0", "1", "2"]] + [["1"]] * MAX_DEATHS_ALONE:
+        InFlightRecord.load(record).hold(in_hand)
     batches = list(decode_images(batch, rows_per_read=3, max_batch_bytes=600, in_flight=InFlightRecord.load(record)))
     assert [len(b["image_id"]) for b in batches] == [2, 2, 1], "batches as an attempt that decoded it would yield"
     statuses = [s for b in batches for s in b["status"]]
