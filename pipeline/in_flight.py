@@ -5,11 +5,11 @@ process died without end too. An image that kills the process every time (out of
 crash in a native decoder or kernel) would therefore stall a run forever. Each inference
 actor writes the image ids of the model batch it is working on to a small file on its node
 before it starts on them, and clears it when done; each decode task (GPU clusters) does so
-for the images it reads and decodes together. A restarted actor (same actor id) or retried task (same task id)
-reads what its previous process left: those images were in hand when it died. It then puts
-each of them through alone, recording each alone, so a later death names one image; an
-image whose process died `MAX_DEATHS_ALONE` times while it was alone becomes an error row
-instead of being tried again.
+for the images it reads and decodes together. A restarted actor (same actor id) or a
+retried task (same task id) reads what its previous process left: those images were in
+hand when it died. It then puts each of them through alone, recording each alone, so a
+later death names one image; an image whose process died `MAX_DEATHS_ALONE` times while it
+was alone becomes an error row instead of being tried again.
 
 The file lives in Ray's session directory on the node, so a restart on another node (after
 a node loss, which is no image's fault) starts without history; a task retried on another
@@ -34,7 +34,7 @@ MAX_DEATHS_ALONE = 2
 
 @dataclass
 class Deaths:
-    """How often an actor's process died while an image was in hand: with others, alone."""
+    """How often a worker's process died while an image was in hand: with others, alone."""
 
     with_others: int = 0
     alone: int = 0
@@ -42,7 +42,7 @@ class Deaths:
 
 @dataclass
 class InFlightRecord:
-    """One actor's record of the images in hand, in `path` (JSON), and of past deaths.
+    """One actor's or task's record of the images in hand, in `path` (JSON), and of past deaths.
 
     deaths: image id → its deaths so far, for images not finished since.
     """
