@@ -141,7 +141,7 @@ def decode_images(
                 image, error = EMPTY_IMAGE, in_flight.given_up_reason(deaths)
                 # Counted at its decoded size, so that this attempt yields the same batches
                 # as the attempts before it: Ray keeps what a dead attempt already yielded.
-                image_bytes = _declared_bytes(content)
+                image_bytes = _declared_bytes(content, max_pixels)
                 in_flight.release([image_id])
             else:
                 in_flight.hold([image_id])
@@ -165,15 +165,15 @@ def decode_images_in_task(batch: dict[str, np.ndarray], **options) -> Iterator[d
     yield from decode_images(batch, **options, in_flight=InFlightRecord.for_current_task())
 
 
-def _declared_bytes(content: bytes | Exception) -> int:
+def _declared_bytes(content: bytes | Exception, max_pixels: int) -> int:
     """What an image decodes to (height × width × RGB), from its header alone; 0 for what
-    does not decode."""
+    decodes to an error row (not an image, or over `max_pixels`)."""
     try:
         with Image.open(io.BytesIO(content)) as image:
             width, height = image.size
-        return width * height * 3
     except Exception:  # noqa: BLE001 - not an image: its decode is an error row, 0 bytes
         return 0
+    return 0 if width * height > max_pixels else width * height * 3
 
 
 def decode_batch(

@@ -158,3 +158,19 @@ def test_an_image_that_killed_its_decode_task_too_often_is_an_error_row_in_the_s
     assert statuses == ["ok", "error", "ok", "ok", "ok"]
     assert errors[1].startswith(f"the worker process died {MAX_DEATHS_ALONE} times while working on this image alone")
     assert not InFlightRecord.load(record).deaths, "every image done: nothing remembered"
+
+
+def test_a_given_up_image_over_the_pixel_limit_counts_as_the_error_row_it_decodes_to(tmp_path):
+    for index in range(5):
+        size = (40, 40) if index == 1 else (10, 10)  # image 1: over the limit below, an error row
+        (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", size, (index, 0, 0))))
+    batch = {
+        "image_id": np.arange(5).astype(str).astype(object),
+        "uri": np.array([str(tmp_path / f"{i}.png") for i in range(5)], dtype=object),
+    }
+    plain = list(decode_images(batch, max_pixels=1000, rows_per_read=3, max_batch_bytes=600))
+    record = str(tmp_path / "task.json")
+    for _ in range(MAX_DEATHS_ALONE):
+        InFlightRecord.load(record).hold(["1"])
+    given_up = list(decode_images(batch, max_pixels=1000, rows_per_read=3, max_batch_bytes=600, in_flight=InFlightRecord.load(record)))
+    assert [len(b["image_id"]) for b in given_up] == [len(b["image_id"]) for b in plain] == [3, 2]
