@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from .masks import unpack_masks
+from .masks import masks_per_chunk, unpack_masks
 from .schema import OUTPUT_SCHEMA, SEGMENT_TYPE
 
 # (RLE counts, areas, bboxes) of no masks.
@@ -34,6 +34,27 @@ def encode_masks(masks: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
     rles = mask_utils.encode(masks)
     counts = [rle["counts"].decode("ascii") for rle in rles]
     return counts, mask_utils.area(rles).astype(np.int64), mask_utils.toBbox(rles).astype(np.float32)
+
+
+def joined_encodings(parts: list[tuple[list[str], np.ndarray, np.ndarray]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`encode_masks` results of consecutive chunks of an image's masks → the result for all."""
+    if len(parts) == 1:
+        return parts[0]
+    return (
+        [counts for part in parts for counts in part[0]],
+        np.concatenate([part[1] for part in parts]),
+        np.concatenate([part[2] for part in parts]),
+    )
+
+
+def encode_packed_masks(data: bytes, count: int, height: int, width: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`pack_masks` bytes of `count` (height, width) masks → `encode_masks`'s result, unpacking
+    `masks_per_chunk` of them at a time."""
+    step = masks_per_chunk(height, width)
+    return joined_encodings(
+        [encode_masks(unpack_masks(data, min(step, count - first), height, width, first)) for first in range(0, count, step)]
+        or [NO_MASKS_ENCODED]
+    )
 
 
 def segment_structs(
@@ -73,7 +94,7 @@ def encode_batch(batch: pa.Table) -> pa.Table:
         if not category_ids:
             segments.append([])
             continue
-        masks = unpack_masks(columns["masks"][row], len(category_ids), columns["height"][row], columns["width"][row])
+        encoded = encode_packed_masks(columns["masks"][row], len(category_ids), columns["height"][row], columns["width"][row])
         segments.append(
             segment_structs(
                 category_ids,
@@ -82,7 +103,7 @@ def encode_batch(batch: pa.Table) -> pa.Table:
                 columns["segment_ids"][row],
                 columns["iscrowd"][row],
                 columns["annotation_ids"][row],
-                encode_masks(masks),
+                encoded,
             )
         )
     return output_table({name: batch[name] for name in batch.column_names}, segments)

@@ -25,8 +25,9 @@ from ..models.registry import build_model
 from .actor import MODEL_MAX_PIXELS
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
-from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, output_table, segment_structs
+from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, joined_encodings, output_table, segment_structs
 from .in_flight import Deaths, InFlightRecord
+from .masks import masks_per_chunk
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
 from .schema import STATUS_ERROR, STATUS_OK
 
@@ -184,13 +185,19 @@ class ImageSegmenter:
         self.in_flight = in_flight
         log.info("built %s on %s", model_name, self.device)
 
-    def _masks_out(self, masks: torch.Tensor) -> bytes | tuple:
-        """bool (N, H, W) masks at an image's full size → what leaves this actor for them: with
-        `encode`, `encode_masks`'s (RLE counts, areas, bboxes); else `pack_masks` bytes, packed
-        on the model's device when it post-processes there."""
-        if not self.encode:
-            return masks_to_wire(masks)
-        return encode_masks(fortran_masks(masks.cpu().numpy()))
+    def _masks_out(self, masks: torch.Tensor, size: tuple[int, int]) -> bytes | tuple:
+        """bool (N, h, w) masks as the model left them → what leaves this actor for them at the
+        image's full `size` (H, W): with `encode`, `encode_masks`'s (RLE counts, areas, bboxes);
+        else `pack_masks` bytes, packed on the model's device when it post-processes there.
+        Brought to full size `masks_per_chunk` at a time, so that their memory stays bounded."""
+        step = masks_per_chunk(*size)
+        chunks = [masks[first : first + step] for first in range(0, masks.shape[0], step)] or [masks]
+        parts = []
+        for chunk in chunks:
+            if tuple(chunk.shape[1:]) != tuple(size):
+                chunk = full_size_masks(chunk, size)
+            parts.append(encode_masks(fortran_masks(chunk.cpu().numpy())) if self.encode else masks_to_wire(chunk))
+        return joined_encodings(parts) if self.encode else b"".join(parts)
 
     @torch.inference_mode()
     def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[list[Segment], bytes | tuple]]:
@@ -207,8 +214,8 @@ class ImageSegmenter:
         else:
             results = [on_host(segments, size) for segments, size in zip(self.model.postprocess(raw, sizes), sizes)]
         return [
-            (result.segments, self._masks_out(result.masks if small is image else full_size_masks(result.masks, image.shape[:2])))
-            for result, image, small in zip(results, images, shown)
+            (result.segments, self._masks_out(result.masks, image.shape[:2]))
+            for result, image in zip(results, images)
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:

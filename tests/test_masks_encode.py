@@ -5,8 +5,12 @@ import pyarrow as pa
 import pytest
 from pycocotools import mask as mask_utils
 
-from rayseg.pipeline.encode import encode_batch, encode_masks, fortran_masks, output_table, segment_structs
-from rayseg.pipeline.inference import INFERENCE_SCHEMA
+import torch
+
+from rayseg.pipeline import masks as masks_module
+from rayseg.pipeline.device_masks import full_size_masks
+from rayseg.pipeline.encode import encode_batch, encode_masks, encode_packed_masks, fortran_masks, output_table, segment_structs
+from rayseg.pipeline.inference import INFERENCE_SCHEMA, ImageSegmenter
 from rayseg.pipeline.masks import pack_masks, unpack_masks
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 
@@ -20,6 +24,40 @@ def test_packed_masks_round_trip_exactly_and_unpack_fortran_ordered(count, heigh
     assert unpacked.shape == (height, width, count)
     assert unpacked.flags.f_contiguous
     np.testing.assert_array_equal(unpacked.transpose(2, 0, 1), masks)
+
+
+def test_masks_unpack_from_any_multiple_of_8_and_from_no_other():
+    masks = np.random.default_rng(3).random((20, 5, 7)) > 0.5  # 35 bits a mask: chunks of 8 end on bytes
+    packed = pack_masks(masks)
+    np.testing.assert_array_equal(unpack_masks(packed, 8, 5, 7, first=8).transpose(2, 0, 1), masks[8:16])
+    np.testing.assert_array_equal(unpack_masks(packed, 4, 5, 7, first=16).transpose(2, 0, 1), masks[16:])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        unpack_masks(packed, 1, 5, 7, first=3)
+
+
+def test_packed_masks_encode_alike_a_chunk_at_a_time(monkeypatch):
+    masks = np.random.default_rng(4).random((20, 5, 7)) > 0.5
+    whole = encode_masks(unpack_masks(pack_masks(masks), 20, 5, 7))
+    monkeypatch.setattr(masks_module, "MASK_CHUNK_BYTES", 1)  # chunks of 8 masks
+    chunked = encode_packed_masks(pack_masks(masks), 20, 5, 7)
+    assert chunked[0] == whole[0]
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_array_equal(chunked[2], whole[2])
+
+
+@pytest.mark.parametrize("encode", [True, False])
+def test_an_actor_brings_masks_to_full_size_a_chunk_at_a_time_alike(monkeypatch, encode):
+    segmenter = ImageSegmenter("unet", "random", torch_threads=1, encode=encode)
+    masks = torch.from_numpy(np.random.default_rng(5).random((20, 5, 7)) > 0.5)  # as the model saw the image
+    whole = segmenter._masks_out(masks, (11, 13))
+    monkeypatch.setattr(masks_module, "MASK_CHUNK_BYTES", 1)  # chunks of 8 masks
+    chunked = segmenter._masks_out(masks, (11, 13))
+    if encode:
+        assert chunked[0] == whole[0] and len(whole[0]) == 20
+        np.testing.assert_array_equal(chunked[1], whole[1])
+        np.testing.assert_array_equal(chunked[2], whole[2])
+    else:
+        assert chunked == whole == pack_masks(full_size_masks(masks, (11, 13)).numpy())
 
 
 def test_encoded_masks_decode_to_the_masks_with_their_area_and_bbox():
