@@ -133,11 +133,10 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[Versio
 
 @dataclass(frozen=True)
 class Unfinished:
-    """A version whose run died before its commit: its name, path and source index."""
+    """A version whose run died before its commit: its name and path (full URI)."""
 
     name: str
     path: str
-    index: pa.Table
 
 
 def _version_number(name: str) -> int | None:
@@ -161,8 +160,7 @@ def unfinished_versions(root: str, after: str | None, storage_options: dict | No
             continue
         if not fs.exists(index_path):
             continue  # died before it wrote its index: it staged nothing
-        with fs.open(index_path, "rb") as f:
-            found.append(Unfinished(name, full_uri(fs, path), pq.read_table(f, schema=INDEX_SCHEMA)))
+        found.append(Unfinished(name, full_uri(fs, path)))
     return sorted(found, key=lambda version: _version_number(version.name), reverse=True)
 
 
@@ -188,13 +186,15 @@ def recoverable_rows(
         if not files:
             continue
         fs, _ = filesystem(predictions, storage_options)
+        # Read only now: an index holds a row per source image, millions of them.
+        index = _read_index(version, storage_options)
         staged = pa.concat_tables([_image_ids(fs, path) for path in files])
         # An image staged twice (a write retried under another file name) is segmented
         # again rather than taken twice.
         counts = staged.group_by("image_id").aggregate([("image_id", "count")])
         staged = counts.filter(pc.equal(counts["image_id_count"], 1)).select(["image_id"])
         usable = (
-            remaining.join(version.index.select(keys), keys=keys, join_type="left semi")
+            remaining.join(index.select(keys), keys=keys, join_type="left semi")
             .join(staged, keys="image_id", join_type="left semi")
             .select(["image_id"])
         )
@@ -237,7 +237,7 @@ def _predictions(version_path: str) -> str:
     return posixpath.join(version_path, PREDICTIONS_DIR)
 
 
-def _read_index(version: Version, storage_options: dict) -> pa.Table:
+def _read_index(version: Version | Unfinished, storage_options: dict) -> pa.Table:
     fs, path = filesystem(version.path, storage_options)
     with fs.open(posixpath.join(path, INDEX_FILE), "rb") as f:
         return pq.read_table(f, schema=INDEX_SCHEMA)
