@@ -307,6 +307,15 @@ def print_summary(summary: RunSummary) -> None:
     Console().print(table)
     if summary.images and not summary.ok:
         log.warning("every image of run %s failed: its rows hold the reasons (column `error`)", summary.run_id)
+    repeated = summary.repeated_ids
+    if repeated.ids:
+        log.warning(
+            "repeated image ids: %d, with %d extra rows (e.g. %s). Export, evaluation and resume "
+            "join on image_id and take each such id as one image; give the input unique ids",
+            repeated.ids,
+            repeated.extra_rows,
+            ", ".join(repr(i) for i in repeated.examples),
+        )
 
 
 @app.command()

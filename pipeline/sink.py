@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from .repeated_ids import RepeatedIds, find_repeated_ids, id_hashes
 from .schema import OUTPUT_SCHEMA, STATUS_OK
 from .storage import arrow_filesystem, filesystem, full_uri
 
@@ -51,6 +52,8 @@ class RunSummary:
     seconds: float
     # The reason of one error row, to show beside the count (None without errors).
     example_error: str | None = None
+    # Image ids under more than one row (a streamed manifest's repeats; see repeated_ids.py).
+    repeated_ids: RepeatedIds = RepeatedIds()
 
     @property
     def images_per_second(self) -> float:
@@ -155,7 +158,10 @@ def write_run(
         "run_id": run_id,
         "status": "complete",
         **run_info,
-        "counts": {k: getattr(summary, k) for k in ("images", "ok", "error", "segments", "files")},
+        "counts": {
+            **{k: getattr(summary, k) for k in ("images", "ok", "error", "segments", "files")},
+            "repeated_image_ids": summary.repeated_ids.ids,
+        },
         "timings": {
             "started": _iso(started),
             "finished": _iso(started + summary.seconds),
@@ -242,12 +248,15 @@ def committed_files(output: str, storage_options: dict | None = None) -> list[st
 
 
 def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:
-    """Counts read back from the committed files: the status column and one leaf of segments."""
+    """Counts read back from the committed files: image ids, the status column and one leaf
+    of segments."""
     ok = error = segments = 0
     example = None
+    hashes = []
     for path in files:
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["status", "error", "segments.list.element.category_id"])
+            table = pq.ParquetFile(f).read(columns=["image_id", "status", "error", "segments.list.element.category_id"])
+        hashes.append(id_hashes(table["image_id"]))
         rows_ok = pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
         ok += rows_ok
         error += table.num_rows - rows_ok
@@ -255,7 +264,9 @@ def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> Ru
         reasons = pc.drop_null(table["error"])
         if example is None and len(reasons):
             example = reasons[0].as_py()
-    return RunSummary(run_id, output, ok + error, ok, error, segments, len(files), seconds, example)
+    return RunSummary(
+        run_id, output, ok + error, ok, error, segments, len(files), seconds, example, find_repeated_ids(fs, files, hashes)
+    )
 
 
 def _iso(timestamp: float) -> str:

@@ -135,14 +135,24 @@ def test_every_bad_input_gets_its_own_row_and_the_job_exits_0(bad_inputs, tmp_pa
     assert f"│ error    │ {errors} (e.g. " in result.output, "the count shows one of the reasons"
 
 
-def test_duplicate_uris_in_a_manifest_give_one_row_each(shapes, tmp_path):
-    image = str(shapes.images_dir / "000001.png")
+def test_manifest_rows_each_give_a_row_and_repeated_ids_are_reported(shapes, tmp_path, caplog):
+    import logging
+
+    image, other = str(shapes.images_dir / "000001.png"), str(shapes.images_dir / "000002.png")
     manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"image_id": ["first", "again"], "uri": [image, image]}), manifest)
-    result = runner.invoke(app, ["segment", str(manifest), str(tmp_path / "out"), "--model", "unet", "--weights", "random"])
+    pq.write_table(pa.table({"image_id": ["first", "again", "first"], "uri": [image, image, other]}), manifest)
+    logger = logging.getLogger("rayseg")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup stops propagation to the root
+    try:
+        result = runner.invoke(app, ["segment", str(manifest), str(tmp_path / "out"), "--model", "unet", "--weights", "random"])
+    finally:
+        logger.removeHandler(caplog.handler)
     assert result.exit_code == 0, result.output
     rows = pq.read_table(tmp_path / "out").to_pylist()
-    assert sorted(r["image_id"] for r in rows) == ["again", "first"] and all(r["status"] == "ok" for r in rows)
+    assert sorted((r["image_id"], r["uri"]) for r in rows) == [("again", image), ("first", image), ("first", other)]
+    assert all(r["status"] == "ok" for r in rows)
+    assert json.loads((tmp_path / "out" / RUN_FILE).read_text())["counts"]["repeated_image_ids"] == 1
+    assert "repeated image ids: 1, with 1 extra rows (e.g. 'first')" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: permissions cannot be denied to it")
