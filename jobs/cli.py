@@ -297,7 +297,7 @@ def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None
 
 def print_summary(summary: RunSummary) -> None:
     table = Table(title=f"run {summary.run_id}", show_header=False)
-    table.add_row("images", str(summary.images))
+    table.add_row("images", str(summary.images) + (f" ({summary.resumed} staged by an earlier attempt)" if summary.resumed else ""))
     table.add_row("ok", str(summary.ok))
     # Text, not markup: a reason may hold brackets ("[Errno 2]", a path).
     table.add_row("error", Text(str(summary.error) + (f" (e.g. {summary.example_error})" if summary.example_error else "")))
@@ -309,12 +309,12 @@ def print_summary(summary: RunSummary) -> None:
         log.warning("every image of run %s failed: its rows hold the reasons (column `error`)", summary.run_id)
     repeated = summary.repeated_ids
     if repeated.ids:
+        examples = f" (e.g. {', '.join(repr(i) for i in repeated.examples)})" if repeated.examples else ""
         log.warning(
-            "repeated image ids: %d, with %d extra rows (e.g. %s). Export, evaluation and resume "
-            "join on image_id and take each such id as one image; give the input unique ids",
+            "repeated image ids: %d%s. Export, evaluation and resume join on image_id and take "
+            "each such id as one image; give the input unique ids",
             repeated.ids,
-            repeated.extra_rows,
-            ", ".join(repr(i) for i in repeated.examples),
+            examples,
         )
 
 

@@ -14,6 +14,7 @@ from .. import __version__
 from ..models.registry import get_entry
 from ..models.weights import RANDOM
 from ..pipeline.prompts import attach_prompts, load_prompts
+from ..pipeline.repeated_ids import RepeatedIds
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
 from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
 from ..pipeline.sink import (
@@ -53,7 +54,16 @@ def committed_summary(spec: SegmentSpec, storage_options: dict) -> RunSummary | 
         raise OutputError(f"{spec.output} holds another committed run ({run.get('run_id')}); choose a new OUTPUT")
     counts, timings = run["counts"], run["timings"]
     return RunSummary(
-        spec.run_id, spec.output, counts["images"], counts["ok"], counts["error"], counts["segments"], counts["files"], timings["seconds"]
+        spec.run_id,
+        spec.output,
+        counts["images"],
+        counts["ok"],
+        counts["error"],
+        counts["segments"],
+        counts["files"],
+        timings["seconds"],
+        repeated_ids=RepeatedIds(ids=counts.get("repeated_image_ids", 0)),
+        resumed=counts.get("resumed", 0),
     )
 
 

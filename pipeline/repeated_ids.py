@@ -24,11 +24,9 @@ EXAMPLES = 3
 
 @dataclass(frozen=True)
 class RepeatedIds:
-    """How many image ids name more than one row, the rows beyond each id's first, and
-    a few of those ids."""
+    """How many image ids name more than one row, and a few of those ids."""
 
     ids: int = 0
-    extra_rows: int = 0
     examples: tuple[str, ...] = ()
 
 
@@ -57,7 +55,5 @@ def find_repeated_ids(fs, files: list[str], hashes: list[np.ndarray]) -> Repeate
                 ids = pq.ParquetFile(f).read(columns=["image_id"])["image_id"].combine_chunks()
             candidates.append(ids.filter(pa.array(suspect_rows)))
     counts = pc.value_counts(pa.chunked_array(candidates, pa.string()))
-    repeated = pc.greater(counts.field("counts"), 1)
-    values = pc.filter(counts.field("values"), repeated)
-    extra = pc.sum(pc.subtract(pc.filter(counts.field("counts"), repeated), 1)).as_py() or 0
-    return RepeatedIds(len(values), extra, tuple(values[:EXAMPLES].to_pylist()))
+    values = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    return RepeatedIds(len(values), tuple(values[:EXAMPLES].to_pylist()))

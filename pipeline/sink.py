@@ -9,6 +9,7 @@ that dies leaves no part files and no `_run.json`: readers trust OUTPUT only whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -54,10 +55,13 @@ class RunSummary:
     example_error: str | None = None
     # Image ids under more than one row (a streamed manifest's repeats; see repeated_ids.py).
     repeated_ids: RepeatedIds = RepeatedIds()
+    # Rows an earlier attempt of the run staged, committed with this attempt's (resume).
+    resumed: int = 0
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """This attempt's rate: the rows it made over its seconds."""
+        return (self.images - self.resumed) / self.seconds if self.seconds > 0 else 0.0
 
 
 def check_output(output: str, storage_options: dict | None = None) -> None:
@@ -123,6 +127,7 @@ def write_run(
     staging = posixpath.join(root, STAGING_DIR, run_id)
     if fs.exists(staging) and not resume:
         fs.rm(staging, recursive=True)
+    resumed = _rows(fs, staged_files(output, run_id, storage_options)) if resume else 0
     if attempt is not None and not fs.exists(posixpath.join(staging, ATTEMPT_FILE)):
         fs.makedirs(staging, exist_ok=True)
         with fs.open(posixpath.join(staging, ATTEMPT_FILE), "w") as f:
@@ -153,7 +158,7 @@ def write_run(
     # Object stores have no directories: once its files moved, the staging prefix is gone.
     if fs.exists(staging_root := posixpath.join(root, STAGING_DIR)):
         fs.rm(staging_root, recursive=True)
-    summary = _count(fs, committed, run_id, full_uri(fs, root), time.time() - started)
+    summary = dataclasses.replace(_count(fs, committed, run_id, full_uri(fs, root), time.time() - started), resumed=resumed)
     record = {
         "run_id": run_id,
         "status": "complete",
@@ -161,6 +166,7 @@ def write_run(
         "counts": {
             **{k: getattr(summary, k) for k in ("images", "ok", "error", "segments", "files")},
             "repeated_image_ids": summary.repeated_ids.ids,
+            "resumed": summary.resumed,
         },
         "timings": {
             "started": _iso(started),
@@ -245,6 +251,15 @@ def committed_files(output: str, storage_options: dict | None = None) -> list[st
     """
     fs, root = filesystem(output, storage_options)
     return [full_uri(fs, posixpath.join(root, name)) for name in read_run(output, storage_options)["files"]]
+
+
+def _rows(fs, files: list[str]) -> int:
+    """Rows of Parquet `files`, from their footers."""
+    total = 0
+    for path in files:
+        with fs.open(path, "rb") as f:
+            total += pq.read_metadata(f).num_rows
+    return total
 
 
 def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:

@@ -95,7 +95,7 @@ def test_corrupt_and_non_image_files_become_error_rows_and_the_rest_succeed(shap
     assert rows["empty.png"]["error"] == "empty file"
     assert sum(row["status"] == "ok" for row in rows.values()) == 20
     run = json.loads((output / RUN_FILE).read_text())
-    assert run["counts"] == {"images": 23, "ok": 20, "error": 3, "segments": run["counts"]["segments"], "files": 1, "repeated_image_ids": 0}
+    assert run["counts"] == {"images": 23, "ok": 20, "error": 3, "segments": run["counts"]["segments"], "files": 1, "repeated_image_ids": 0, "resumed": 0}
 
 
 def test_pipeline_output_equals_the_model_run_directly_on_a_saved_checkpoint(shapes, checkpoint, tmp_path):

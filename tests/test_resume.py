@@ -121,6 +121,8 @@ def test_a_killed_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tmp_pa
     assert [row["image_id"] for row in resumed] == sorted({row["image_id"] for row in resumed}), "no duplicates"
     assert resumed == rows_of(reference)
     assert not (output / STAGING_DIR).exists()
+    assert json.loads((output / RUN_FILE).read_text())["counts"]["resumed"] == staged
+    assert f"80 ({staged} staged by an earlier attempt)" in result.output, "images/s counts this attempt's rows"
 
     again = runner.invoke(
         app, ["segment", str(images), str(output), "--model", "unet", "--weights", weights, "--run-id", "nightly", "--resume"]
