@@ -40,7 +40,7 @@ from ..pipeline.schema import OUTPUT_SCHEMA
 from ..pipeline.segment import pin_weights, segment
 from ..pipeline.sink import RUN_FILE, committed_files, read_attempt, staged_files, write_run
 from ..pipeline.sources import IMAGE_EXTENSIONS, SourceError, dataset_from_table, source_kind
-from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri
+from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri, remove
 from . import cluster
 from .runner import model_spec, plan_on_cluster
 from .spec import RelabelSpec
@@ -126,8 +126,8 @@ def list_versions(root: str, storage_options: dict | None = None) -> list[Versio
         if not (name.startswith("v") and fs.exists(run_path) and fs.exists(index_path)):
             continue
         diff_path = posixpath.join(path, DIFF_FILE)
-        diff = json.loads(fs.cat(diff_path)) if fs.exists(diff_path) else {}
-        versions.append(Version(name, full_uri(fs, path), json.loads(fs.cat(run_path)), diff))
+        diff = json.loads(fs.cat_file(diff_path)) if fs.exists(diff_path) else {}
+        versions.append(Version(name, full_uri(fs, path), json.loads(fs.cat_file(run_path)), diff))
     return versions
 
 
@@ -401,7 +401,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     for version in unfinished:
         log.info("deleting unfinished %s: %s supersedes it", version.name, name)
         version_fs, path = filesystem(version.path, storage_options)
-        version_fs.rm(path, recursive=True)
+        remove(version_fs, path)
     return RelabelSummary(
         name,
         version_uri,

@@ -102,7 +102,8 @@ def local_directory(uri: str, storage_options: dict | None, prefix: str = "rayse
         for entry in entries:
             if entry.get("type") == "file":
                 name = posixpath.basename(entry["name"].rstrip("/"))
-                fs.get(entry["name"], os.path.join(local, name))
+                # get_file takes the path as written; get() would read "[", "*", "?" as a glob.
+                fs.get_file(entry["name"], os.path.join(local, name))
         yield local
 
 

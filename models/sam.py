@@ -124,7 +124,8 @@ def _local_directory(uri: str, storage_options: dict | None):
         for name in (CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE):
             remote = posixpath.join(root.rstrip("/"), name)
             try:
-                fs.get(remote, os.path.join(local, name))
+                # get_file takes the path as written; get() would read "[", "*", "?" as a glob.
+                fs.get_file(remote, os.path.join(local, name))
             except FileNotFoundError:
                 if name != PREPROCESSOR_FILE:
                     raise WeightsError(f"{uri} is not a SAM checkpoint directory: {name} not found") from None

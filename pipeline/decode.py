@@ -92,11 +92,18 @@ def _read_all(uris: list[str], storage_options: dict | None) -> dict[str, bytes 
         except Exception as e:  # noqa: BLE001 - e.g. an unknown protocol: this row's error
             results[uri] = e
             continue
-        groups.setdefault(id(fs), (fs, {}))[1][path] = uri
-    for fs, uri_of in groups.values():
-        # cat() of a list fetches concurrently on object stores and returns each failure.
-        for path, content in fs.cat(list(uri_of), on_error="return").items():
-            results[uri_of[path]] = content
+        _, paths, fs_uris = groups.setdefault(id(fs), (fs, [], []))
+        paths.append(path)
+        fs_uris.append(uri)
+    for fs, paths, fs_uris in groups.values():
+        # cat_ranges() of whole files fetches concurrently on object stores, returns each
+        # failure in its place, and takes paths as they are: cat() would expand "[1]", "*"
+        # or "?" in a file name as a glob, and would merge two uris naming one file.
+        try:
+            contents = fs.cat_ranges(paths, None, None, on_error="return")
+        except Exception as e:  # noqa: BLE001 - the group's read failed whole: each row's error
+            contents = [e] * len(paths)
+        results.update(zip(fs_uris, contents))
     return results
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from .evaluation.base import Prediction
 from .evaluation.data import predictions_from_table, prediction_files, read_run_info
-from .storage import filesystem, full_uri
+from .storage import filesystem, full_uri, move, remove
 
 ROW_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
 
@@ -137,10 +137,10 @@ def _written_whole(fs, path: str) -> Iterator:
     try:
         with fs.open(partial, "w") as f:
             yield f
-        fs.mv(partial, path)
+        move(fs, partial, path)
     finally:
         if fs.exists(partial):
-            fs.rm(partial)
+            remove(fs, partial)
 
 
 def export_coco_results(

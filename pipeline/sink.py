@@ -22,7 +22,7 @@ import ray
 
 from .repeated_ids import RepeatedIds, find_repeated_ids, id_hashes
 from .schema import OUTPUT_SCHEMA, STATUS_OK
-from .storage import arrow_filesystem, filesystem, full_uri
+from .storage import arrow_filesystem, filesystem, full_uri, move, remove
 
 log = logging.getLogger("rayseg.pipeline")
 
@@ -126,7 +126,7 @@ def write_run(
     fs, root = filesystem(output, storage_options)
     staging = posixpath.join(root, STAGING_DIR, run_id)
     if fs.exists(staging) and not resume:
-        fs.rm(staging, recursive=True)
+        remove(fs, staging)
     resumed = _rows(fs, staged_files(output, run_id, storage_options)) if resume else 0
     if attempt is not None and not fs.exists(posixpath.join(staging, ATTEMPT_FILE)):
         fs.makedirs(staging, exist_ok=True)
@@ -154,10 +154,10 @@ def write_run(
             pq.write_table(OUTPUT_SCHEMA.empty_table(), f)
     committed = [posixpath.join(root, f"part-{index:05d}.parquet") for index, _ in enumerate(staged)]
     for source, target in zip(staged, committed):
-        fs.mv(source, target)
+        move(fs, source, target)
     # Object stores have no directories: once its files moved, the staging prefix is gone.
     if fs.exists(staging_root := posixpath.join(root, STAGING_DIR)):
-        fs.rm(staging_root, recursive=True)
+        remove(fs, staging_root)
     summary = dataclasses.replace(_count(fs, committed, run_id, full_uri(fs, root), time.time() - started), resumed=resumed)
     record = {
         "run_id": run_id,
@@ -229,7 +229,7 @@ def staged_files(output: str, run_id: str, storage_options: dict | None = None) 
             complete.append(path)
         except Exception:  # noqa: BLE001 - a torn file: drop it, its rows are redone
             log.warning("removing incomplete staged file %s", full_uri(fs, path))
-            fs.rm(path)
+            remove(fs, path)
     return complete
 
 

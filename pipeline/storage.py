@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from glob import has_magic
 
 import fsspec
 import pyarrow.fs as pafs
@@ -49,6 +50,28 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Deletes the file or the tree at `path`, taken as written.
+
+    fsspec's rm() on an object store reads "[", "*" and "?" in a path as a glob: it would
+    delete what the pattern matches instead ("out[1]/_staging" → "out1/_staging").
+    """
+    if isinstance(fs, LocalFileSystem) or not has_magic(path):
+        fs.rm(path, recursive=True)
+        return
+    for file in fs.find(path):
+        fs.rm_file(file)
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Moves the file `source` to `target`, both taken as written (see `remove`)."""
+    if isinstance(fs, LocalFileSystem) or not has_magic(source):
+        fs.mv(source, target)
+        return
+    fs.cp_file(source, target)
+    fs.rm_file(source)
 
 
 def join_uri(root: str, path: str) -> str:

@@ -93,6 +93,26 @@ def test_a_batch_may_mix_plain_paths_uris_and_unknown_protocols(tmp_path):
     assert out["image"][1].shape == (3, 4, 3)
 
 
+def test_file_names_are_read_as_written_never_as_globs(tmp_path):
+    (tmp_path / "a[1].png").write_bytes(encoded(Image.new("RGB", (2, 2), "red")))
+    (tmp_path / "a1.png").write_bytes(encoded(Image.new("RGB", (3, 3), "blue")))  # what "a[1]" matches as a glob
+    (tmp_path / "b*.png").write_bytes(encoded(Image.new("RGB", (4, 4), "green")))
+    (tmp_path / "bx.png").write_bytes(encoded(Image.new("RGB", (5, 5), "white")))
+    names = ["a[1].png", "b*.png", "c?.png"]
+    batch = {"image_id": np.array(names, dtype=object), "uri": np.array([str(tmp_path / n) for n in names], dtype=object)}
+    out = decode_batch(batch)
+    assert list(out["status"]) == ["ok", "ok", "error"]
+    assert [image.shape[0] for image in out["image"][:2]] == [2, 4]
+    assert "FileNotFoundError" in out["error"][2]
+
+
+def test_two_uris_of_one_file_give_a_row_each(tmp_path):
+    (tmp_path / "b.png").write_bytes(encoded(Image.new("RGB", (4, 3), "blue")))
+    uris = [str(tmp_path / "b.png"), f"file://{tmp_path / 'b.png'}"]
+    out = decode_batch({"image_id": np.array(["plain", "uri"], dtype=object), "uri": np.array(uris, dtype=object)})
+    assert list(out["status"]) == ["ok", "ok"] and [image.shape for image in out["image"]] == [(3, 4, 3)] * 2
+
+
 def test_decoded_rows_are_yielded_in_bounded_batches_in_input_order(tmp_path):
     for index in range(5):
         (tmp_path / f"{index}.png").write_bytes(encoded(Image.new("RGB", (10, 10), (index, 0, 0))))

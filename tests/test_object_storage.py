@@ -25,7 +25,7 @@ from rayseg.jobs.cli import app
 from rayseg.models.unet import UNet, UNetConfig, save_unet
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.sources import dataset_from_table, normalise_manifest, source_kind
-from rayseg.pipeline.storage import join_uri, parse_storage_options
+from rayseg.pipeline.storage import join_uri, move, parse_storage_options, remove
 
 from .conftest import BUCKET, PLANTED_SECRET
 
@@ -116,6 +116,36 @@ def test_s3_input_weights_and_output_give_the_same_rows_as_a_local_run(uploaded,
     assert run["counts"]["images"] == 20 and run["counts"]["ok"] == 20
     assert run["weights"] == uploaded["weights"] and len(run["weights_sha256"]) == 64
     assert not fs.exists(f"{output}/_staging")
+
+
+def test_names_with_glob_characters_are_read_and_committed_as_written(shapes):
+    """"[1]", "*" and "?" are plain characters in keys: fsspec's rm/mv/cat would match
+    them as globs (here: read a1.png for a[1].png, or fail the commit after the work)."""
+    client = boto3.client("s3")
+    client.upload_file(str(shapes.images_dir / "000000.png"), BUCKET, "odd[1]/a[1].png")
+    client.upload_file(str(shapes.images_dir / "000001.png"), BUCKET, "odd[1]/a*.png")
+    client.upload_file(str(shapes.images_dir / "000002.png"), BUCKET, "odd1/a1.png")  # what the globs match
+    client.put_object(Bucket=BUCKET, Key="runs/glob1/_staging/other/keep.parquet", Body=b"another run's")
+    output = f"s3://{BUCKET}/runs/glob[1]"
+    result = rayseg("segment", f"s3://{BUCKET}/odd[1]", output, "--model", "unet", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    rows = rows_by_id(read_s3_output(output))
+    assert sorted(rows) == ["a*.png", "a[1].png"] and all(r["status"] == "ok" for r in rows.values())
+    assert rows["a[1].png"]["uri"] == f"s3://{BUCKET}/odd[1]/a[1].png"
+    fs = s3()
+    assert not fs.exists(f"{output}/_staging") and fs.exists(f"{BUCKET}/runs/glob1/_staging/other/keep.parquet")
+
+
+def test_remove_and_move_take_object_keys_as_written():
+    fs = s3()
+    for key in ("tree[1]/a", "tree[1]/b/c", "tree1/a", "file[1]", "file1"):
+        fs.pipe_file(f"{BUCKET}/{key}", key.encode())
+    remove(fs, f"{BUCKET}/tree[1]")
+    move(fs, f"{BUCKET}/file[1]", f"{BUCKET}/moved[1]")
+    assert not fs.exists(f"{BUCKET}/tree[1]/a") and not fs.exists(f"{BUCKET}/tree[1]/b/c")
+    assert fs.cat_file(f"{BUCKET}/tree1/a") == b"tree1/a", "a path the glob would match is left alone"
+    assert fs.cat_file(f"{BUCKET}/moved[1]") == b"file[1]" and not fs.exists(f"{BUCKET}/file[1]")
+    assert fs.cat_file(f"{BUCKET}/file1") == b"file1"
 
 
 def test_parquet_manifest_naming_a_missing_object_gives_one_error_row(uploaded, local_rows, tmp_path):
