@@ -10,7 +10,7 @@ import typer
 from ray.job_submission import JobStatus
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from ..models.registry import REGISTRY, model_options
@@ -218,7 +218,7 @@ def run_relabel(spec: RelabelSpec, address: str | None) -> None:
         + (f"{summary.recovered} taken from unfinished versions, " if summary.recovered else "")
         + f"{summary.carried} carried forward from "
         f"{summary.previous or '(none)'}; {images['added']} added, {images['removed']} removed, "
-        f"{images['changed']} changed\n{summary.path}"
+        f"{images['changed']} changed, {images['retried']} error rows retried\n{summary.path}"
     )
 
 
@@ -232,7 +232,11 @@ def versions(
         found = list_versions(root, parse_storage_options(storage_option))
     except ValueError as e:
         raise fail(str(e)) from None
-    table = Table("version", "finished", "images", "ok", "error", "segments", "segmented", "added", "removed", "changed")
+    # The name never shrinks: a narrow terminal shortens the counts' headers instead.
+    table = Table(
+        Column("version", no_wrap=True, min_width=5),
+        *("finished", "images", "ok", "error", "segments", "segmented", "added", "removed", "changed", "retried"),
+    )
     for version in found:
         counts, images = version.run["counts"], version.diff.get("images", {})
         table.add_row(
@@ -240,7 +244,7 @@ def versions(
             version.run["timings"]["finished"],
             *(str(counts[k]) for k in ("images", "ok", "error", "segments")),
             str(version.run.get("processed", "")),
-            *(str(images.get(k, "")) for k in ("added", "removed", "changed")),
+            *(str(images.get(k, "")) for k in ("added", "removed", "changed", "retried")),
         )
     Console().print(table)
 

@@ -30,17 +30,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
 from .. import __version__
 from ..pipeline.export import export_coco_dataset
-from ..pipeline.schema import OUTPUT_SCHEMA
+from ..pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from ..pipeline.segment import pin_weights, segment
 from ..pipeline.sink import RUN_FILE, committed_files, read_attempt, staged_files, write_run
-from ..pipeline.sources import IMAGE_EXTENSIONS, SourceError, dataset_from_table, source_kind
-from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, join_uri, remove
+from ..pipeline.sources import SourceError, dataset_from_table, list_images, manifest_table, source_kind
+from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, remove
 from . import cluster
 from .runner import model_spec, plan_on_cluster
 from .spec import RelabelSpec
@@ -73,42 +72,36 @@ def fingerprint(info: dict) -> str:
 
 
 def source_index(source: str, image_root: str | None, storage_options: dict) -> pa.Table:
-    """{image_id, uri, fingerprint} of every image of a directory/prefix or manifest source.
+    """{image_id, uri, fingerprint, error} of every image of a directory/prefix or manifest
+    source; `error` says why a row cannot be read (as the row `segment` would give it).
 
     A listing returns each object's etag or size and mtime with its name; a manifest may
-    carry them (`etag`, or `size` + `mtime` columns), else each object is looked up.
+    carry an `etag` column, else each object is looked up. An object that cannot be looked
+    up (missing, say) is fingerprinted by the failure, so it becomes an error row, and is
+    segmented again once it can be.
     """
     kind = source_kind(source)
     if kind == "directory":
-        fs, root = filesystem(source, storage_options)
-        if not fs.isdir(root):
-            raise SourceError(f"relabel source not found or not a directory: {source}")
-        root = root.rstrip("/")
-        found = fs.find(root, detail=True)
-        paths = sorted(p for p in found if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
-        return pa.table(
-            {
-                "image_id": [posixpath.relpath(p, root) for p in paths],
-                "uri": [full_uri(fs, p) for p in paths],
-                "fingerprint": [fingerprint(found[p]) for p in paths],
-            },
-            schema=INDEX_SCHEMA,
-        )
+        return list_images(source, storage_options, fingerprint=fingerprint)
     if kind != "parquet" and kind != "csv":
         raise SourceError(f"relabel sources are directories, prefixes or Parquet/CSV manifests, not {source}")
-    fs, path = filesystem(source, storage_options)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f) if kind == "parquet" else pacsv.read_csv(f)
-    if "uri" not in table.column_names:
-        raise SourceError(f"manifest {source} has no 'uri' column")
-    written = pc.cast(table["uri"], pa.string()).to_pylist()
-    uris = [join_uri(image_root, u) if image_root else u for u in written]
-    ids = pc.cast(table["image_id"], pa.string()).to_pylist() if "image_id" in table.column_names else written
-    if "etag" in table.column_names:
-        prints = [fingerprint({"etag": e}) for e in pc.cast(table["etag"], pa.string()).to_pylist()]
-    else:
-        prints = [fingerprint(filesystem(uri, storage_options)[0].info(uri)) for uri in uris]
-    return pa.table({"image_id": ids, "uri": uris, "fingerprint": prints}, schema=INDEX_SCHEMA)
+    table = manifest_table(source, kind, image_root=image_root, storage_options=storage_options, extra=("etag",))
+    etags = table["etag"].to_pylist() if "etag" in table.column_names else [None] * table.num_rows
+    prints = [
+        fingerprint({"etag": etag}) if etag else _looked_up(uri, storage_options)
+        for uri, etag in zip(table["uri"].to_pylist(), etags)
+    ]
+    return table.select(["image_id", "uri", "error"]).append_column("fingerprint", pa.array(prints, pa.string()))
+
+
+def _looked_up(uri: str | None, storage_options: dict) -> str:
+    """The fingerprint of the object at `uri`, or of why it cannot be looked up."""
+    if uri is None:
+        return "none"
+    try:
+        return fingerprint(filesystem(uri, storage_options)[0].info(uri))
+    except Exception as e:  # noqa: BLE001 - this row's error, found again when it is read
+        return f"unreadable:{type(e).__name__}"
 
 
 def list_versions(root: str, storage_options: dict | None = None) -> list[Version]:
@@ -257,27 +250,48 @@ def _label_counts(files: list[str], ids: set[str], storage_options: dict) -> dic
 
 
 def diff_versions(
-    previous_files: list[str], current_files: list[str], added: set, removed: set, changed: set, storage_options: dict
+    previous_files: list[str],
+    current_files: list[str],
+    added: set,
+    removed: set,
+    changed: set,
+    retried: set,
+    storage_options: dict,
 ) -> dict:
-    """Images added/removed/changed and, per label, segments added and removed."""
-    before = _label_counts(previous_files, removed | changed, storage_options)
-    after = _label_counts(current_files, added | changed, storage_options)
+    """Images added/removed/changed/retried (error rows segmented again) and, per label,
+    segments added and removed."""
+    before = _label_counts(previous_files, removed | changed | retried, storage_options)
+    after = _label_counts(current_files, added | changed | retried, storage_options)
     per_label: dict[str, dict[str, int]] = {}
-    for image_id in added | removed | changed:
+    for image_id in added | removed | changed | retried:
         old, new = before.get(image_id, Counter()), after.get(image_id, Counter())
         for label in old.keys() | new.keys():
             entry = per_label.setdefault(label, {"added": 0, "removed": 0})
             entry["added"] += max(0, new[label] - old[label])
             entry["removed"] += max(0, old[label] - new[label])
+    groups = {"added": added, "removed": removed, "changed": changed, "retried": retried}
     return {
-        "images": {"added": len(added), "removed": len(removed), "changed": len(changed)},
+        "images": {name: len(ids) for name, ids in groups.items()},
         "segments_by_label": dict(sorted(per_label.items())),
-        "examples": {
-            "added": sorted(added)[:10],
-            "removed": sorted(removed)[:10],
-            "changed": sorted(changed)[:10],
-        },
+        "examples": {name: sorted(ids)[:10] for name, ids in groups.items()},
     }
+
+
+def _error_ids(files: list[str], storage_options: dict) -> pa.Table:
+    """{image_id} of the error rows in output `files`."""
+    ids = []
+    for uri in files:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read(columns=["image_id", "status"])
+        ids.append(table.filter(pc.not_equal(table["status"], STATUS_OK))["image_id"].combine_chunks())
+    return pa.table({"image_id": pa.concat_arrays(ids) if ids else pa.array([], pa.string())})
+
+
+def _retries_only(version: Version) -> bool:
+    """Whether `version` was made only to retry error rows: its source had not changed."""
+    images = version.diff.get("images", {})
+    return images.get("retried", 0) > 0 and not any(images.get(k) for k in ("added", "removed", "changed"))
 
 
 def _diff_markdown(name: str, previous: str | None, diff: dict) -> str:
@@ -285,7 +299,8 @@ def _diff_markdown(name: str, previous: str | None, diff: dict) -> str:
     lines = [
         f"# {name} vs {previous or '(nothing)'}",
         "",
-        f"Images: {images['added']} added, {images['removed']} removed, {images['changed']} changed.",
+        f"Images: {images['added']} added, {images['removed']} removed, {images['changed']} changed, "
+        f"{images['retried']} error rows retried.",
         "",
         "| label | segments added | segments removed |",
         "|---|---|---|",
@@ -304,6 +319,8 @@ class RelabelSummary:
     diff: dict
     # Rows taken from unfinished versions' staging instead of segmented again.
     recovered: int = 0
+    # Unchanged images segmented again because their row was an error.
+    retried: int = 0
 
 
 def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
@@ -323,9 +340,19 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     todo_ids = todo["image_id"].to_pylist()
     added = {i for i in todo_ids if i not in known}
     changed = set(todo_ids) - added
-    if previous and not todo_ids and not removed:
+    previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
+    # Unchanged images whose row is an error (a read that timed out, a worker that died) are
+    # segmented again. A source without changes gets a version for them, but not twice in a
+    # row: an image that fails every time would otherwise make a new version every run.
+    retry = unchanged.join(_error_ids(previous_files, storage_options), keys="image_id", join_type="left semi")
+    if previous and not todo_ids and not removed and (not retry.num_rows or _retries_only(previous)):
+        if retry.num_rows:
+            log.info("%d error rows stay as they are: the last version retried them already", retry.num_rows)
         log.info("source unchanged since %s: no new version", previous.name)
         return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
+    retried = set(retry["image_id"].to_pylist())
+    todo = pa.concat_tables([todo, retry.select(todo.column_names)])
+    unchanged = unchanged.join(retry.select(["image_id"]), keys="image_id", join_type="left anti")
 
     # What makes a staged row reusable by a later run (recoverable_rows).
     attempt = {
@@ -346,7 +373,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     version_path = posixpath.join(base, VERSIONS_DIR, name)
     fs.makedirs(version_path, exist_ok=True)
     with fs.open(posixpath.join(version_path, INDEX_FILE), "wb") as f:
-        pq.write_table(current, f)
+        pq.write_table(current.select(INDEX_SCHEMA.names), f)
 
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources, spec.model.name).for_rows(to_segment.num_rows)
@@ -355,13 +382,12 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     for version, files, image_ids in recovered:
         log.info("taking %d staged rows from unfinished %s", image_ids.num_rows, version.name)
         parts.append(_rows_of_images(filesystem(version.path, storage_options)[0], files, image_ids, parallelism))
-    previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
     if previous_files and unchanged.num_rows:
         prev_fs, _ = filesystem(previous_files[0], storage_options)
         paths = [filesystem(u, storage_options)[1] for u in previous_files]
         parts.append(_rows_of_images(prev_fs, paths, unchanged.select(["image_id"]), parallelism))
     if to_segment.num_rows or not parts:  # a source emptied since the previous version commits no rows
-        to_rows = dataset_from_table(to_segment.select(["image_id", "uri"]), parallelism)
+        to_rows = dataset_from_table(to_segment.select(["image_id", "uri", "error"]), parallelism)
         parts.insert(0, segment(to_rows, model, resources, storage_options=storage_options, decoded=False))
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     run_info = {
@@ -377,6 +403,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         "processed": to_segment.num_rows,
         "recovered": {version.name: image_ids.num_rows for version, _, image_ids in recovered},
         "carried_forward": unchanged.num_rows,
+        "retried": len(retried),
         "ray_init_seconds": round(ray_seconds, 3),
     }
     version_uri = full_uri(fs, version_path)
@@ -392,7 +419,9 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         attempt=attempt,
     )
     export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)
-    diff = diff_versions(previous_files, committed_files(predictions, storage_options), added, removed, changed, storage_options)
+    diff = diff_versions(
+        previous_files, committed_files(predictions, storage_options), added, removed, changed, retried, storage_options
+    )
     diff["previous_version"] = previous.name if previous else None
     with fs.open(posixpath.join(version_path, DIFF_FILE), "w") as f:
         json.dump(diff, f, indent=2)
@@ -410,4 +439,5 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         unchanged.num_rows,
         diff,
         recovered=sum(image_ids.num_rows for _, _, image_ids in recovered),
+        retried=len(retried),
     )

@@ -16,6 +16,7 @@ import json
 import math
 import posixpath
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,12 +49,16 @@ def source_kind(input_uri: str) -> str:
     return MANIFEST_EXTENSIONS.get(posixpath.splitext(input_uri.rstrip("/"))[1].lower(), "directory")
 
 
-def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table:
+def list_images(
+    input_uri: str, storage_options: dict | None = None, fingerprint: Callable[[dict], str] | None = None
+) -> pa.Table:
     """Every image file under a directory or URI prefix, recursively, sorted by path.
 
     Returns a table with `image_id` (the path relative to the input, '/'-separated), `uri`
     (where to read it) and `error` (why the file cannot be read, for names that are not
-    UTF-8; else null). Files with other extensions are skipped.
+    UTF-8; else null); with `fingerprint`, also a `fingerprint` column: what it makes of
+    the listing's entry for each file. Files with other extensions are skipped; a
+    directory without images gives an empty table.
     """
     fs, root = filesystem(input_uri, storage_options)
     if not fs.exists(root):
@@ -61,9 +66,8 @@ def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table
     if not fs.isdir(root):
         raise SourceError(f"input is neither a directory nor a manifest (.parquet, .csv, .json): {input_uri}")
     root = root.rstrip("/")
-    paths = sorted(path for path in fs.find(root) if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input_uri}")
+    found = fs.find(root, detail=True)
+    paths = sorted(path for path in found if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS)
     ids, uris, errors = [], [], []
     for path in paths:
         image_id, uri = posixpath.relpath(path, root), full_uri(fs, path)
@@ -76,7 +80,10 @@ def list_images(input_uri: str, storage_options: dict | None = None) -> pa.Table
             errors.append(f"file name is not valid UTF-8: {uri}")
         ids.append(image_id)
         uris.append(uri)
-    return pa.table({"image_id": ids, "uri": uris, "error": pa.array(errors, pa.string())})
+    columns = {"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string()), "error": pa.array(errors, pa.string())}
+    if fingerprint is not None:
+        columns["fingerprint"] = pa.array([fingerprint(found[path]) for path in paths], pa.string())
+    return pa.table(columns)
 
 
 def _utf8(text: str) -> bool:
@@ -197,10 +204,42 @@ def read_manifest(
     ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
+def manifest_table(
+    manifest_uri: str,
+    kind: str,
+    *,
+    image_root: str | None = None,
+    storage_options: dict | None = None,
+    extra: tuple[str, ...] = (),
+) -> pa.Table:
+    """A Parquet or CSV manifest read whole on the driver, for an index of it (re-labelling);
+    `read_manifest` streams one to run over it. Its rows are normalised as a streamed
+    manifest's are ({image_id, uri, error}, ids and uris as written, never retyped), plus
+    those of the `extra` columns it has, as strings (blank: null)."""
+    columns = check_manifest(manifest_uri, kind, storage_options)
+    fs, path = filesystem(manifest_uri, storage_options)
+    present = _manifest_columns(fs, path, kind)
+    wanted = columns + [c for c in extra if c in present]
+    with fs.open(path, "rb") as f:
+        if kind == "parquet":
+            table = pq.read_table(f, columns=wanted)
+        else:
+            import pyarrow.csv as pacsv
+
+            options = pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted})
+            table = pacsv.read_csv(f, convert_options=options)
+    rows = normalise_manifest(table, image_root)
+    for column in wanted[len(columns):]:
+        rows = rows.append_column(column, _blank_as_null(pc.cast(table[column], pa.string())))
+    return rows
+
+
 def dataset_from_table(table: pa.Table, parallelism: int) -> ray.data.Dataset:
     """A Ray dataset of `table` in blocks of at most ROWS_PER_BLOCK rows, and at least
     BLOCKS_PER_CPU × `parallelism` (the cluster's CPUs) of them while rows last."""
-    blocks = max(min(table.num_rows, BLOCKS_PER_CPU * parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK), 1)
+    if not table.num_rows:
+        return ray.data.from_blocks([table])
+    blocks = max(min(table.num_rows, BLOCKS_PER_CPU * parallelism), math.ceil(table.num_rows / ROWS_PER_BLOCK))
     size = math.ceil(table.num_rows / blocks)
     # from_blocks takes the blocks' metadata from the driver's own tables; from_arrow would
     # run a remote task per block for it and wait, about 0.7 s before the pipeline starts.
@@ -258,6 +297,8 @@ def open_source(
         if image_root is not None:
             raise SourceError("--image-root applies to manifest and COCO json inputs, not to a directory")
         table = list_images(input_uri, storage_options)
+        if not table.num_rows:
+            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {input_uri}")
     if limit is not None:
         table = table.slice(0, limit)
     return Source(input_uri, kind, table)

@@ -61,7 +61,7 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
     assert first.exit_code == 0, first.output
     (v1,) = list_versions(str(root))
     assert v1.name == "v0001" and v1.run["processed"] == 12 and v1.run["counts"]["images"] == 12
-    assert v1.diff["images"] == {"added": 12, "removed": 0, "changed": 0}
+    assert v1.diff["images"] == {"added": 12, "removed": 0, "changed": 0, "retried": 0}
 
     unchanged = runner.invoke(app, ["relabel", str(spec)])
     assert unchanged.exit_code == 0 and "no new version" in unchanged.output
@@ -75,8 +75,8 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
     v1, v2 = list_versions(str(root))
     assert v2.name == "v0002" and v2.run["previous_version"] == "v0001"
     assert v2.run["processed"] == 2 and v2.run["carried_forward"] == 10
-    assert v2.diff["images"] == {"added": 1, "removed": 1, "changed": 1}
-    assert v2.diff["examples"] == {"added": ["new.png"], "removed": ["000007.png"], "changed": ["000003.png"]}
+    assert v2.diff["images"] == {"added": 1, "removed": 1, "changed": 1, "retried": 0}
+    assert v2.diff["examples"] == {"added": ["new.png"], "removed": ["000007.png"], "changed": ["000003.png"], "retried": []}
 
     fresh = tmp_path / "fresh"
     full = runner.invoke(app, ["segment", str(source), str(fresh), "--model", "unet", "--weights", str(weights)])
@@ -152,7 +152,7 @@ def test_a_relabel_that_died_before_its_commit_is_finished_by_the_next_from_what
     assert v6.run["recovered"] == {"v0002": 1}, "000003.png; not new-0.png (twice), new-1.png (changed), nor v0005's"
     assert v6.run["processed"] == 6 and v6.run["carried_forward"] == 11
     assert "1 taken from unfinished versions" in " ".join(resumed.output.split())
-    assert v6.diff["images"] == {"added": 6, "removed": 0, "changed": 1}
+    assert v6.diff["images"] == {"added": 6, "removed": 0, "changed": 1, "retried": 0}
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001", "v0006"], "unfinished versions deleted"
 
     fresh = tmp_path / "fresh"
@@ -161,3 +161,61 @@ def test_a_relabel_that_died_before_its_commit_is_finished_by_the_next_from_what
     assert version_rows.keys() == fresh_rows.keys()
     for image_id, row in version_rows.items():
         same_segments(row["segments"], fresh_rows[image_id]["segments"])
+
+
+def test_a_manifest_source_keeps_its_ids_and_error_rows_are_retried_but_not_every_run(shapes, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(shapes.images_dir / "000000.png", images / "first.png")
+    manifest = tmp_path / "manifest.csv"
+
+    def write_manifest(*rows: str) -> None:
+        manifest.write_text("\n".join(["image_id,uri,etag", *rows]) + "\n")
+
+    write_manifest(
+        "001,first.png,e1",
+        "007,late.png,e7",  # missing until after the first run; its etag never changes
+        "never,never.png,e9",  # missing every run
+        "blank,,",  # no uri: an error row, not the image root
+        "lookup,gone.png,",  # no etag: looked up, missing: an error row, not a failed run
+    )
+    root = tmp_path / "relabel"
+    spec = tmp_path / "relabel.yaml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "relabel", "source": str(manifest), "image_root": str(images), "output_root": str(root),
+        "schedule": "0 3 * * *", "model": {"name": "unet", "weights": "random"},
+    }))
+
+    def relabel() -> str:
+        result = runner.invoke(app, ["relabel", str(spec)])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    relabel()
+    (v1,) = list_versions(str(root))
+    rows = rows_by_id(root / "versions" / "v0001" / "predictions")
+    assert sorted(rows) == ["001", "007", "blank", "lookup", "never"], "ids as written: 001 stays 001"
+    assert [rows[i]["status"] for i in ("001", "007", "never", "blank", "lookup")] == ["ok"] + ["error"] * 4
+    assert rows["blank"]["error"] == "manifest row has no uri"
+
+    shutil.copy(shapes.images_dir / "000001.png", images / "late.png")
+    assert "4 error rows retried" in relabel()
+    v1, v2 = list_versions(str(root))
+    assert v2.diff["images"] == {"added": 0, "removed": 0, "changed": 0, "retried": 4}
+    rows = rows_by_id(root / "versions" / "v0002" / "predictions")
+    assert rows["007"]["status"] == "ok" and rows["never"]["status"] == "error"
+
+    assert "no new version" in relabel(), "the last version only retried: the three that still fail wait for a change"
+    assert len(list_versions(str(root))) == 2
+
+    shutil.copy(shapes.images_dir / "000002.png", images / "new.png")
+    write_manifest("001,first.png,e1", "007,late.png,e7", "never,never.png,e9", "blank,,", "lookup,gone.png,", "new,new.png,e10")
+    relabel()
+    v3 = list_versions(str(root))[-1]
+    assert v3.diff["images"] == {"added": 1, "removed": 0, "changed": 0, "retried": 3}
+    assert v3.run["carried_forward"] == 2
+
+    write_manifest()
+    relabel()
+    v4 = list_versions(str(root))[-1]
+    assert v4.name == "v0004" and v4.run["counts"]["images"] == 0 and v4.diff["images"]["removed"] == 6
