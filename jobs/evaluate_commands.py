@@ -196,7 +196,8 @@ def export_panoptic_command(
         raise typer.Exit(2) from None
     typer.echo(
         f"wrote {summary.json_path} and {summary.images} PNGs in {summary.png_dir}: {summary.segments} segments"
-        f" ({summary.error_rows} error rows left out, {summary.dropped_segments} segments without pixels dropped)"
+        f" ({summary.error_rows} error rows left out, {summary.dropped_segments} segments without pixels dropped"
+        + (f", {summary.duplicate_rows} rows of an image id already exported left out)" if summary.duplicate_rows else ")")
     )
 
 

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .evaluation.base import Prediction
@@ -61,8 +62,16 @@ class ImageIds:
     or are an error (results export, where ids must match someone's ground truth).
     """
 
-    def __init__(self, annotations: str | None = None, storage_options: dict | None = None, *, assign: bool = False) -> None:
+    def __init__(
+        self,
+        annotations: str | None = None,
+        storage_options: dict | None = None,
+        *,
+        assign: bool = False,
+        first_assigned: int = 1,
+    ) -> None:
         self.assign = assign
+        self.first_assigned = first_assigned
         self.by_id: dict[str, dict] = {}
         self.by_file: dict[str, dict] = {}
         self.assigned: dict[str, int] = {}
@@ -96,11 +105,11 @@ class ImageIds:
                 "width": image.get("width", prediction.width),
                 "height": image.get("height", prediction.height),
             }
-        if image_id.isdigit():
+        if _is_coco_id(image_id):
             number = int(image_id)
             file_name = posixpath.basename(prediction.uri) if prediction.uri else image_id
         elif self.assign:
-            number = self.assigned.setdefault(image_id, len(self.assigned) + 1)
+            number = self.assigned.setdefault(image_id, self.first_assigned + len(self.assigned))
             file_name = image_id
         else:
             raise ExportError(
@@ -108,6 +117,23 @@ class ImageIds:
                 "(--annotations GT.json) to map file names to ids"
             )
         return {"id": number, "file_name": file_name, "width": prediction.width, "height": prediction.height}
+
+
+def _is_coco_id(image_id: str) -> bool:
+    return image_id.isascii() and image_id.isdigit()  # not "²", which isdigit() but int() refuses
+
+
+def _largest_coco_id(predictions: str, storage_options: dict | None) -> int:
+    """The largest image_id among the rows that is a COCO id (digits), 0 without one: ids
+    assigned to the other rows start above it, so that no two images share an id."""
+    fs, files = prediction_files(predictions, storage_options)
+    largest = 0
+    for file in files:
+        with fs.open(file, "rb") as f:
+            ids = pq.ParquetFile(f).read(columns=["image_id"])["image_id"]
+        numbers = pc.filter(ids, pc.match_substring_regex(ids, "^[0-9]+$")).to_pylist()
+        largest = max([largest, *map(int, numbers)])
+    return largest
 
 
 def iter_rows(predictions: str, storage_options: dict | None = None) -> Iterator[Prediction]:
@@ -200,7 +226,8 @@ def export_coco_dataset(
     storage_options: dict | None = None,
 ) -> ExportSummary:
     """Writes a COCO dataset of the predictions (module docstring); returns what was written."""
-    ids = ImageIds(annotations, storage_options, assign=True)
+    first_assigned = 1 if annotations is not None else _largest_coco_id(predictions, storage_options) + 1
+    ids = ImageIds(annotations, storage_options, assign=True, first_assigned=first_assigned)
     run = read_run_info(predictions, storage_options)
     fs, path = filesystem(out, storage_options)
     summary = ExportSummary(output=full_uri(fs, path))
@@ -246,7 +273,8 @@ def export_coco_dataset(
         done: set = set()
         for prediction in iter_rows(predictions, storage_options):
             image_id = exported.get(prediction.image_id)
-            if image_id is None or prediction.image_id in done:
+            # The row pass 1 exported: an id's first ok row.
+            if image_id is None or not prediction.ok or prediction.image_id in done:
                 continue
             done.add(prediction.image_id)
             for i in range(len(prediction)):

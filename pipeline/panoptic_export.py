@@ -66,6 +66,8 @@ class PanopticSummary:
     images: int = 0
     segments: int = 0
     error_rows: int = 0
+    # Rows of an image_id already exported (ids should be unique; the first ok row wins).
+    duplicate_rows: int = 0
     dropped_segments: int = 0
     png_dir: str = ""
     json_path: str = ""
@@ -175,15 +177,19 @@ def export_panoptic(
     summary = PanopticSummary(output=out_dir, png_dir=png_dir, json_path=posixpath.join(root, JSON_NAME))
     images, annotations, categories = [], [], {}
     names: dict[str, str] = {}
+    exported: set[str] = set()
     for prediction in _rows(predictions, storage_options):
         if prediction.status != "ok":
             summary.error_rows += 1
             continue
+        if prediction.image_id in exported:
+            summary.duplicate_rows += 1
+            continue
+        exported.add(prediction.image_id)
         name = png_name(prediction.image_id)
         if names.setdefault(name, prediction.image_id) != prediction.image_id:
             name = hashed_png_name(prediction.image_id)  # e.g. "a.png" after "a.jpg"
-            if names.setdefault(name, prediction.image_id) != prediction.image_id:
-                raise ValueError(f"image id {prediction.image_id!r} appears in more than one row")
+            names[name] = prediction.image_id
         ids, infos, dropped = panoptic_image(prediction)
         for i, category_id in enumerate(prediction.category_id):
             categories.setdefault(int(category_id), prediction.label[i] or str(int(category_id)))

@@ -130,3 +130,21 @@ def test_export_dataset_takes_ids_and_file_names_from_ground_truth(shapes, predi
     gt_ids = {image["file_name"]: image["id"] for image in gt["images"]}
     assert all(gt_ids[image["file_name"]] == image["id"] for image in dataset["images"])
     assert summary.images == 19 and summary.error_rows == 1
+
+
+def test_export_dataset_gives_every_image_its_own_id_and_takes_an_id_s_first_ok_row(tmp_path):
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 1:5] = True
+    rows = [
+        syn.row("a.png", 6, 8, [], status="error", error="read failed: timeout"),  # then its ok row, under one id
+        syn.row("a.png", 6, 8, [syn.segment(1, mask, label="cat")]),
+        syn.row("1", 6, 8, [syn.segment(2, mask, label="dog")]),  # a COCO id the first assigned id would take
+        syn.row("²", 6, 8, [syn.segment(1, mask, label="cat")]),  # isdigit(), but no COCO id
+    ]
+    syn.write_predictions(rows, str(tmp_path / "pred"))
+    summary = export_coco_dataset(str(tmp_path / "pred"), str(tmp_path / "coco.json"))
+    dataset = json.loads((tmp_path / "coco.json").read_text())
+    ids = {image["rayseg_image_id"]: image["id"] for image in dataset["images"]}
+    assert ids == {"a.png": 2, "1": 1, "²": 3} and summary.duplicate_rows == 0 and summary.error_rows == 1
+    by_image = {a["image_id"]: a["category_id"] for a in dataset["annotations"]}
+    assert by_image == {2: 1, 1: 2, 3: 1}, "a.png keeps its annotation although its error row came first"

@@ -171,3 +171,14 @@ def test_rayseg_export_panoptic_writes_the_export_and_refuses_missing_prediction
     assert "1 PNGs" in result.output
     result = CliRunner().invoke(app, ["export", "panoptic", str(tmp_path / "missing"), str(tmp_path / "pan2")])
     assert result.exit_code == 2
+
+def test_an_image_id_in_two_rows_is_exported_once_from_its_first_ok_row(tmp_path):
+    (sky, sky_id, score, segment_id), (person, person_id, *_) = panoptic_masks()[:2]
+    rows = [row("a", [], status="error"), row("a", [segment(sky, sky_id, score, 1)]), row("a", [segment(person, person_id, score, 1)])]
+    write_predictions(tmp_path / "run", rows)
+    summary = export_panoptic(str(tmp_path / "run"), str(tmp_path / "pan"))
+    assert (summary.images, summary.error_rows, summary.duplicate_rows) == (1, 1, 1)
+    (annotation,) = json.loads((tmp_path / "pan" / "panoptic.json").read_text())["annotations"]
+    assert [info["category_id"] for info in annotation["segments_info"]] == [sky_id]
+    ids = decode_ids(np.asarray(Image.open(tmp_path / "pan" / "panoptic" / annotation["file_name"]).convert("RGB")))
+    assert (ids != 0).sum() == sky.sum(), "the PNG is the first row's, not overwritten by the second"
