@@ -284,7 +284,7 @@ def submit(
 def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None = None) -> RunSummary:
     """Runs a segment spec; user errors exit 2, failures of the job itself exit 1, an
     interrupt 130. A run that stops before its commit says how to finish it."""
-    if spec.run_id is None and not spec.resume:
+    if spec.run_id is None:
         # Named here, so that a run that stops can be resumed by name.
         spec = spec.model_copy(update={"run_id": new_run_id()})
     to_finish = f"run {spec.run_id} is not committed; the same command with `--resume --run-id {spec.run_id}` finishes it, keeping the rows it staged"

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..models.registry import REGISTRY, check_options, get_entry
 from ..pipeline.resources import parse_actors
+from .cron import parse_cron
 
 # Storage option names whose values are credentials: allowed only by env reference.
 SECRET_OPTION = re.compile(r"(secret|password|passwd|token|credential|private|key$|^key|session)", re.IGNORECASE)
@@ -52,7 +53,7 @@ class ModelSection(Strict):
     name: str
     weights: str = Field(description="checkpoint path or URI, or 'random' [the model's bundled weights, if any]")
     weights_sha256: Optional[str] = None
-    score_threshold: Optional[float] = None
+    score_threshold: Optional[float] = Field(None, ge=0, le=1, description="drop segments scoring below it")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -104,6 +105,18 @@ class ResourcesSection(Strict):
         return value
 
 
+def _secret_paths(options: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the credential-named keys in `options`, nested mappings included."""
+    found = []
+    for key, value in options.items():
+        path = f"{prefix}{key}"
+        if SECRET_OPTION.search(str(key)):
+            found.append(path)
+        elif isinstance(value, dict):
+            found += _secret_paths(value, f"{path}.")
+    return found
+
+
 class StorageSection(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options, no secrets")
     env: dict[str, str] = Field(default_factory=dict, description="storage option ← environment variable name")
@@ -111,12 +124,16 @@ class StorageSection(Strict):
     @field_validator("options")
     @classmethod
     def no_inline_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
-        secrets = sorted(k for k in options if SECRET_OPTION.search(k))
+        secrets = sorted(_secret_paths(options))
         if secrets:
-            raise ValueError(
-                f"inline secret(s) {', '.join(secrets)}: reference an environment variable instead, "
+            example = (
                 f"e.g. storage.env: {{{secrets[0]}: AWS_SECRET_ACCESS_KEY}}"
+                if "." not in secrets[0]
+                # storage.env fills top-level options only; nested ones come from the storage
+                # library's own variables (AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...).
+                else "or leave it to the storage library's own variables (AWS_SECRET_ACCESS_KEY, ...)"
             )
+            raise ValueError(f"inline secret(s) {', '.join(secrets)}: reference an environment variable instead, {example}")
         return options
 
     def resolve(self, environ: Optional[dict] = None) -> dict[str, Any]:
@@ -144,6 +161,12 @@ class SegmentSpec(Strict):
     resume: bool = False
 
     @model_validator(mode="after")
+    def resume_needs_the_run_id(self) -> SegmentSpec:
+        if self.resume and self.run_id is None:
+            raise ValueError("resume: needs the run_id (--run-id) of the run to finish")
+        return self
+
+    @model_validator(mode="after")
     def prompts_need_a_promptable_model(self) -> SegmentSpec:
         if self.prompts is not None and get_entry(self.model.name).task != "promptable":
             promptable = ", ".join(sorted(n for n, e in REGISTRY.items() if e.task == "promptable"))
@@ -164,8 +187,8 @@ class RelabelSpec(Strict):
     @field_validator("schedule")
     @classmethod
     def cron(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and len(value.split()) != 5:
-            raise ValueError("must be a 5-field cron expression, e.g. '0 3 * * *'")
+        if value is not None:
+            parse_cron(value)
         return value
 
 

@@ -22,6 +22,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from rayseg.jobs.cli import app
+from rayseg.jobs.cron import parse_cron
 from rayseg.jobs.spec import RelabelSpec, SegmentSpec, load_spec
 from rayseg.jobs.submit import job_env
 from rayseg.pipeline.resources import parse_actors, plan_resources
@@ -190,37 +191,6 @@ def entrypoints() -> list[tuple[Path, list[str], dict]]:
 
 
 # --- cron ------------------------------------------------------------------------------------
-
-CRON_FIELDS = [(0, 59, {}), (0, 23, {}), (1, 31, {}),
-               (1, 12, {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}),
-               (0, 7, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())})]  # fmt: skip
-
-
-def cron_field(text: str, low: int, high: int, names: dict) -> set[int]:
-    values = set()
-    for part in text.lower().split(","):
-        body, _, step = part.partition("/")
-        if body == "*":
-            start, end = low, high
-        else:
-            first, _, last = body.partition("-")
-            start = names.get(first, None) if first in names else int(first)
-            end = (names[last] if last in names else int(last)) if last else (high if step else start)
-        stride = int(step) if step else 1
-        if not (low <= start <= end <= high) or stride < 1:
-            raise ValueError(f"{part!r} is outside {low}-{high}")
-        values.update(range(start, end + 1, stride))
-    return values
-
-
-def parse_cron(expression: str) -> list[set[int]]:
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(f"{expression!r}: a cron schedule has 5 fields")
-    parsed = [cron_field(text, *spec) for text, spec in zip(fields, CRON_FIELDS)]
-    parsed[4] = {d % 7 for d in parsed[4]}  # 7 is Sunday too
-    return parsed
-
 
 def cron_times(expression: str, days: int = 400) -> list[dt.datetime]:
     """When the schedule fires in `days` days from 2026-01-01 (Vixie cron's day rule)."""

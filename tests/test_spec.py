@@ -63,6 +63,46 @@ def test_inline_secrets_are_refused_whatever_they_are_called(option):
         parse_spec({**GOOD, "storage": {"options": {option: "x"}}})
 
 
+def test_inline_secrets_are_refused_however_deeply_nested():
+    options = {"client_kwargs": {"region_name": "eu-west-1", "aws_secret_access_key": "hunter2"}}
+    with pytest.raises(SpecError) as raised:
+        parse_spec({**GOOD, "storage": {"options": options}})
+    assert "inline secret(s) client_kwargs.aws_secret_access_key" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"resume": True}, "resume: needs the run_id (--run-id)"),
+        ({"model": {"name": "unet", "weights": "random", "score_threshold": 5}}, "model.score_threshold:"),
+        ({"model": {"name": "unet", "weights": "random", "score_threshold": -0.1}}, "model.score_threshold:"),
+    ],
+)
+def test_what_only_a_run_would_find_wrong_is_found_by_validation(change, error):
+    with pytest.raises(SpecError) as raised:
+        parse_spec({**GOOD, **change})
+    assert any(error in e for e in raised.value.errors), raised.value.errors
+
+
+@pytest.mark.parametrize(
+    ("schedule", "error"),
+    [
+        ("a b c d e", "minute 'a' is not a number, name, range, list or step"),
+        ("0 24 * * *", "hour '24' is outside 0-23"),
+        ("0 3 * 13 *", "month '13' is outside 1-12"),
+        ("0 3 * * mon-funday", "day of week 'mon-funday' is not"),
+        ("0 3 * *", "is not a 5-field cron expression"),
+    ],
+)
+def test_a_relabel_schedule_is_checked_field_by_field(schedule, error):
+    relabel = {"kind": "relabel", "source": "s3://b/i", "output_root": "s3://b/r", "model": {"name": "unet", "weights": "random"}}
+    assert parse_spec({**relabel, "schedule": "*/15 0-6 1,15 jan-mar mon-fri"}).schedule
+    with pytest.raises(SpecError) as raised:
+        parse_spec({**relabel, "schedule": schedule})
+    assert any(e.startswith("schedule:") and error in e for e in raised.value.errors), raised.value.errors
+
+
 def test_secrets_come_from_the_environment_by_reference(monkeypatch):
     spec = parse_spec(GOOD)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
