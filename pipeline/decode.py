@@ -41,6 +41,16 @@ def _sixteen_bit_to_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
+def _float_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """32-bit float grey (H, W) → uint8 (H, W, 3): values in 0–1 (the common float range)
+    mapped onto 0–255, else taken as 0–255; NaN is 0."""
+    finite = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if finite.size and finite.min() >= 0 and finite.max() <= 1:
+        finite = finite * 255
+    scaled = np.clip(np.rint(finite), 0, 255).astype(np.uint8)
+    return np.repeat(scaled[:, :, None], 3, axis=2)
+
+
 class DecodeError(ValueError):
     """Bytes that are not an image we can decode, or one beyond the size limit."""
 
@@ -60,6 +70,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                 ImageOps.exif_transpose(image, in_place=True)
                 if image.mode in SIXTEEN_BIT_MODES:
                     return _sixteen_bit_to_rgb(np.asarray(image))
+                if image.mode == "F":
+                    return _float_to_rgb(np.asarray(image))
                 return np.asarray(image.convert("RGB"))
     except DecodeError:
         raise

@@ -147,6 +147,14 @@ def test_sixteen_bit_greys_are_scaled_not_clipped():
     assert (decoded[..., 0] == decoded[..., 2]).all()
 
 
+def test_float_greys_in_zero_to_one_are_scaled_to_the_full_range():
+    pixels = np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32)
+    image = decode_image(encoded(Image.fromarray(pixels, mode="F"), "TIFF"))
+    assert image.shape == (1, 4, 3) and image[0, :, 0].tolist() == [0, 128, 255, 0]
+    wide = decode_image(encoded(Image.fromarray(np.array([[-5.0, 100.0, 300.0]], dtype=np.float32), mode="F"), "TIFF"))
+    assert wide[0, :, 0].tolist() == [0, 100, 255], "other ranges are read as 0–255"
+
+
 def test_a_one_pixel_image_decodes():
     assert decode_image(encoded(Image.new("RGB", (1, 1), (9, 8, 7)))).tolist() == [[[9, 8, 7]]]
 
