@@ -147,6 +147,7 @@ def test_sixteen_bit_greys_are_scaled_not_clipped():
     assert (decoded[..., 0] == decoded[..., 2]).all()
 
 
+@pytest.mark.reliability
 def test_float_greys_in_zero_to_one_are_scaled_to_the_full_range():
     pixels = np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32)
     image = decode_image(encoded(Image.fromarray(pixels, mode="F"), "TIFF"))

@@ -118,6 +118,7 @@ def test_s3_input_weights_and_output_give_the_same_rows_as_a_local_run(uploaded,
     assert not fs.exists(f"{output}/_staging")
 
 
+@pytest.mark.reliability
 def test_names_with_glob_characters_are_read_and_committed_as_written(shapes):
     """"[1]", "*" and "?" are plain characters in keys: fsspec's rm/mv/cat would match
     them as globs (here: read a1.png for a[1].png, or fail the commit after the work)."""
