@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
 import ray
@@ -12,6 +13,30 @@ log = logging.getLogger("rayseg")
 
 # Set by Ray in the environment of a job's driver (the job's config, runtime env included).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+# How long an address may take to accept a connection before it counts as unreachable.
+REACH_TIMEOUT_S = 10.0
+
+
+class ClusterError(ValueError):
+    """A Ray address that cannot be reached."""
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fails fast (ClusterError) when `address` names a host and port that refuse or do not
+    answer a connection: ray.init would retry for minutes without a word. Addresses that
+    name no port ("auto") are left to ray.init."""
+    host, separator, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not separator or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(
+            f"cannot reach Ray at {address}: {e}. Is the head node up, and is that its GCS port "
+            "(6379 by default; ray:// addresses use the client port, 10001)?"
+        ) from None
 
 
 def connect(address: str | None = None) -> float:
@@ -30,6 +55,7 @@ def connect(address: str | None = None) -> float:
         # carries the storage settings to every worker.
         ray.init(address=address, log_to_driver=True)
     elif address:
+        check_reachable(address)
         # Workers on other machines do not share our environment: storage endpoints and
         # credentials travel with the job, in its runtime environment (never logged).
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage_env()})

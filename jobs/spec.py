@@ -216,13 +216,32 @@ def parse_spec(data: Any, source: str = "spec") -> SegmentSpec | RelabelSpec:
         raise SpecError(source, errors) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, but `1:8` stays the string it looks like: YAML 1.1
+    reads colon-separated digits as a base-60 number (`actors: 1:8` would be 68)."""
+
+
+def _int_or_sexagesimal_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | str:
+    text = loader.construct_scalar(node)
+    return text if ":" in text else yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _float_or_sexagesimal_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | str:
+    text = loader.construct_scalar(node)
+    return text if ":" in text else yaml.SafeLoader.construct_yaml_float(loader, node)
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _int_or_sexagesimal_text)
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _float_or_sexagesimal_text)
+
+
 def load_spec(path: str) -> SegmentSpec | RelabelSpec:
     """Reads and validates a YAML spec file (local path or fsspec URI)."""
     import fsspec
 
     try:
         with fsspec.open(path, "rt") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_SpecLoader)
     except FileNotFoundError:
         raise SpecError(path, [f"(file): not found: {path}"]) from None
     except yaml.YAMLError as e:

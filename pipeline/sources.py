@@ -108,10 +108,13 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise SourceError(f"{annotations_uri} is not valid JSON: {e}") from None
     images = data.get("images") if isinstance(data, dict) else None
-    if not images:
+    if not images or not isinstance(images, list):
         raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
     if any(not isinstance(image, dict) or image.get("id") is None for image in images):
         raise SourceError(f"{annotations_uri}: every COCO image needs an 'id' (one is null or missing)")
+    named = [image for image in images if "file_name" in image]
+    if unnamed := next((image for image in named if not isinstance(image["file_name"], str) or not image["file_name"]), None):
+        raise SourceError(f"{annotations_uri}: image {unnamed['id']!r} has file_name {unnamed['file_name']!r}, not a path")
     try:
         table = pa.table(
             {
@@ -138,7 +141,9 @@ def _manifest_columns(fs, path: str, kind: str) -> list[str]:
     if kind == "parquet":
         with fs.open(path, "rb") as f:
             return pq.read_schema(f).names
-    with fs.open(path, "rt", newline="") as f:
+    # utf-8-sig: a CSV saved as "CSV UTF-8" (Excel) begins with a byte-order mark, which
+    # would otherwise be part of the first column's name. Arrow's CSV reader skips it too.
+    with fs.open(path, "rt", newline="", encoding="utf-8-sig") as f:
         return next(csv.reader(io.StringIO(f.readline())), [])
 
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from rayseg.jobs.cli import app
 from rayseg.models.unet import UNet, UNetConfig, save_unet
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
-from rayseg.pipeline.sources import dataset_from_table, normalise_manifest, source_kind
+from rayseg.pipeline.sources import check_manifest, dataset_from_table, manifest_table, normalise_manifest, source_kind
 from rayseg.pipeline.storage import join_uri, move, parse_storage_options, remove
 
 from .conftest import BUCKET, PLANTED_SECRET
@@ -275,7 +275,15 @@ def test_a_coco_json_that_is_not_json_or_has_a_null_id_is_refused_naming_the_fil
     coco = json.loads(shapes.instances_json.read_text())
     coco["images"][3]["id"] = None
     (tmp_path / "null-id.json").write_text(json.dumps(coco))
-    for name, message in (("broken.json", "is not valid JSON"), ("null-id.json", "every COCO image needs an 'id'")):
+    coco["images"][3]["id"], coco["images"][5]["file_name"] = 3, None
+    (tmp_path / "null-name.json").write_text(json.dumps(coco))
+    (tmp_path / "images-object.json").write_text(json.dumps({"images": {"id": 1, "file_name": "a.png"}}))
+    for name, message in (
+        ("broken.json", "is not valid JSON"),
+        ("null-id.json", "every COCO image needs an 'id'"),
+        ("null-name.json", f"image {coco['images'][5]['id']!r} has file_name None, not a path"),
+        ("images-object.json", "is not a COCO json with a non-empty 'images' list"),
+    ):
         result = rayseg(
             "segment", tmp_path / name, tmp_path / "out", "--model", "unet", "--weights", "random",
             "--image-root", shapes.images_dir,
@@ -314,6 +322,14 @@ def test_manifest_rows_keep_their_ids_and_rows_without_ids_or_uris_are_kept():
         {"image_id": "", "uri": None, "error": "manifest row has no uri"},
         {"image_id": "b", "uri": None, "error": "manifest row has no uri"},  # a blank uri is none
     ]
+
+
+def test_a_csv_manifest_with_a_byte_order_mark_has_its_uri_column(tmp_path):
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes("uri,image_id\nimages/a.png,001\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert check_manifest(str(manifest), "csv") == ["image_id", "uri"]
+    rows = manifest_table(str(manifest), "csv", image_root="/data")
+    assert rows.to_pylist() == [{"image_id": "001", "uri": "/data/images/a.png", "error": None}]
 
 
 @pytest.mark.parametrize("rows,cpus,blocks", [(500, 2, 8), (3000, 2, 12), (5, 2, 5), (100_000, 64, 391)])

@@ -143,6 +143,13 @@ def test_relabel_specs_need_a_source_and_an_output_root_and_a_valid_schedule():
     assert any(e.startswith("schedule:") for e in raised.value.errors)
 
 
+def test_an_unquoted_actor_range_in_yaml_stays_a_range(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("input: a\noutput: b\nmodel: {name: unet}\nresources: {actors: 1:8, batch_size: 4}\n")
+    spec = load_spec(str(path))
+    assert spec.resources.actors == "1:8" and spec.resources.batch_size == 4, "not 68, YAML 1.1's base-60 reading"
+
+
 def test_validate_command_exits_2_listing_errors_and_0_for_a_good_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
+from rayseg.jobs.cluster import ClusterError, check_reachable
 from rayseg.jobs.spec import parse_spec
 from rayseg.jobs.submit import job_env
 
@@ -100,3 +101,18 @@ def test_jobs_carry_referenced_and_standard_storage_variables_only():
     spec = parse_spec({"input": "s3://b/i", "output": "s3://b/o", "model": {"name": "unet", "weights": "random"}, "storage": {"env": {"token": "MY_TOKEN"}}})
     environ = {"MY_TOKEN": "t", "AWS_ENDPOINT_URL": "http://minio:9000", "HOME": "/root", "UNRELATED": "x"}
     assert job_env(spec, environ) == {"MY_TOKEN": "t", "AWS_ENDPOINT_URL": "http://minio:9000"}
+
+
+def test_an_address_that_does_not_answer_fails_fast_naming_it():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        started = time.monotonic()
+        with pytest.raises(ClusterError, match=f"cannot reach Ray at ray://127.0.0.1:{port}: .*client port"):
+            check_reachable(f"ray://127.0.0.1:{port}")
+        assert time.monotonic() - started < 5
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    check_reachable("auto")  # no port: left to ray.init
