@@ -50,11 +50,22 @@ def parse_categories(entries: list) -> list[Category]:
 
 
 def load_category_file(uri: str, storage_options: dict | None = None) -> list[Category]:
-    """Read categories from a JSON file: a COCO json (its `categories`) or a bare list."""
-    with fsspec.open(uri, "rt", **(storage_options or {})) as f:
-        data = json.load(f)
-    entries = data["categories"] if isinstance(data, dict) else data
-    return parse_categories(entries)
+    """Read categories from a JSON file: a COCO json (its `categories`) or a bare list.
+    ValueError, naming the file, when it is missing, not JSON or holds no categories."""
+    try:
+        with fsspec.open(uri, "rt", **(storage_options or {})) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"category file not found: {uri}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"category file {uri} is not valid JSON: {e}") from None
+    entries = data.get("categories") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"category file {uri} holds no categories: give a COCO json with 'categories', or a list")
+    try:
+        return parse_categories(entries)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"category file {uri}: {e}") from None
 
 
 # torchvision's COCO detection label space (`MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta`),

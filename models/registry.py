@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import checkpoint_files
 from .amp import check_amp_dtype
@@ -62,6 +62,8 @@ class ModelEntry:
     cpu_parallelism: str = DATA_PARALLEL
     options: tuple[str, ...] = ()
     options_check: str | None = None
+    # Whether `--weights random` builds it (oneformer's task input needs a checkpoint's tokenizer).
+    random_weights: bool = True
 
     @property
     def build(self) -> Callable[..., SegmentationModel]:
@@ -71,6 +73,68 @@ class ModelEntry:
     def weights_file(self) -> Callable[[str], str]:
         return getattr(checkpoint_files, self.weights_finder)
 
+
+@dataclass(frozen=True)
+class OptionKind:
+    """The values a model option takes, checked on the driver before any work: a number
+    of `kind` (int or float) within [low, high], a string, or a list; `nullable` when None
+    (the builder's default) may be given too. Options with their own checks (`task`,
+    `amp_dtype`) are strings here."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    nullable: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not one of these values, or None."""
+        if value is None:
+            return None if self.nullable else "must not be null"
+        if self.kind in (int, float):
+            numeric = (int,) if self.kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, numeric):
+                return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
+            if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+                bounds = f"at least {self.low:g}" if self.high is None else f"between {self.low:g} and {self.high:g}"
+                return f"must be {bounds}, got {value!r}"
+            return None
+        if not isinstance(value, self.kind):
+            return f"must be a {self.kind.__name__}, got {value!r}"
+        return None
+
+
+_COUNT = OptionKind(int, low=1)
+_FRACTION = OptionKind(float, low=0, high=1)
+# Every registered model's options, by name: an option means the same in every model that
+# takes it (tests/test_registry.py checks that each has a kind).
+OPTION_KINDS: dict[str, OptionKind] = {
+    "task": OptionKind(str),
+    "amp_dtype": OptionKind(str),
+    "category_file": OptionKind(str, nullable=True),
+    "categories": OptionKind(list, nullable=True),
+    "min_area": OptionKind(int, low=0),
+    "resize": OptionKind(int, low=1, nullable=True),
+    "max_detections": _COUNT,
+    "mask_threshold": OptionKind(float),  # a probability for most models, a logit for SAM
+    "min_size": _COUNT,
+    "max_size": _COUNT,
+    "points_per_side": _COUNT,
+    "points_per_batch": _COUNT,
+    "pred_iou_thresh": OptionKind(float),
+    "stability_score_thresh": OptionKind(float),
+    "stability_score_offset": OptionKind(float),
+    "box_nms_thresh": _FRACTION,
+    "crops_n_layers": OptionKind(int, low=0),
+    "crops_nms_thresh": _FRACTION,
+    "crop_overlap_ratio": _FRACTION,
+    "crop_n_points_downscale_factor": _COUNT,
+    "min_mask_region_area": OptionKind(int, low=0),
+    "model_type": OptionKind(str, nullable=True),
+    "vit_num_heads": OptionKind(int, low=1, nullable=True),
+    "target_size": OptionKind(int, low=1, nullable=True),
+    "encoder_batch_size": OptionKind(int, low=1, nullable=True),
+    "overlap_mask_area_threshold": _FRACTION,
+}
 
 _PTH = "torchvision .pth state dict (path or URI); random"
 _TORCHVISION_SEMANTIC_OPTIONS = ("category_file", "resize", "amp_dtype")
@@ -152,6 +216,7 @@ REGISTRY: dict[str, ModelEntry] = {
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
             options_check="base:check_universal_options",
+            random_weights=False,
         ),
     ]
 }
@@ -174,8 +239,8 @@ def model_options(name: str) -> list[str]:
 
 
 def check_options(name: str, options: dict) -> None:
-    """Refuses options the model does not take, naming the ones it does, and a bad value of
-    the option every model takes (`amp_dtype`), before any work."""
+    """Refuses, before any work, options the model does not take (naming the ones it
+    does) and values an option does not take (`OPTION_KINDS`, then the model's own check)."""
     accepted = model_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -183,6 +248,9 @@ def check_options(name: str, options: dict) -> None:
             f"model {name!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+    problems = [f"option {key} {problem}" for key, value in sorted(options.items()) if (problem := OPTION_KINDS[key].problem(value))]
+    if problems:
+        raise ValueError(f"model {name!r}: " + "; ".join(problems))
     if "amp_dtype" in options:
         check_amp_dtype(options["amp_dtype"])
     if check := get_entry(name).options_check:

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
+from ..models.categories import load_category_file
 from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, get_entry
@@ -54,7 +55,11 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     """
     entry = get_entry(spec.name)
     check_options(spec.name, spec.options)
+    if spec.options.get("category_file") is not None:
+        load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
     if spec.weights == RANDOM:
+        if not entry.random_weights:
+            raise WeightsError(f"{spec.name} has no random weights (its weights: {entry.weights})")
         return spec
     uri = entry.weights_file(spec.weights)
     digest, head, size = hashlib.sha256(), b"", 0

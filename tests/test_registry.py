@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 from rayseg.jobs.spec import parse_spec
-from rayseg.models.registry import PIPELINE_ARGUMENTS, REGISTRY, model_options
+import pytest
+
+from rayseg.models.registry import OPTION_KINDS, PIPELINE_ARGUMENTS, REGISTRY, check_options, model_options
+from rayseg.models.weights import RANDOM, WeightsError
+from rayseg.pipeline.segment import ModelSpec, pin_weights
 
 
 def test_every_entry_resolves_its_builder_and_weights_finder():
@@ -23,6 +27,44 @@ def test_every_entry_declares_the_options_its_builder_takes_in_order():
     for name, entry in REGISTRY.items():
         parameters = inspect.signature(entry.build).parameters
         assert entry.options == tuple(p for p in parameters if p not in PIPELINE_ARGUMENTS), name
+
+
+def test_every_option_has_a_kind_that_its_builders_default_fits():
+    for name, entry in REGISTRY.items():
+        parameters = inspect.signature(entry.build).parameters
+        for option in entry.options:
+            default = parameters[option].default
+            assert OPTION_KINDS[option].problem(default) is None, (name, option, default)
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("maskrcnn", {"max_detections": -1}, "option max_detections must be at least 1, got -1"),
+        ("maskrcnn", {"mask_threshold": "abc", "min_size": 1.5}, "option mask_threshold must be a number, got 'abc'; option min_size must be an integer"),
+        ("fcn", {"resize": True}, "option resize must be an integer, got True"),
+        ("sam", {"box_nms_thresh": 2}, "option box_nms_thresh must be between 0 and 1, got 2"),
+        ("deeplabv3", {"category_file": 3}, "option category_file must be a str, got 3"),
+    ],
+)
+def test_option_values_are_checked_before_any_work(model, options, message):
+    with pytest.raises(ValueError, match=f"model '{model}': {message}"):
+        check_options(model, options)
+
+
+def test_good_and_null_option_values_pass():
+    check_options("sam", {"points_per_side": 4, "pred_iou_thresh": 1, "model_type": None, "vit_num_heads": 2})
+    check_options("fcn", {"resize": None, "category_file": "voc.json"})
+
+
+def test_a_category_file_and_random_weights_are_checked_on_the_driver(tmp_path):
+    with pytest.raises(ValueError, match=f"category file not found: {tmp_path / 'none.json'}"):
+        pin_weights(ModelSpec("fcn", RANDOM, options={"category_file": str(tmp_path / "none.json")}))
+    (tmp_path / "bad.json").write_text('{"categories": [{"name": "x"}]}')
+    with pytest.raises(ValueError, match="category file .*bad.json: category entry 0 must be a name or a dict"):
+        pin_weights(ModelSpec("fcn", RANDOM, options={"category_file": str(tmp_path / "bad.json")}))
+    with pytest.raises(WeightsError, match="oneformer has no random weights"):
+        pin_weights(ModelSpec("oneformer", RANDOM))
 
 
 def test_importing_the_registry_or_building_the_unet_imports_no_other_family():

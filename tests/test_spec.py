@@ -119,8 +119,8 @@ def test_secrets_come_from_the_environment_by_reference(monkeypatch):
         ({"max_detections": 5}, "does not take option"),
         ({"amp_dtype": "fp8"}, "amp_dtype"),
         ({"task": "panoptic"}, "U-Net task must be one of semantic, instance, got 'panoptic'"),
-        ({"min_area": -3}, "U-Net min_area must be an integer ≥ 0, got -3"),
-        ({"min_area": "abc"}, "U-Net min_area must be an integer ≥ 0, got 'abc'"),
+        ({"min_area": -3}, "model 'unet': option min_area must be at least 0, got -3"),
+        ({"min_area": "abc"}, "model 'unet': option min_area must be an integer, got 'abc'"),
     ],
 )
 def test_model_options_and_their_values_are_checked_against_the_model(options, message):
