@@ -21,7 +21,7 @@ from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
 from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
-from .relabel import list_versions, relabel
+from .relabel import VERSIONS_DIR, has_versions_dir, list_versions, relabel
 from .runner import new_run_id, run_segment_spec
 from .terminal import console, fail
 from .train_commands import register as register_training
@@ -112,7 +112,7 @@ def segment(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per model call [GPU 16, CPU 8].")] = None,
     actors: Annotated[Optional[str], typer.Option(help="Inference actors: N or MIN:MAX [one per GPU].")] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
-    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor [GPU: 1; CPU: half the cluster].")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor [GPUs: 1; CPUs: the pool's share, see README Tuning].")] = None,
     score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this.")] = None,
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
@@ -132,7 +132,7 @@ def segment(
     (`rayseg run`), written on the command line.
     """
     try:
-        options = parse_storage_options(model_option)
+        options = parse_storage_options(model_option, flag="--model-option")
         if category_file is not None:
             options["category_file"] = category_file
         if task is not None:
@@ -218,7 +218,9 @@ def run_relabel(spec: RelabelSpec, address: str | None) -> None:
         + (f"{summary.recovered} taken from unfinished versions, " if summary.recovered else "")
         + f"{summary.carried} carried forward from "
         f"{summary.previous or '(none)'}; {images['added']} added, {images['removed']} removed, "
-        f"{images['changed']} changed, {images['retried']} error rows retried\n{summary.path}"
+        f"{images['changed']} changed, {images['retried']} error rows retried"
+        + (f", {images['relabelled']} relabelled (the model, weights or options changed)" if images["relabelled"] else "")
+        + f"\n{summary.path}"
     )
 
 
@@ -229,9 +231,12 @@ def versions(
 ) -> None:
     """List the re-labelling versions under ROOT and their counts."""
     try:
-        found = list_versions(root, parse_storage_options(storage_option))
+        storage_options = parse_storage_options(storage_option)
+        found = list_versions(root, storage_options)
     except ValueError as e:
         raise fail(str(e)) from None
+    if not found and not has_versions_dir(root, storage_options):
+        raise fail(f"{root} holds no re-labelling versions (no {VERSIONS_DIR}/ directory): give a relabel spec's output_root")
     # The name never shrinks: a narrow terminal shortens the counts' headers instead.
     table = Table(
         Column("version", no_wrap=True, min_width=5),

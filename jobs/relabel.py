@@ -104,6 +104,12 @@ def _looked_up(uri: str | None, storage_options: dict) -> str:
         return f"unreadable:{type(e).__name__}"
 
 
+def has_versions_dir(root: str, storage_options: dict | None = None) -> bool:
+    """Whether ROOT is a relabel output root: it holds a versions/ directory."""
+    fs, base = filesystem(root, storage_options)
+    return fs.exists(posixpath.join(base, VERSIONS_DIR))
+
+
 def list_versions(root: str, storage_options: dict | None = None) -> list[Version]:
     """Committed versions under ROOT, oldest first (a version whose predictions never
     committed does not count)."""
@@ -256,20 +262,23 @@ def diff_versions(
     removed: set,
     changed: set,
     retried: set,
+    relabelled: set,
     storage_options: dict,
 ) -> dict:
-    """Images added/removed/changed/retried (error rows segmented again) and, per label,
-    segments added and removed."""
-    before = _label_counts(previous_files, removed | changed | retried, storage_options)
-    after = _label_counts(current_files, added | changed | retried, storage_options)
+    """Images added/removed/changed, retried (error rows segmented again) and relabelled
+    (segmented again by another model, weights or options) and, per label, segments added
+    and removed."""
+    again = changed | retried | relabelled
+    before = _label_counts(previous_files, removed | again, storage_options)
+    after = _label_counts(current_files, added | again, storage_options)
     per_label: dict[str, dict[str, int]] = {}
-    for image_id in added | removed | changed | retried:
+    for image_id in added | removed | again:
         old, new = before.get(image_id, Counter()), after.get(image_id, Counter())
         for label in old.keys() | new.keys():
             entry = per_label.setdefault(label, {"added": 0, "removed": 0})
             entry["added"] += max(0, new[label] - old[label])
             entry["removed"] += max(0, old[label] - new[label])
-    groups = {"added": added, "removed": removed, "changed": changed, "retried": retried}
+    groups = {"added": added, "removed": removed, "changed": changed, "retried": retried, "relabelled": relabelled}
     return {
         "images": {name: len(ids) for name, ids in groups.items()},
         "segments_by_label": dict(sorted(per_label.items())),
@@ -288,6 +297,23 @@ def _error_ids(files: list[str], storage_options: dict) -> pa.Table:
     return pa.table({"image_id": pa.concat_arrays(ids) if ids else pa.array([], pa.string())})
 
 
+def _run_model(model) -> dict:
+    """What a version's `_run.json` says of the model that made it, for `model` (pinned)."""
+    return {
+        "model": model.name,
+        "weights_sha256": model.weights_sha256,
+        "spec": {"model": {"score_threshold": model.score_threshold, "options": model.options}},
+    }
+
+
+def _model_identity(run: dict) -> tuple:
+    """What makes a version's labels what they are, from its `_run.json`: model, weights'
+    sha256, score threshold and options (as JSON reads them back)."""
+    section = (run.get("spec") or {}).get("model") or {}
+    options = json.loads(json.dumps(section.get("options") or {}, sort_keys=True))
+    return run.get("model"), run.get("weights_sha256"), section.get("score_threshold"), json.dumps(options, sort_keys=True)
+
+
 def _retries_only(version: Version) -> bool:
     """Whether `version` was made only to retry error rows: its source had not changed."""
     images = version.diff.get("images", {})
@@ -300,7 +326,7 @@ def _diff_markdown(name: str, previous: str | None, diff: dict) -> str:
         f"# {name} vs {previous or '(nothing)'}",
         "",
         f"Images: {images['added']} added, {images['removed']} removed, {images['changed']} changed, "
-        f"{images['retried']} error rows retried.",
+        f"{images['retried']} error rows retried, {images['relabelled']} relabelled by another model.",
         "",
         "| label | segments added | segments removed |",
         "|---|---|---|",
@@ -321,6 +347,8 @@ class RelabelSummary:
     recovered: int = 0
     # Unchanged images segmented again because their row was an error.
     retried: int = 0
+    # Unchanged images segmented again because the model, weights or options changed.
+    relabelled: int = 0
 
 
 def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
@@ -341,18 +369,27 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     added = {i for i in todo_ids if i not in known}
     changed = set(todo_ids) - added
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
-    # Unchanged images whose row is an error (a read that timed out, a worker that died) are
-    # segmented again. A source without changes gets a version for them, but not twice in a
-    # row: an image that fails every time would otherwise make a new version every run.
-    retry = unchanged.join(_error_ids(previous_files, storage_options), keys="image_id", join_type="left semi")
-    if previous and not todo_ids and not removed and (not retry.num_rows or _retries_only(previous)):
-        if retry.num_rows:
-            log.info("%d error rows stay as they are: the last version retried them already", retry.num_rows)
-        log.info("source unchanged since %s: no new version", previous.name)
-        return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
+    # A version is one model's labels: with another model, weights or options, no row is
+    # carried forward.
+    by_new_model = unchanged if previous and _model_identity(previous.run) != _model_identity(_run_model(model)) else None
+    if by_new_model is not None:
+        log.info("the model, weights or options differ from %s's: every image is segmented again", previous.name)
+        retry = unchanged.slice(0, 0)
+    else:
+        # Unchanged images whose row is an error (a read that timed out, a worker that died) are
+        # segmented again. A source without changes gets a version for them, but not twice in a
+        # row: an image that fails every time would otherwise make a new version every run.
+        retry = unchanged.join(_error_ids(previous_files, storage_options), keys="image_id", join_type="left semi")
+        if previous and not todo_ids and not removed and (not retry.num_rows or _retries_only(previous)):
+            if retry.num_rows:
+                log.info("%d error rows stay as they are: the last version retried them already", retry.num_rows)
+            log.info("source unchanged since %s: no new version", previous.name)
+            return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
+    relabelled = set(by_new_model["image_id"].to_pylist()) if by_new_model is not None else set()
     retried = set(retry["image_id"].to_pylist())
-    todo = pa.concat_tables([todo, retry.select(todo.column_names)])
-    unchanged = unchanged.join(retry.select(["image_id"]), keys="image_id", join_type="left anti")
+    again = by_new_model if by_new_model is not None else retry
+    todo = pa.concat_tables([todo, again.select(todo.column_names)])
+    unchanged = unchanged.join(again.select(["image_id"]), keys="image_id", join_type="left anti")
 
     # What makes a staged row reusable by a later run (recoverable_rows).
     attempt = {
@@ -404,6 +441,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         "recovered": {version.name: image_ids.num_rows for version, _, image_ids in recovered},
         "carried_forward": unchanged.num_rows,
         "retried": len(retried),
+        "relabelled": len(relabelled),
         "ray_init_seconds": round(ray_seconds, 3),
     }
     version_uri = full_uri(fs, version_path)
@@ -420,7 +458,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     )
     export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)
     diff = diff_versions(
-        previous_files, committed_files(predictions, storage_options), added, removed, changed, retried, storage_options
+        previous_files, committed_files(predictions, storage_options), added, removed, changed, retried, relabelled, storage_options
     )
     diff["previous_version"] = previous.name if previous else None
     with fs.open(posixpath.join(version_path, DIFF_FILE), "w") as f:
@@ -440,4 +478,5 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         diff,
         recovered=sum(image_ids.num_rows for _, _, image_ids in recovered),
         retried=len(retried),
+        relabelled=len(relabelled),
     )

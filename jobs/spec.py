@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..models.registry import REGISTRY, check_options, get_entry
+from ..models.weights import RANDOM
 from ..pipeline.resources import parse_actors
 from .cron import parse_cron
 
@@ -60,7 +61,10 @@ class ModelSection(Strict):
     @classmethod
     def default_weights(cls, data: Any) -> Any:
         """Weights left out mean the model's bundled weights (`rayseg models`), where it has any."""
-        if isinstance(data, dict) and data.get("weights") is None and data.get("name") in REGISTRY:
+        if isinstance(data, dict) and data.get("weights") is None and data.get("name") not in REGISTRY:
+            # An unknown name is the error to report: no second one for the weights.
+            return {**data, "weights": RANDOM}
+        if isinstance(data, dict) and data.get("weights") is None:
             default = REGISTRY[data["name"]].default_weights
             if default is None:
                 raise ValueError(

@@ -172,6 +172,8 @@ def export_panoptic(
     things_by_default = run_task(run) != "semantic"
     fs, root = filesystem(out_dir, storage_options)
     root = root.rstrip("/")
+    if fs.exists(root) and not fs.isdir(root):
+        raise ValueError(f"{out_dir} is a file: name the directory to write panoptic.json and its PNGs into")
     png_dir = posixpath.join(root, PNG_DIR)
     fs.makedirs(png_dir, exist_ok=True)
     summary = PanopticSummary(output=out_dir, png_dir=png_dir, json_path=posixpath.join(root, JSON_NAME))

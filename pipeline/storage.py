@@ -81,13 +81,14 @@ def join_uri(root: str, path: str) -> str:
     return posixpath.join(root.rstrip("/"), path)
 
 
-def parse_storage_options(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs → options; values that parse as JSON (true, 3, {"a": 1}) are typed."""
+def parse_storage_options(pairs: list[str], flag: str = "--storage-option") -> dict:
+    """KEY=VALUE pairs → options; values that parse as JSON (true, 3, {"a": 1}) are typed.
+    flag: the command-line option the pairs came from, for the error."""
     options: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--storage-option takes KEY=VALUE, got {key!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, got {key!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

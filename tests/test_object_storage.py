@@ -354,5 +354,7 @@ def test_storage_option_values_are_typed_when_they_are_json():
         "retries": 3,
         "client_kwargs": {"region_name": "x"},
     }
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="--storage-option takes KEY=VALUE, got 'novalue'"):
         parse_storage_options(["novalue"])
+    with pytest.raises(ValueError, match="--model-option takes KEY=VALUE, got 'min_area'"):
+        parse_storage_options(["min_area"], flag="--model-option")

@@ -171,6 +171,10 @@ def test_rayseg_export_panoptic_writes_the_export_and_refuses_missing_prediction
     assert "1 PNGs" in result.output
     result = CliRunner().invoke(app, ["export", "panoptic", str(tmp_path / "missing"), str(tmp_path / "pan2")])
     assert result.exit_code == 2
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(app, ["export", "panoptic", str(predictions), str(tmp_path / "a-file")])
+    assert result.exit_code == 2 and "a-file is a file: name the directory" in " ".join(result.output.split())
+
 
 def test_an_image_id_in_two_rows_is_exported_once_from_its_first_ok_row(tmp_path):
     (sky, sky_id, score, segment_id), (person, person_id, *_) = panoptic_masks()[:2]

@@ -61,7 +61,7 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
     assert first.exit_code == 0, first.output
     (v1,) = list_versions(str(root))
     assert v1.name == "v0001" and v1.run["processed"] == 12 and v1.run["counts"]["images"] == 12
-    assert v1.diff["images"] == {"added": 12, "removed": 0, "changed": 0, "retried": 0}
+    assert v1.diff["images"] == {"added": 12, "removed": 0, "changed": 0, "retried": 0, "relabelled": 0}
 
     unchanged = runner.invoke(app, ["relabel", str(spec)])
     assert unchanged.exit_code == 0 and "no new version" in unchanged.output
@@ -75,8 +75,8 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
     v1, v2 = list_versions(str(root))
     assert v2.name == "v0002" and v2.run["previous_version"] == "v0001"
     assert v2.run["processed"] == 2 and v2.run["carried_forward"] == 10
-    assert v2.diff["images"] == {"added": 1, "removed": 1, "changed": 1, "retried": 0}
-    assert v2.diff["examples"] == {"added": ["new.png"], "removed": ["000007.png"], "changed": ["000003.png"], "retried": []}
+    assert v2.diff["images"] == {"added": 1, "removed": 1, "changed": 1, "retried": 0, "relabelled": 0}
+    assert v2.diff["examples"] == {"added": ["new.png"], "removed": ["000007.png"], "changed": ["000003.png"], "retried": [], "relabelled": []}
 
     fresh = tmp_path / "fresh"
     full = runner.invoke(app, ["segment", str(source), str(fresh), "--model", "unet", "--weights", str(weights)])
@@ -102,6 +102,19 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
 
     listing = runner.invoke(app, ["versions", str(root)])
     assert listing.exit_code == 0 and "v0001" in listing.output and "v0002" in listing.output
+
+    spec.write_text(spec.read_text().replace(str(weights), "random"))  # another model over the same source
+    third = runner.invoke(app, ["relabel", str(spec)])
+    assert third.exit_code == 0 and "12 relabelled (the model, weights or options changed)" in " ".join(third.output.split())
+    v3 = list_versions(str(root))[-1]
+    assert v3.run["processed"] == 12 and v3.run["carried_forward"] == 0 and v3.run["weights"] == "random"
+    assert v3.diff["images"] == {"added": 0, "removed": 0, "changed": 0, "retried": 0, "relabelled": 12}
+    assert "no new version" in runner.invoke(app, ["relabel", str(spec)]).output
+
+
+def test_versions_of_a_root_that_is_not_a_relabel_root_is_refused(tmp_path):
+    result = runner.invoke(app, ["versions", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no re-labelling versions (no versions/ directory)" in " ".join(result.output.split())
 
 
 def test_a_relabel_spec_is_not_a_segment_spec(tmp_path):
@@ -152,7 +165,7 @@ def test_a_relabel_that_died_before_its_commit_is_finished_by_the_next_from_what
     assert v6.run["recovered"] == {"v0002": 1}, "000003.png; not new-0.png (twice), new-1.png (changed), nor v0005's"
     assert v6.run["processed"] == 6 and v6.run["carried_forward"] == 11
     assert "1 taken from unfinished versions" in " ".join(resumed.output.split())
-    assert v6.diff["images"] == {"added": 6, "removed": 0, "changed": 1, "retried": 0}
+    assert v6.diff["images"] == {"added": 6, "removed": 0, "changed": 1, "retried": 0, "relabelled": 0}
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001", "v0006"], "unfinished versions deleted"
 
     fresh = tmp_path / "fresh"
@@ -201,7 +214,7 @@ def test_a_manifest_source_keeps_its_ids_and_error_rows_are_retried_but_not_ever
     shutil.copy(shapes.images_dir / "000001.png", images / "late.png")
     assert "4 error rows retried" in relabel()
     v1, v2 = list_versions(str(root))
-    assert v2.diff["images"] == {"added": 0, "removed": 0, "changed": 0, "retried": 4}
+    assert v2.diff["images"] == {"added": 0, "removed": 0, "changed": 0, "retried": 4, "relabelled": 0}
     rows = rows_by_id(root / "versions" / "v0002" / "predictions")
     assert rows["007"]["status"] == "ok" and rows["never"]["status"] == "error"
 
@@ -212,7 +225,7 @@ def test_a_manifest_source_keeps_its_ids_and_error_rows_are_retried_but_not_ever
     write_manifest("001,first.png,e1", "007,late.png,e7", "never,never.png,e9", "blank,,", "lookup,gone.png,", "new,new.png,e10")
     relabel()
     v3 = list_versions(str(root))[-1]
-    assert v3.diff["images"] == {"added": 1, "removed": 0, "changed": 0, "retried": 3}
+    assert v3.diff["images"] == {"added": 1, "removed": 0, "changed": 0, "retried": 3, "relabelled": 0}
     assert v3.run["carried_forward"] == 2
 
     write_manifest()

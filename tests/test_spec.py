@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
 from rayseg.jobs.spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
+from rayseg.models.registry import REGISTRY
 
 runner = CliRunner()
 
@@ -55,6 +56,14 @@ def test_every_error_is_reported_with_its_field_path(tmp_path):
     ):
         assert expected in errors, expected
     assert "hunter2" not in str(raised.value), "a rejected secret is not echoed back"
+
+
+def test_an_unknown_model_is_the_only_error_about_the_model():
+    with pytest.raises(SpecError) as raised:
+        parse_spec({"input": "a", "output": "b", "model": {"name": "nope"}})
+    assert [e for e in raised.value.errors if e.startswith("model")] == [
+        f"model.name: unknown model 'nope'; registered: {', '.join(sorted(REGISTRY))}"
+    ]
 
 
 @pytest.mark.parametrize("option", ["secret", "key", "token", "aws_secret_access_key", "password", "session_token"])
