@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import posixpath
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import pyarrow.parquet as pq
 import ray
 
 from .storage import arrow_filesystem, filesystem, full_uri, join_uri
+
+log = logging.getLogger("rayseg.pipeline")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MANIFEST_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "coco"}
@@ -289,7 +292,18 @@ def open_source(
     limit: int | None = None,
 ) -> Source:
     """INPUT (see the module docstring), at most `limit` rows, checked without Ray: a
-    listing is listed, a COCO json read, a manifest's columns checked (SourceError)."""
+    listing is listed, a COCO json read, a manifest's columns checked (SourceError, also
+    when the storage refuses: no credentials, no permission, no such bucket)."""
+    try:
+        return _open_source(input_uri, storage_options, image_root, limit)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the storage said no; with -v the traceback is logged
+        log.debug("reading %s failed", input_uri, exc_info=True)
+        raise SourceError(f"cannot read {input_uri}: {type(e).__name__}: {e}") from None
+
+
+def _open_source(input_uri: str, storage_options: dict | None, image_root: str | None, limit: int | None) -> Source:
     kind = source_kind(input_uri)
     if kind in ("parquet", "csv"):
         columns = tuple(check_manifest(input_uri, kind, storage_options))

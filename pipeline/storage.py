@@ -29,9 +29,18 @@ def with_defaults(uri: str, storage_options: dict | None) -> dict:
     return options
 
 
+class StorageError(ValueError):
+    """A URI whose filesystem is not installed."""
+
+
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem serving `uri` and the path within it (protocol stripped)."""
-    return fsspec.core.url_to_fs(uri, **with_defaults(uri, storage_options))
+    """The fsspec filesystem serving `uri` and the path within it (protocol stripped);
+    StorageError when its package is missing (gcsfs for gs://, say)."""
+    try:
+        return fsspec.core.url_to_fs(uri, **with_defaults(uri, storage_options))
+    except ImportError as e:
+        extra = " (pip install 'rayseg[gcs]')" if fsspec.core.split_protocol(uri)[0] in ("gs", "gcs") else ""
+        raise StorageError(f"cannot open {uri}: {e}{extra}") from None
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -256,6 +257,21 @@ def test_credentials_never_reach_outputs_or_logs(uploaded, tmp_path, caplog):
     for log_file in logs.rglob("*"):
         if log_file.is_file():
             assert PLANTED_SECRET.encode() not in log_file.read_bytes(), log_file
+
+
+def test_storage_that_cannot_be_reached_or_is_not_installed_is_exit_2_naming_the_input(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        result = rayseg(
+            "segment", f"s3://{BUCKET}/images", tmp_path / "out", "--model", "unet",
+            "--storage-option", f"endpoint_url={endpoint}", "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}',
+        )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"cannot read s3://{BUCKET}/images: EndpointConnectionError" in " ".join(result.output.split())
+    if importlib.util.find_spec("adlfs") is None:  # Azure's fsspec package, not a dependency
+        result = rayseg("segment", "az://container/images", tmp_path / "out", "--model", "unet")
+        assert result.exit_code == 2 and "cannot open az://container/images: Install adlfs" in " ".join(result.output.split())
 
 
 def test_a_manifest_without_a_uri_column_is_refused_before_any_work(tmp_path):
