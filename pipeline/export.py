@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .evaluation.base import Prediction
-from .evaluation.data import predictions_from_table, prediction_files, read_run_info
+from .evaluation.data import predictions_from_table, prediction_files, read_run_info, uri_tails
 from .storage import filesystem, full_uri, move, remove
 
 ROW_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
@@ -81,7 +81,10 @@ class ImageIds:
             if not fs.exists(path):
                 raise ExportError(f"annotations not found: {annotations}")
             with fs.open(path, "r") as f:
-                data = json.load(f)
+                try:
+                    data = json.load(f)
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                    raise ExportError(f"{annotations} is not valid JSON: {e}") from None
             if not isinstance(data, dict) or "images" not in data:
                 raise ExportError(f"{annotations} is not a COCO json (no images)")
             for image in data["images"]:
@@ -97,6 +100,10 @@ class ImageIds:
         image_id = prediction.image_id
         if self.has_ground_truth:
             image = self.by_id.get(image_id) or self.by_file.get(image_id)
+            for tail in uri_tails(prediction.uri) if image is None else ():
+                image = self.by_file.get(tail)
+                if image is not None:
+                    break
             if image is None:
                 return None
             return {

@@ -171,6 +171,18 @@ def test_sharding_does_not_change_a_single_bit(dataset, tmp_path):
     assert results[0] == results[1] == results[2]
 
 
+def test_rows_with_their_own_ids_join_the_ground_truth_by_the_file_name_their_uri_ends_with(dataset, tmp_path):
+    fixtures, gt, path = dataset
+    by_name = syn.perturbed_instances(gt, seed=6, images_dir="s3://bucket/shapes")
+    syn.write_predictions(by_name, str(tmp_path / "by-name"))
+    own_ids = [{**row, "image_id": f"manifest-{index}"} for index, row in enumerate(by_name)]  # a manifest's ids
+    syn.write_predictions(own_ids, str(tmp_path / "own-ids"))
+    expected = evaluate_predictions(str(tmp_path / "by-name"), str(path), use_ray=False)
+    result = evaluate_predictions(str(tmp_path / "own-ids"), str(path), use_ray=False)
+    assert result.coverage.evaluated == expected.coverage.evaluated == len(gt["images"])
+    assert result.metrics["segm"]["AP"] == expected.metrics["segm"]["AP"]
+
+
 def test_ray_tasks_equal_the_single_process_result(ray_cluster, dataset, tmp_path):
     fixtures, gt, path = dataset
     rows = syn.perturbed_instances(gt, seed=11, extra=2.0)

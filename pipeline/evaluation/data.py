@@ -238,7 +238,19 @@ class GroundTruth:
         key = self.by_id.get(image_id)
         if key is None:
             key = self.by_file.get(image_id)
+        for tail in uri_tails(uri) if key is None else ():
+            key = self.by_file.get(tail)
+            if key is not None:
+                break
         return key
+
+
+def uri_tails(uri: str | None, depth: int = 3) -> list[str]:
+    """The last 1…`depth` '/'-separated parts of `uri`, shortest first: what a COCO
+    `file_name` ("0001.jpg", "train/0001.jpg") may be, for rows whose image_id is not (a
+    manifest's own ids)."""
+    parts = (uri or "").rstrip("/").split("/")
+    return ["/".join(parts[-count:]) for count in range(1, min(depth, len(parts)) + 1) if parts[-1]]
 
 
 def _label_png_candidates(image_id: str, uri: str | None) -> list[str]:
