@@ -133,10 +133,9 @@ def segment(
     """
     try:
         options = parse_storage_options(model_option, flag="--model-option")
-        if category_file is not None:
-            options["category_file"] = category_file
-        if task is not None:
-            options["task"] = task
+        for flag, key, value in (("--category-file", "category_file", category_file), ("--task", "task", task)):
+            if value is not None and options.setdefault(key, value) != value:
+                raise ValueError(f"{flag} {value} and --model-option {key}={options[key]} disagree: give one")
         spec = parse_spec(
             {
                 "kind": "segment",

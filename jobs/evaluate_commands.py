@@ -70,8 +70,8 @@ def evaluate(
         if produced not in (None, task):
             log.warning(
                 "%s holds %s predictions but is evaluated as %s: the numbers mean little "
-                "(run the model with --task %s, or evaluate against %s ground truth)",
-                predictions, produced, task, task, produced,
+                "(evaluate against %s ground truth, or run a model that gives %s predictions: `rayseg models`)",
+                predictions, produced, task, produced, task,
             )  # fmt: skip
         category_list = [c.to_dict() for c in load_category_file(categories, options)] if categories else None
     except (EvaluationError, ValueError, FileNotFoundError) as e:

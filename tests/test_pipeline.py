@@ -214,6 +214,7 @@ def test_a_run_starts_an_actor_per_model_batch_of_its_listing_up_to_the_pool(sha
         (["--model", "maskrcnn", "--weights", "random", "--model-option", "mask_threshold=abc"], "option mask_threshold must be a number"),
         (["--model", "fcn", "--weights", "random", "--category-file", "/no/such.json"], "category file not found: /no/such.json"),
         (["--model", "oneformer", "--weights", "random"], "oneformer has no random weights"),
+        (["--model", "unet", "--task", "instance", "--model-option", "task=semantic"], "--task instance and --model-option task=semantic disagree"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message_and_write_nothing(shapes, tmp_path, args, message):
