@@ -16,7 +16,7 @@ from rich.text import Text
 from ..models.registry import REGISTRY, model_options
 from ..models.weights import WeightsError
 from ..pipeline.resources import ResourceError
-from ..pipeline.sink import OutputError, RunSummary
+from ..pipeline.sink import OutputError, RunSummary, staged_files
 from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
 from .evaluate_commands import register as register_evaluation
@@ -291,16 +291,26 @@ def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None
     if spec.run_id is None:
         # Named here, so that a run that stops can be resumed by name.
         spec = spec.model_copy(update={"run_id": new_run_id()})
-    to_finish = f"run {spec.run_id} is not committed; the same command with `--resume --run-id {spec.run_id}` finishes it, keeping the rows it staged"
     try:
         return run_segment_spec(spec, address=address, storage_options=storage_options)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise fail(f"interrupted: {to_finish}", code=130) from None
+        raise fail(f"interrupted: {_how_to_finish(spec, storage_options)}", code=130) from None
     except Exception as e:
         log.exception("run failed")
-        raise fail(f"run failed: {type(e).__name__}: {e}\n{to_finish}", code=1) from None
+        raise fail(f"run failed: {type(e).__name__}: {e}\n{_how_to_finish(spec, storage_options)}", code=1) from None
+
+
+def _how_to_finish(spec: SegmentSpec, storage_options: dict | None) -> str:
+    """What to run after `spec`'s run stopped uncommitted: resume it when it staged rows."""
+    try:
+        staged = staged_files(spec.output, spec.run_id, spec.storage.resolve() if storage_options is None else storage_options)
+    except Exception:  # noqa: BLE001 - the storage itself may be what failed: offer the resume
+        staged = True
+    if not staged:
+        return f"run {spec.run_id} staged no rows: the same command runs it again from the start"
+    return f"run {spec.run_id} is not committed; the same command with `--resume --run-id {spec.run_id}` finishes it, keeping the rows it staged"
 
 
 def print_summary(summary: RunSummary) -> None:

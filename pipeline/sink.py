@@ -206,7 +206,8 @@ def staged_image_ids(output: str, run_id: str, storage_options: dict | None = No
     into this process — so resuming costs no driver memory however much was done.
     """
     fs, _ = filesystem(output, storage_options)
-    complete = staged_files(output, run_id, storage_options)
+    # A file without rows has no ids to give, and Ray reads it as a block without columns.
+    complete = [path for path in staged_files(output, run_id, storage_options) if _rows(fs, [path])]
     if not complete:
         return None
     return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs)).select_columns(["image_id"])

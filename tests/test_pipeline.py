@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sources import SourceError, read_source
-from rayseg.pipeline.sink import RUN_FILE, OutputError, committed_files, write_run
+from rayseg.pipeline.sink import RUN_FILE, STAGING_DIR, OutputError, committed_files, write_run
 
 from .conftest import same_segments
 
@@ -272,10 +273,14 @@ def test_weights_that_cannot_load_are_refused_before_any_work(shapes, checkpoint
 
 
 @pytest.mark.parametrize("stop,code,said", [(KeyboardInterrupt(), 130, "interrupted"), (RuntimeError("disk full"), 1, "run failed: RuntimeError: disk full")])
-def test_a_run_that_stops_before_its_commit_says_how_to_finish_it(shapes, tmp_path, monkeypatch, stop, code, said):
+@pytest.mark.parametrize("staged", [True, False])
+def test_a_run_that_stops_before_its_commit_says_how_to_finish_it(shapes, tmp_path, monkeypatch, stop, code, said, staged):
     from rayseg.jobs import runner as jobs_runner
 
-    def stopped_write_run(*args, **kwargs):
+    def stopped_write_run(rows, output, *, run_id, **kwargs):
+        if staged:  # as a run that wrote a file of rows before it stopped
+            (Path(output) / STAGING_DIR / run_id).mkdir(parents=True)
+            pq.write_table(OUTPUT_SCHEMA.empty_table(), Path(output) / STAGING_DIR / run_id / "part-0.parquet")
         raise stop
 
     output = tmp_path / "out"
@@ -284,6 +289,9 @@ def test_a_run_that_stops_before_its_commit_says_how_to_finish_it(shapes, tmp_pa
         result = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", "--limit", "2")
     text = " ".join(result.output.split())
     assert result.exit_code == code and f"error: {said}" in text
+    if not staged:
+        assert re.search(r"run \S+ staged no rows: the same command runs it again from the start", text), text
+        return
     run_id = re.search(r"the same command with `--resume --run-id (\S+)` finishes it", text).group(1)
     finished = rayseg("segment", shapes.images_dir, output, "--model", "unet", "--weights", "random", "--limit", "2", "--resume", "--run-id", run_id)
     assert finished.exit_code == 0, finished.output
