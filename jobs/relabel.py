@@ -369,25 +369,24 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     added = {i for i in todo_ids if i not in known}
     changed = set(todo_ids) - added
     previous_files = committed_files(_predictions(previous.path), storage_options) if previous else []
-    # A version is one model's labels: with another model, weights or options, no row is
-    # carried forward.
-    by_new_model = unchanged if previous and _model_identity(previous.run) != _model_identity(_run_model(model)) else None
-    if by_new_model is not None:
+    # Unchanged images segmented again: every one under another model, weights or options
+    # (a version is one model's labels), else those whose row is an error (a read that timed
+    # out, a worker that died). A source without changes gets a version for its error rows,
+    # but not twice in a row: an image that fails every time would otherwise make a version
+    # every run.
+    model_changed = previous is not None and _model_identity(previous.run) != _model_identity(_run_model(model))
+    if model_changed:
         log.info("the model, weights or options differ from %s's: every image is segmented again", previous.name)
-        retry = unchanged.slice(0, 0)
+        again = unchanged
     else:
-        # Unchanged images whose row is an error (a read that timed out, a worker that died) are
-        # segmented again. A source without changes gets a version for them, but not twice in a
-        # row: an image that fails every time would otherwise make a new version every run.
-        retry = unchanged.join(_error_ids(previous_files, storage_options), keys="image_id", join_type="left semi")
-        if previous and not todo_ids and not removed and (not retry.num_rows or _retries_only(previous)):
-            if retry.num_rows:
-                log.info("%d error rows stay as they are: the last version retried them already", retry.num_rows)
-            log.info("source unchanged since %s: no new version", previous.name)
-            return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
-    relabelled = set(by_new_model["image_id"].to_pylist()) if by_new_model is not None else set()
-    retried = set(retry["image_id"].to_pylist())
-    again = by_new_model if by_new_model is not None else retry
+        again = unchanged.join(_error_ids(previous_files, storage_options), keys="image_id", join_type="left semi")
+    if previous and not todo_ids and not removed and not model_changed and (not again.num_rows or _retries_only(previous)):
+        if again.num_rows:
+            log.info("%d error rows stay as they are: the last version retried them already", again.num_rows)
+        log.info("source unchanged since %s: no new version", previous.name)
+        return RelabelSummary(None, None, previous.name, 0, unchanged.num_rows, {"images": {"added": 0, "removed": 0, "changed": 0}})
+    again_ids = set(again["image_id"].to_pylist())
+    relabelled, retried = (again_ids, set()) if model_changed else (set(), again_ids)
     todo = pa.concat_tables([todo, again.select(todo.column_names)])
     unchanged = unchanged.join(again.select(["image_id"]), keys="image_id", join_type="left anti")
 
