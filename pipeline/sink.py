@@ -65,7 +65,8 @@ class RunSummary:
 
 
 def check_output(output: str, storage_options: dict | None = None) -> None:
-    """Refuses an OUTPUT that already holds results; an unfinished run's staging is fine."""
+    """Refuses (OutputError) an OUTPUT that already holds results; unfinished runs' staging
+    is fine."""
     fs, root = filesystem(output, storage_options)
     if not fs.exists(root):
         return
@@ -124,6 +125,7 @@ def write_run(
     """
     started = time.time() if started is None else started
     fs, root = filesystem(output, storage_options)
+    check_output(output, storage_options)
     staging = posixpath.join(root, STAGING_DIR, run_id)
     if fs.exists(staging) and not resume:
         remove(fs, staging)
@@ -152,12 +154,23 @@ def write_run(
         fs.makedirs(staging, exist_ok=True)
         with fs.open(staged[0], "wb") as f:
             pq.write_table(OUTPUT_SCHEMA.empty_table(), f)
+    # Another run into the same OUTPUT may have committed while this one ran: its files stay
+    # whole, and this run's rows stay staged.
+    fs.invalidate_cache(root)
+    try:
+        check_output(output, storage_options)
+    except OutputError as e:
+        raise OutputError(f"{e}: another run committed there while this one ran; its rows stay staged in {full_uri(fs, staging)}") from None
     committed = [posixpath.join(root, f"part-{index:05d}.parquet") for index, _ in enumerate(staged)]
     for source, target in zip(staged, committed):
         move(fs, source, target)
-    # Object stores have no directories: once its files moved, the staging prefix is gone.
-    if fs.exists(staging_root := posixpath.join(root, STAGING_DIR)):
-        remove(fs, staging_root)
+    # Only this run's staging goes: another run's, beside it, is that run's to resume.
+    # (Object stores have no directories: once its files moved, the prefix is gone.)
+    if fs.exists(staging):
+        remove(fs, staging)
+    staging_root = posixpath.join(root, STAGING_DIR)
+    if fs.exists(staging_root) and not fs.ls(staging_root, detail=False):
+        fs.rmdir(staging_root)
     summary = dataclasses.replace(_count(fs, committed, run_id, full_uri(fs, root), time.time() - started), resumed=resumed)
     record = {
         "run_id": run_id,

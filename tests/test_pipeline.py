@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
 from rayseg.models.unet import build_unet
+from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
@@ -137,6 +138,22 @@ def test_cpu_stages_in_the_actors_or_in_tasks_around_them_give_the_same_rows(sha
     errors = [row for row in outputs[True] if row["status"] == "error"]
     assert [row["image_id"] for row in errors] == ["broken.png"] and "not a decodable image" in errors[0]["error"]
     assert sum(len(row["segments"]) for row in outputs[True]) > 0
+
+
+def test_write_run_commits_only_into_an_empty_output_and_leaves_other_runs_staging(tmp_path):
+    def rows(count: int) -> ray.data.Dataset:
+        items = [syn.row(f"img{i}", 4, 4, [], model="unet") for i in range(count)]
+        return ray.data.from_arrow(pa.Table.from_pylist(items, schema=OUTPUT_SCHEMA))
+
+    output = tmp_path / "out"
+    other = output / STAGING_DIR / "interrupted" / "part-0.parquet"  # another run's, to resume
+    other.parent.mkdir(parents=True)
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), other)
+    write_run(rows(8), str(output), run_id="night-1", run_info={}, rows_per_file=2)
+    assert other.exists(), "committing removes only this run's staging"
+    with pytest.raises(OutputError, match="output is not empty"):
+        write_run(rows(2), str(output), run_id="night-2", run_info={})
+    assert len(read_rows(output)) == 8 and json.loads((output / RUN_FILE).read_text())["run_id"] == "night-1"
 
 
 def test_python_api_accepts_already_decoded_images(checkpoint, tmp_path):
