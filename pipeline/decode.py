@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -35,20 +36,44 @@ DECODE_TASK_MEMORY = 2 * MAX_BATCH_BYTES
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
-def _sixteen_bit_to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """16-bit grey (H, W) → uint8 (H, W, 3), the full 0–65535 range mapped onto 0–255."""
-    scaled = (np.clip(pixels.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
-    return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
+def _sixteen_bit_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """16-bit values → uint8 of the same shape, the full 0–65535 range mapped onto 0–255."""
+    return ((np.clip(pixels.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _float_to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """32-bit float grey (H, W) → uint8 (H, W, 3): values in 0–1 (the common float range)
+def _float_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Float values → uint8 of the same shape: values all in 0–1 (the common float range)
     mapped onto 0–255, else taken as 0–255; NaN is 0."""
     finite = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if finite.size and finite.min() >= 0 and finite.max() <= 1:
         finite = finite * 255
-    scaled = np.clip(np.rint(finite), 0, 255).astype(np.uint8)
-    return np.repeat(scaled[:, :, None], 3, axis=2)
+    return np.clip(np.rint(finite), 0, 255).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def as_rgb(pixels: Any) -> np.ndarray:
+    """An image given as an array → uint8 (H, W, 3), as a decoded file would be: grey
+    (H, W) or (H, W, 1) repeated to three channels, alpha dropped, 16-bit and float values
+    scaled as `decode_image` scales them. DecodeError for anything else."""
+    array = np.asarray(pixels)
+    if array.ndim == 0:  # None, or the NaN Ray makes of a None beside arrays
+        raise DecodeError(f"no image: {array.item()!r}")
+    if array.ndim == 3 and array.shape[2] in (1, 4):
+        array = array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or 0 in array.shape[:2]:
+        raise DecodeError(f"not an image: an array of shape {array.shape}, not (H, W) or (H, W, 1|3|4)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        array = _float_to_uint8(array)
+    elif array.dtype != np.uint8 and np.issubdtype(array.dtype, np.integer):
+        array = _sixteen_bit_to_uint8(array)
+    elif array.dtype != np.uint8:
+        raise DecodeError(f"not an image: an array of {array.dtype}")
+    return np.ascontiguousarray(_grey_to_rgb(array) if array.ndim == 2 else array)
 
 
 class DecodeError(ValueError):
@@ -69,9 +94,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                     raise DecodeError(f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
                 ImageOps.exif_transpose(image, in_place=True)
                 if image.mode in SIXTEEN_BIT_MODES:
-                    return _sixteen_bit_to_rgb(np.asarray(image))
+                    return _grey_to_rgb(_sixteen_bit_to_uint8(np.asarray(image)))
                 if image.mode == "F":
-                    return _float_to_rgb(np.asarray(image))
+                    return _grey_to_rgb(_float_to_uint8(np.asarray(image)))
                 return np.asarray(image.convert("RGB"))
     except DecodeError:
         raise
@@ -240,7 +265,7 @@ def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray
         **passed_on,
         "image_id": batch["image_id"][indices],
         "uri": batch["uri"][indices],
-        "image": _object_array(images),
+        "image": object_array(images),
         "height": np.array([image.shape[0] for image in images], dtype=np.int32),
         "width": np.array([image.shape[1] for image in images], dtype=np.int32),
         "status": np.array([STATUS_OK if error is None else STATUS_ERROR for error in errors], dtype=object),
@@ -248,7 +273,7 @@ def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray
     }
 
 
-def _object_array(items: list) -> np.ndarray:
+def object_array(items: list) -> np.ndarray:
     """A 1-D object array of `items` (numpy would otherwise try to stack same-shape images)."""
     array = np.empty(len(items), dtype=object)
     for index, item in enumerate(items):

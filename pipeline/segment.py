@@ -24,10 +24,18 @@ from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .actor import MODEL_MAX_PIXELS, SegmentImages
-from .decode import DECODE_TASK_MEMORY, DEFAULT_MAX_PIXELS, decode_images_in_task
+from .decode import (
+    DECODE_TASK_MEMORY,
+    DEFAULT_MAX_PIXELS,
+    EMPTY_IMAGE,
+    DecodeError,
+    as_rgb,
+    decode_images_in_task,
+    object_array,
+)
 from .encode import encode_batch
 from .resources import Resources
-from .schema import STATUS_OK
+from .schema import STATUS_ERROR, STATUS_OK
 from .sources import SourceError
 from .storage import filesystem, full_uri
 
@@ -83,15 +91,25 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
 
 
 def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows that arrive already decoded: status ok, size from the image."""
-    count = len(batch["image"])
+    """Rows that arrive already decoded: each image made uint8 (H, W, 3) as a decoded file
+    would be (`decode.as_rgb`), size from it; an array that is no image is an error row."""
+    images, errors = [], []
+    for pixels in batch["image"]:
+        try:
+            images.append(as_rgb(pixels))
+            errors.append(None)
+        except DecodeError as e:
+            images.append(EMPTY_IMAGE)
+            errors.append(str(e))
+    count = len(images)
     return {
         **batch,
+        "image": object_array(images),
         "uri": batch.get("uri", np.full(count, None, dtype=object)),
-        "height": np.array([image.shape[0] for image in batch["image"]], dtype=np.int32),
-        "width": np.array([image.shape[1] for image in batch["image"]], dtype=np.int32),
-        "status": np.full(count, STATUS_OK, dtype=object),
-        "error": np.full(count, None, dtype=object),
+        "height": np.array([image.shape[0] for image in images], dtype=np.int32),
+        "width": np.array([image.shape[1] for image in images], dtype=np.int32),
+        "status": np.array([STATUS_OK if error is None else STATUS_ERROR for error in errors], dtype=object),
+        "error": np.array(errors, dtype=object),
     }
 
 

@@ -1,12 +1,13 @@
 """Decode turns any image file into RGB uint8 in display orientation, or a clear error row."""
 
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from rayseg.pipeline.decode import DecodeError, decode_batch, decode_image, decode_images
+from rayseg.pipeline.decode import DecodeError, as_rgb, decode_batch, decode_image, decode_images
 from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
 
 
@@ -154,6 +155,20 @@ def test_float_greys_in_zero_to_one_are_scaled_to_the_full_range():
     assert image.shape == (1, 4, 3) and image[0, :, 0].tolist() == [0, 128, 255, 0]
     wide = decode_image(encoded(Image.fromarray(np.array([[-5.0, 100.0, 300.0]], dtype=np.float32), mode="F"), "TIFF"))
     assert wide[0, :, 0].tolist() == [0, 100, 255], "other ranges are read as 0–255"
+
+
+def test_arrays_are_made_uint8_rgb_as_decoded_files_are():
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    assert (as_rgb(rgb) == rgb).all()
+    assert (as_rgb(rgb.astype(np.float32) / 255) == rgb).all(), "floats in 0–1 scaled"
+    assert (as_rgb(rgb.astype(np.uint16) * 257) == rgb).all(), "16-bit scaled"
+    assert (as_rgb(np.concatenate([rgb, np.zeros((2, 3, 1), np.uint8)], axis=2)) == rgb).all(), "alpha dropped"
+    assert (as_rgb(rgb[:, :, 0]) == np.repeat(rgb[:, :, :1], 3, axis=2)).all(), "grey repeated"
+    assert (as_rgb(rgb[:, :, :1]) == np.repeat(rgb[:, :, :1], 3, axis=2)).all()
+    assert as_rgb(np.ones((2, 2), bool)).max() == 255
+    for bad, reason in ((None, "no image: None"), (np.zeros((0, 4, 3), np.uint8), "shape (0, 4, 3)"), (np.zeros((2, 2, 2)), "shape (2, 2, 2)"), (np.array([["a"]]), "array of <U1")):
+        with pytest.raises(DecodeError, match=re.escape(reason)):
+            as_rgb(bad)
 
 
 def test_a_one_pixel_image_decodes():

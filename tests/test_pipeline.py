@@ -169,6 +169,20 @@ def test_python_api_accepts_already_decoded_images(checkpoint, tmp_path):
     assert all(row["uri"] is None for row in by_id.values())
 
 
+def test_decoded_float_images_give_the_uint8_rows_and_non_images_are_error_rows(shapes, checkpoint):
+    rgb = np.asarray(Image.open(shapes.images_dir / "000003.png").convert("RGB"))
+    plan = plan_resources(ray.cluster_resources())
+    model = ModelSpec("unet", str(checkpoint))
+    items = [{"image_id": "rgb", "image": rgb}, {"image_id": "empty", "image": rgb[:0]}, {"image_id": "none", "image": None}]
+    by_id = {row["image_id"]: row for row in segment(ray.data.from_items(items), model, plan).take_all()}
+    assert sorted(by_id) == ["empty", "none", "rgb"], "one row per input"
+    assert by_id["empty"]["status"] == "error" and "shape (0, 64, 3)" in by_id["empty"]["error"]
+    assert by_id["none"]["status"] == "error" and by_id["none"]["error"].startswith("no image: ")
+    floats = [{"image_id": "float", "image": rgb.astype(np.float32) / 255}]  # as torchvision's to_tensor gives
+    (row,) = segment(ray.data.from_items(floats), model, plan).take_all()
+    assert row["status"] == "ok" and row["segments"] == by_id["rgb"]["segments"]
+
+
 def test_python_api_takes_ray_read_images_behind_a_map(shapes, checkpoint, tmp_path):
     # Ray cannot tell a mapped dataset's columns without running it: segment() looks.
     images = ray.data.read_images(str(shapes.images_dir), include_paths=True, mode="RGB").map(
