@@ -78,3 +78,8 @@ def storage_env(environ: dict | None = None) -> dict[str, str]:
 
 def node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """Each alive node's resources."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]

@@ -27,7 +27,7 @@ from ..pipeline.sink import (
     staged_image_ids,
     write_run,
 )
-from ..pipeline.sources import open_source
+from ..pipeline.sources import MANIFEST_READER_CPUS, open_source
 from . import cluster
 from .spec import ResourcesSection, SegmentSpec
 
@@ -78,7 +78,7 @@ def check_spec_output(spec: SegmentSpec, storage_options: dict) -> RunSummary | 
     return committed_summary(spec, storage_options)
 
 
-def plan_on_cluster(section: ResourcesSection, model_name: str) -> Resources:
+def plan_on_cluster(section: ResourcesSection, model_name: str, reader_cpus: float = 0.0) -> Resources:
     """The resource plan for the cluster as it is now, for model `model_name`.
 
     When the cluster lacks what is asked (GPUs on a cluster that scales its GPU workers from
@@ -95,6 +95,8 @@ def plan_on_cluster(section: ResourcesSection, model_name: str) -> Resources:
             gpus_per_actor=section.gpus_per_actor,
             batch_size=section.batch_size,
             cpu_parallelism=get_entry(model_name).cpu_parallelism,
+            node_shapes=cluster.node_shapes(),
+            reader_cpus=reader_cpus,
         )
 
     try:
@@ -104,18 +106,24 @@ def plan_on_cluster(section: ResourcesSection, model_name: str) -> Resources:
             raise
     from ray.autoscaler.sdk import request_resources
 
-    low, _ = parse_actors(section.actors) or (1, 1)
-    bundle = {"CPU": section.cpus_per_actor or 1.0, "GPU": section.gpus_per_actor if section.gpus_per_actor is not None else 1.0}
-    request_resources(bundles=[bundle] * low)
-    log.info("waiting up to %.0f s for the autoscaler to add %d × %s", section.scale_up_timeout_s, low, bundle)
+    _, high = parse_actors(section.actors) or (1, 1)
+    gpus = section.gpus_per_actor or 0.0
+    bundle = {"CPU": section.cpus_per_actor or 1.0, **({"GPU": gpus} if gpus else {})}
+    request_resources(bundles=[bundle] * high)
+    log.info("waiting up to %.0f s for the autoscaler to add %d × %s", section.scale_up_timeout_s, high, bundle)
     deadline = time.monotonic() + section.scale_up_timeout_s
-    while True:
-        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-        try:
-            return attempt()
-        except ResourceError as e:
-            if time.monotonic() >= deadline:
-                raise ResourceError(f"{e} (after waiting {section.scale_up_timeout_s:.0f} s for the autoscaler)") from None
+    try:
+        while True:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            try:
+                return attempt()
+            except ResourceError as e:
+                if time.monotonic() >= deadline:
+                    raise ResourceError(f"{e} (after waiting {section.scale_up_timeout_s:.0f} s for the autoscaler)") from None
+    finally:
+        # A request stands until replaced: left, it would keep the nodes after the job. The
+        # actors hold them once placed.
+        request_resources(bundles=[])
 
 
 def run_segment_spec(
@@ -157,7 +165,7 @@ def run_segment_spec(
     # Listed, or its columns checked, before any cluster work: a bad INPUT is a SourceError (exit 2).
     source = open_source(spec.input, storage_options=storage_options, image_root=spec.image_root, limit=spec.limit)
     ray_seconds = cluster.connect(address)
-    resources = plan_on_cluster(spec.resources, spec.model.name)
+    resources = plan_on_cluster(spec.resources, spec.model.name, reader_cpus=0.0 if source.rows is not None else MANIFEST_READER_CPUS)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
     dataset = source.dataset(parallelism)
     if source.rows is not None:

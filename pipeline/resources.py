@@ -120,8 +120,14 @@ def plan_resources(
     gpus_per_actor: float | None = None,
     batch_size: int | None = None,
     cpu_parallelism: str = DATA_PARALLEL,
+    node_shapes: list[dict[str, float]] | None = None,
+    reader_cpus: float = 0.0,
 ) -> Resources:
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
+
+    node_shapes: each node's resources, when known: an actor that fits on no one node can
+    never start. reader_cpus: CPUs a task reading the input holds for the whole run (a
+    streamed manifest's reader), beside the pool.
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
     CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
@@ -148,8 +154,9 @@ def plan_resources(
             else:
                 actors_per_node = max(1, math.ceil(node_cpus / THREADS_PER_THREADED_ACTOR))
             cpus_per_actor = pool_cpus / (actors_per_node * nodes)
-        # The tolerance keeps P / (P / n) from flooring to n − 1 on a rounding error.
-        default_actors = max(1, math.floor(pool_cpus / cpus_per_actor + 1e-9))
+        # The tolerance keeps P / (P / n) from flooring to n − 1 on a rounding error. The cap
+        # holds for an explicit --cpus-per-actor too: each actor is a copy of the model in memory.
+        default_actors = max(1, min(math.floor(pool_cpus / cpus_per_actor + 1e-9), CPU_ACTORS_PER_NODE * nodes))
     # The pool may shrink to one actor: a run keeps going on whatever capacity is left when
     # a node is lost, instead of stalling below a minimum it can no longer hold.
     min_actors, max_actors = actors or (1, default_actors)
@@ -158,10 +165,18 @@ def plan_resources(
         raise ResourceError(
             f"{min_actors} actors × {gpus_per_actor:g} GPUs exceeds the cluster's {cluster_gpus:g} GPUs"
         )
-    tasks = task_cpus(cluster_cpus)
-    if max_actors * cpus_per_actor + tasks > cluster_cpus:
+    shapes = [(node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in node_shapes or []]
+    if shapes and not any(cpus >= cpus_per_actor and gpus >= gpus_per_actor for cpus, gpus in shapes):
         raise ResourceError(
-            f"{max_actors} actors × {cpus_per_actor:g} CPUs leaves no CPU for decode/encode tasks "
+            f"an actor of {cpus_per_actor:g} CPUs and {gpus_per_actor:g} GPUs fits on no node (nodes: "
+            + ", ".join(f"{cpus:g} CPUs {gpus:g} GPUs" for cpus, gpus in sorted(set(shapes)))
+            + "); lower --cpus-per-actor or --gpus-per-actor"
+        )
+    tasks = task_cpus(cluster_cpus)
+    if max_actors * cpus_per_actor + tasks + reader_cpus > cluster_cpus:
+        reader = f" and {reader_cpus:g} for the manifest's reader" if reader_cpus else ""
+        raise ResourceError(
+            f"{max_actors} actors × {cpus_per_actor:g} CPUs leaves no CPU for decode/encode tasks{reader} "
             f"on a cluster of {cluster_cpus:g} CPUs (the job would stall); lower --actors or --cpus-per-actor"
         )
     if batch_size is not None and batch_size < 1:

@@ -41,6 +41,8 @@ ROWS_PER_BLOCK = 256
 # Data gives each actor up to two blocks at a time, and with two large blocks the first
 # actor ready would take them both (measured in BENCHMARKS.md, fifth pass).
 BLOCKS_PER_CPU = 4
+# CPUs the task that streams a manifest holds for the whole run (Ray's default for a read).
+MANIFEST_READER_CPUS = 1.0
 
 
 class SourceError(ValueError):

@@ -117,3 +117,37 @@ def test_a_cluster_that_never_scales_up_is_refused_after_the_scale_up_timeout(ra
     with pytest.raises(ResourceError, match=r"cluster has none .*after waiting 2 s for the autoscaler"):
         plan_on_cluster(ResourcesSection(gpus_per_actor=1, scale_up_timeout_s=2), "unet")
     assert 2 <= time.monotonic() - started < 30
+
+
+def test_an_explicit_cpu_share_still_starts_at_most_eight_actors_per_node():
+    assert plan_resources({"CPU": 2.0}, cpus_per_actor=0.001).max_actors == 8
+    assert plan_resources({"CPU": 64.0}, nodes=4, cpus_per_actor=0.01).max_actors == 32
+
+
+def test_an_actor_that_fits_on_no_one_node_is_refused():
+    two_nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    with pytest.raises(ResourceError, match=r"an actor of 1 CPUs and 2 GPUs fits on no node \(nodes: 2 CPUs 1 GPUs\)"):
+        plan_resources({"CPU": 4.0, "GPU": 2.0}, nodes=2, gpus_per_actor=2, node_shapes=two_nodes)
+    with pytest.raises(ResourceError, match="an actor of 3 CPUs and 0 GPUs fits on no node"):
+        plan_resources({"CPU": 8.0}, nodes=4, cpus_per_actor=3, actors=(1, 1), node_shapes=[{"CPU": 2.0}] * 4)
+    assert plan_resources({"CPU": 6.0}, nodes=2, cpus_per_actor=3, actors=(1, 1), node_shapes=[{"CPU": 4.0}, {"CPU": 2.0}])
+    assert plan_resources({"CPU": 4.0, "GPU": 2.0}, nodes=2, node_shapes=two_nodes).max_actors == 2
+
+
+def test_a_streamed_manifest_s_reader_keeps_its_cpu():
+    plan_resources({"CPU": 2.0}, actors=(1, 1), cpus_per_actor=1.5)  # a listing: the pool may take that much
+    with pytest.raises(ResourceError, match="and 1 for the manifest's reader on a cluster of 2 CPUs"):
+        plan_resources({"CPU": 2.0}, actors=(1, 1), cpus_per_actor=1.5, reader_cpus=1.0)
+
+
+def test_a_scale_up_request_asks_for_the_pool_as_planned_and_is_withdrawn(ray_cluster, monkeypatch):
+    from ray.autoscaler import sdk
+
+    from rayseg.jobs.runner import plan_on_cluster
+    from rayseg.jobs.spec import ResourcesSection
+
+    requests = []
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles: requests.append(bundles))
+    with pytest.raises(ResourceError):
+        plan_on_cluster(ResourcesSection(actors="1:3", cpus_per_actor=40, scale_up_timeout_s=1), "unet")
+    assert requests == [[{"CPU": 40.0}] * 3, []], "CPU actors ask no GPU; the request does not outlive the plan"
