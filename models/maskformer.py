@@ -64,13 +64,12 @@ from .base import Segment, check_universal_options
 from .categories import Category, load_category_file
 from .checkpoint_files import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 from .device import AMP_AUTO, autocast, check_amp_dtype, resolve_amp_dtype, to_device
-from .weights import RANDOM, WeightsError, warn_random
+from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
 
 log = logging.getLogger("rayseg.models")
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
-RANDOM_SEED = 0
 
 
 # --- checkpoint directories -------------------------------------------------------------
@@ -564,8 +563,7 @@ def _build(
     check_universal_options(task)
     if weights == RANDOM:
         warn_random(name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
+        with seeded_random_init():
             network = network_cls(random_config(name)).eval()
         processor = processor_cls(size={"shortest_edge": 256, "longest_edge": 512})
         config, digest = network.config.to_dict(), None

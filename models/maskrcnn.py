@@ -40,7 +40,7 @@ from .base import DeviceSegments, Segment
 from .categories import COCO, Category, load_category_file
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, host_tensor, pins, resolve_amp_dtype, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
-from .weights import RANDOM, WeightsError, warn_random
+from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
 
 ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
     "maskrcnn": maskrcnn_resnet50_fpn,
@@ -280,7 +280,8 @@ def _build(
     if weights == RANDOM:
         warn_random(architecture)
         num_classes = COCO_NUM_CLASSES if categories is None else len(categories) + 1
-        network = build(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        with seeded_random_init():
+            network = build(weights=None, weights_backbone=None, num_classes=num_classes, **options)
         labels, digest = label_categories(num_classes, categories), None
     else:
         state, digest = load_state_dict(weights, sha256=weights_sha256, storage_options=storage_options)

@@ -72,7 +72,7 @@ from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, resolve_amp_dtype, to_device
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .torchvision_checkpoint import load_state_dict
-from .weights import RANDOM, WeightsError, warn_random
+from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
 
 log = logging.getLogger("rayseg.models")
 
@@ -94,7 +94,6 @@ RANDOM_CONFIG = {
         "hidden_size": 64, "mlp_dim": 256, "num_hidden_layers": 2, "num_attention_heads": 8, "iou_head_hidden_dim": 64,
     },
 }  # fmt: skip
-RANDOM_SEED = 0
 
 # Images (crops) per image-encoder call on CUDA; on the CPU it is 1 (see SamSegmenter).
 ENCODER_BATCH_CUDA = 4
@@ -200,8 +199,7 @@ def _load_segment_anything(
 
 def _random_network() -> SamModel:
     warn_random("sam")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
+    with seeded_random_init():
         return SamModel(SamConfig(**RANDOM_CONFIG))
 
 

@@ -36,7 +36,7 @@ from .base import DeviceSegments, Segment
 from .categories import VOC, Category, load_category_file
 from .device import AMP_AUTO, autocast, check_amp_dtype, host_batch, host_segments, pins, resolve_amp_dtype, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
-from .weights import RANDOM, WeightsError, warn_random
+from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "fcn": fcn_resnet50,
@@ -212,7 +212,8 @@ def _build(
     if weights == RANDOM:
         warn_random(architecture)
         table = list(VOC) if categories is None else list(categories)
-        network = build(weights=None, weights_backbone=None, num_classes=len(table), aux_loss=False)
+        with seeded_random_init():
+            network = build(weights=None, weights_backbone=None, num_classes=len(table), aux_loss=False)
         digest = None
     else:
         state, digest = load_state_dict(weights, sha256=weights_sha256, storage_options=storage_options)

@@ -37,7 +37,7 @@ from .device import (
     to_device,
 )
 from .unet_instances import DEFAULT_MIN_AREA, check_instance_options, semantic_to_instances
-from .weights import RANDOM, WeightsError, check_sha256, read_bytes, warn_random
+from .weights import RANDOM, WeightsError, check_sha256, read_bytes, seeded_random_init, warn_random
 
 
 # Inputs are scaled to [0, 1] and normalised with ImageNet statistics, the usual choice.
@@ -165,7 +165,8 @@ def load_unet(weights: str, *, sha256: str | None = None, storage_options: dict 
     """
     if weights == RANDOM:
         warn_random("unet")
-        return UNet(UNetConfig()).eval(), None
+        with seeded_random_init():
+            return UNet(UNetConfig()).eval(), None
     weights_uri = unet_weights_file(weights)
     config_uri = posixpath.join(posixpath.dirname(weights_uri), CONFIG_FILE)
     config = UNetConfig.from_json(read_bytes(config_uri, storage_options).decode())

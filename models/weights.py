@@ -6,8 +6,10 @@ safetensors or `torch.load(weights_only=True)` state dicts, read from where the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 
 import fsspec
 
@@ -39,6 +41,22 @@ def check_sha256(data: bytes, expected: str | None, uri: str) -> str:
     if expected is not None and actual != expected.strip().lower():
         raise WeightsError(f"sha256 mismatch for {uri}: expected {expected}, got {actual}")
     return actual
+
+
+# The seed of every `--weights random` network: each actor, and each restarted one, builds
+# the same network, so a run's rows do not depend on which actor took an image.
+RANDOM_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded_random_init() -> Iterator[None]:
+    """Runs a random initialisation under RANDOM_SEED, leaving the process's own random
+    state as it was."""
+    import torch  # here: the driver imports this module without torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        yield
 
 
 def warn_random(model_name: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 from PIL import Image
 
@@ -126,8 +127,18 @@ def scale_prompts(prompts: Prompts | None, image: np.ndarray, shown: np.ndarray)
 
 
 def select_device() -> torch.device:
-    """CUDA when this process has a GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when this process has a GPU, else the CPU, loudly when Ray gave this process
+    GPUs that torch cannot use (a driver older than torch's CUDA build, say): the pool would
+    otherwise run on CPUs with its GPUs idle, and nobody would know."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if ray.is_initialized() and ray.get_gpu_ids():
+        log.warning(
+            "this actor holds GPU %s but torch %s (CUDA %s) sees no CUDA device: running on the CPU. "
+            "Check the node's NVIDIA driver against torch's CUDA version.",
+            ray.get_gpu_ids(), torch.__version__, torch.version.cuda,
+        )  # fmt: skip
+    return torch.device("cpu")
 
 
 class ImageSegmenter:

@@ -242,3 +242,22 @@ def test_batches_bound_for_cuda_are_pinned_and_copied_without_blocking():
     assert batch.is_pinned()
     on_device = to_device(batch.permute(0, 3, 1, 2), torch.device("cuda"))
     assert on_device.is_cuda and on_device.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_actor_given_a_gpu_that_torch_cannot_use_runs_on_the_cpu_and_says_so(monkeypatch, caplog):
+    import logging
+
+    import ray
+
+    from rayseg.pipeline import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    logger = logging.getLogger("rayseg.pipeline")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup may stop propagation to the root
+    try:
+        assert inference.select_device() == torch.device("cpu")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "this actor holds GPU [0] but torch" in caplog.text and "sees no CUDA device: running on the CPU" in caplog.text

@@ -95,3 +95,18 @@ def test_models_command_lists_every_model_with_its_weights_as_written():
     text = " ".join(result.output.split())
     assert all(name in text for name in REGISTRY)
     assert "[default: the bundled unet-shapes weights]" in text
+
+
+@pytest.mark.parametrize("name", ["unet", "maskrcnn"])
+def test_random_weights_are_the_same_in_every_process_and_leave_its_random_state_alone(name):
+    import torch
+
+    from rayseg.models.registry import build_model
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = build_model(name, RANDOM).network.state_dict()
+    assert torch.equal(torch.rand(3), expected), "the caller's random sequence goes on as if nothing was built"
+    second = build_model(name, RANDOM).network.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
