@@ -273,13 +273,19 @@ def submit(
 ) -> None:
     """Submit a spec to a Ray cluster (Ray Jobs API); prints the submission id."""
     spec = load_or_fail(spec_file)
+    if "://" not in address and address != "auto":
+        # Other commands take the cluster's GCS address (HOST:6379); this one its Jobs API.
+        raise fail(f"--address {address} is not the Ray Jobs API's URL: give http://HEAD:8265 (the dashboard's port)")
     try:
         client, job_id = submit_spec(spec, address, submission_id=submission_id)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise fail(f"could not submit to {address}: {e}", code=1) from None
     typer.echo(job_id)
     if wait:
-        status = wait_for(client, job_id, on_logs=lambda text: typer.echo(text, nl=False, err=True))
+        try:
+            status = wait_for(client, job_id, on_logs=lambda text: typer.echo(text, nl=False, err=True))
+        except Exception as e:  # noqa: BLE001 - the cluster, not the job: say what is known
+            raise fail(f"lost contact with {address} while waiting ({type(e).__name__}: {e}); job {job_id} may still be running", code=1) from None
         console.print(f"job {job_id}: {status.value}")
         if status != JobStatus.SUCCEEDED:
             raise typer.Exit(1)

@@ -97,6 +97,12 @@ def test_an_invalid_spec_is_refused_before_contacting_the_cluster(tmp_path):
     assert result.exit_code == 2 and "output: Field required" in result.output
 
 
+def test_a_gcs_address_given_to_submit_is_refused_naming_the_jobs_api(tmp_path):
+    spec = spec_file(tmp_path, input="x", output="y")
+    result = runner.invoke(app, ["submit", str(spec), "--address", "127.0.0.1:6379"])
+    assert result.exit_code == 2 and "is not the Ray Jobs API's URL: give http://HEAD:8265" in " ".join(result.output.split())
+
+
 def test_jobs_carry_referenced_and_standard_storage_variables_only():
     spec = parse_spec({"input": "s3://b/i", "output": "s3://b/o", "model": {"name": "unet", "weights": "random"}, "storage": {"env": {"token": "MY_TOKEN"}}})
     environ = {"MY_TOKEN": "t", "AWS_ENDPOINT_URL": "http://minio:9000", "HOME": "/root", "UNRELATED": "x"}
