@@ -263,8 +263,10 @@ def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray
     passed_on = {key: values[indices] for key, values in batch.items() if key not in ("image_id", "uri", "error")}
     return {
         **passed_on,
-        "image_id": batch["image_id"][indices],
-        "uri": batch["uri"][indices],
+        "image_id": np.array([str(image_id) for image_id in batch["image_id"][indices]], dtype=object),
+        # Strings or None: a block whose uris are all None arrives as floats (NaN), which
+        # would not join the string uris of other blocks in an actor's batch.
+        "uri": object_array([uri if isinstance(uri, str) else None for uri in batch["uri"][indices]]),
         "image": object_array(images),
         "height": np.array([image.shape[0] for image in images], dtype=np.int32),
         "width": np.array([image.shape[1] for image in images], dtype=np.int32),

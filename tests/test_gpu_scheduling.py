@@ -25,7 +25,13 @@ SCRIPT = textwrap.dedent(
     plan = plan_resources(ray.cluster_resources())
     rows = segment(read_source(images, limit=3), ModelSpec("unet"), plan)
     write_run(rows, output, run_id="gpu", run_info={}, write_cpus=plan.task_cpus)
-    print(json.dumps({"gpus_per_actor": plan.gpus_per_actor, "max_actors": plan.max_actors}))
+    # A user's own dataset: int ids, and a block whose only uri is None (Ray makes it NaN).
+    items = [{"image_id": 7, "uri": images + "/000000.png"}, {"image_id": 8, "uri": None}]
+    own = segment(ray.data.from_items(items, override_num_blocks=2), ModelSpec("unet"), plan).take_all()
+    print(json.dumps({
+        "gpus_per_actor": plan.gpus_per_actor, "max_actors": plan.max_actors,
+        "own": sorted((row["image_id"], row["status"], row["error"]) for row in own),
+    }))
     """
 )
 
@@ -40,7 +46,9 @@ def test_actors_take_the_declared_gpu_and_run_on_the_cpu_without_cuda(shapes, tm
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    plan = json.loads(done.stdout.strip().splitlines()[-1])
-    assert plan == {"gpus_per_actor": 1.0, "max_actors": 1}
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (report["gpus_per_actor"], report["max_actors"]) == (1.0, 1)
     rows = pq.read_table(tmp_path / "out").to_pylist()
     assert [row["status"] for row in rows] == ["ok"] * 3
+    assert report["own"] == [["7", "ok", None], ["8", "error", "no uri"]]
+    assert "this actor holds GPU" in done.stderr and "running on the CPU" in done.stderr, "the fallback is said"
