@@ -310,8 +310,8 @@ def _model_identity(run: dict) -> tuple:
     """What makes a version's labels what they are, from its `_run.json`: model, weights'
     sha256, score threshold and options (as JSON reads them back)."""
     section = (run.get("spec") or {}).get("model") or {}
-    options = json.loads(json.dumps(section.get("options") or {}, sort_keys=True))
-    return run.get("model"), run.get("weights_sha256"), section.get("score_threshold"), json.dumps(options, sort_keys=True)
+    options = json.dumps(section.get("options") or {}, sort_keys=True)  # tuples and lists alike
+    return run.get("model"), run.get("weights_sha256"), section.get("score_threshold"), options
 
 
 def _retries_only(version: Version) -> bool:

@@ -73,9 +73,7 @@ def check_spec_output(spec: SegmentSpec, storage_options: dict) -> RunSummary | 
     if not spec.resume:
         check_output(spec.output, storage_options)
         return None
-    if spec.run_id is None:
-        raise OutputError("--resume needs the --run-id of the run to finish")
-    return committed_summary(spec, storage_options)
+    return committed_summary(spec, storage_options)  # a spec that resumes names its run_id
 
 
 def plan_on_cluster(section: ResourcesSection, model_name: str, reader_cpus: float = 0.0) -> Resources:

@@ -117,9 +117,9 @@ def coco_images(annotations_uri: str, image_root: str, storage_options: dict | N
         raise SourceError(f"{annotations_uri} is not a COCO json with a non-empty 'images' list")
     if any(not isinstance(image, dict) or image.get("id") is None for image in images):
         raise SourceError(f"{annotations_uri}: every COCO image needs an 'id' (one is null or missing)")
-    named = [image for image in images if "file_name" in image]
-    if unnamed := next((image for image in named if not isinstance(image["file_name"], str) or not image["file_name"]), None):
-        raise SourceError(f"{annotations_uri}: image {unnamed['id']!r} has file_name {unnamed['file_name']!r}, not a path")
+    for image in images:  # a missing file_name is the KeyError below
+        if "file_name" in image and not (isinstance(image["file_name"], str) and image["file_name"]):
+            raise SourceError(f"{annotations_uri}: image {image['id']!r} has file_name {image['file_name']!r}, not a path")
     try:
         table = pa.table(
             {
@@ -173,16 +173,19 @@ def normalise_manifest(batch: pa.Table, image_root: str | None) -> pa.Table:
     return pa.table({"image_id": ids, "uri": pa.array(uris, pa.string()), "error": errors})
 
 
-def check_manifest(manifest_uri: str, kind: str, storage_options: dict | None = None) -> list[str]:
-    """The columns a Parquet or CSV manifest gives ({image_id,} uri), read from its footer or
-    header only; SourceError when it is missing or has no `uri` column."""
+def check_manifest(
+    manifest_uri: str, kind: str, storage_options: dict | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The columns a Parquet or CSV manifest gives ({image_id,} uri, then those of `extra` it
+    has), read from its footer or header only; SourceError when it is missing or has no
+    `uri` column."""
     fs, path = filesystem(manifest_uri, storage_options)
     if not fs.exists(path):
         raise SourceError(f"manifest not found: {manifest_uri}")
     columns = _manifest_columns(fs, path, kind)
     if "uri" not in columns:
         raise SourceError(f"manifest {manifest_uri} has no 'uri' column (columns: {', '.join(columns) or 'none'})")
-    return [c for c in ("image_id", "uri") if c in columns]
+    return [c for c in ("image_id", "uri", *extra) if c in columns]
 
 
 def read_manifest(
@@ -226,10 +229,8 @@ def manifest_table(
     `read_manifest` streams one to run over it. Its rows are normalised as a streamed
     manifest's are ({image_id, uri, error}, ids and uris as written, never retyped), plus
     those of the `extra` columns it has, as strings (blank: null)."""
-    columns = check_manifest(manifest_uri, kind, storage_options)
+    wanted = check_manifest(manifest_uri, kind, storage_options, extra)
     fs, path = filesystem(manifest_uri, storage_options)
-    present = _manifest_columns(fs, path, kind)
-    wanted = columns + [c for c in extra if c in present]
     with fs.open(path, "rb") as f:
         if kind == "parquet":
             table = pq.read_table(f, columns=wanted)
@@ -239,8 +240,9 @@ def manifest_table(
             options = pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted})
             table = pacsv.read_csv(f, convert_options=options)
     rows = normalise_manifest(table, image_root)
-    for column in wanted[len(columns):]:
-        rows = rows.append_column(column, _blank_as_null(pc.cast(table[column], pa.string())))
+    for column in wanted:
+        if column in extra:
+            rows = rows.append_column(column, _blank_as_null(pc.cast(table[column], pa.string())))
     return rows
 
 
