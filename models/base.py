@@ -37,6 +37,9 @@ class Segment:
     `masks` hold it.
     segment_id: panoptic id within the image; None for semantic and instance output.
     annotation_id: for prompted output, the annotation the prompt came from; else None.
+    box: the model's own box (x0, y0, x1, y1), float pixels of the image it was given, for
+    models that predict boxes (detectors); None for models that predict only masks, whose
+    output bbox is then the mask's.
     """
 
     category_id: int
@@ -45,6 +48,7 @@ class Segment:
     segment_id: int | None = None
     iscrowd: bool = False
     annotation_id: int | None = None
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclass

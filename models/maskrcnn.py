@@ -138,8 +138,8 @@ class MaskRCNNSegmenter:
     the list), one call per padded shape, under autocast `amp_dtype` (models/device.py),
     detections with boxes in original-image pixels;
     postprocess: masks pasted and thresholded on the device, then bool masks to the host
-    (`postprocess_device` leaves them there). A segment's score is the detection's class
-    probability. The network keeps torch's default (NCHW) memory layout: channels_last is
+    (`postprocess_device` leaves them there). One segment per detection, an empty mask
+    included; its score is the detection's class probability, its box the detector's box. The network keeps torch's default (NCHW) memory layout: channels_last is
     kept to the plain convnets (U-Net, FCN, DeepLabV3).
     """
 
@@ -236,13 +236,16 @@ class MaskRCNNSegmenter:
         for detections, size in zip(raw, sizes):
             probabilities = detections["masks"].float()
             masks = paste_masks(probabilities, detections["boxes"].float(), tuple(size), self.mask_threshold)
-            # Only labels with a category, and only detections that kept at least one pixel.
-            keep = self._emitted[detections["labels"]] & masks.flatten(1).any(dim=1)
+            # Only labels with a category. A detection whose pasted mask is empty is kept (its
+            # box and score are still the detector's), as torchvision returns it.
+            keep = self._emitted[detections["labels"]]
             labels = detections["labels"][keep].tolist()
             scores = detections["scores"][keep].float().tolist()
-            results.append(
-                DeviceSegments([Segment(self.labels[label].id, score, None) for label, score in zip(labels, scores)], masks[keep])
-            )
+            boxes = detections["boxes"][keep].float().tolist()
+            segments = [
+                Segment(self.labels[label].id, score, None, box=tuple(box)) for label, score, box in zip(labels, scores, boxes)
+            ]
+            results.append(DeviceSegments(segments, masks[keep]))
         return results
 
 

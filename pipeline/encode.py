@@ -57,6 +57,19 @@ def encode_packed_masks(data: bytes, count: int, height: int, width: int) -> tup
     )
 
 
+def output_bboxes(boxes: Sequence, mask_bboxes: np.ndarray) -> np.ndarray:
+    """float32 (N, 4) COCO [x, y, w, h] of an image's segments: a segment's own box (x0, y0,
+    x1, y1) where the model predicted one (a detector's, as torchvision and detectron2 report
+    it: w = x1 - x0 in float32), else its mask's box from the RLE (`mask_bboxes`)."""
+    own = [index for index, box in enumerate(boxes) if box is not None]
+    if not own:
+        return mask_bboxes
+    corners = np.asarray([boxes[index] for index in own], dtype=np.float32).reshape(-1, 4)
+    bboxes = mask_bboxes.copy()
+    bboxes[own] = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
+    return bboxes
+
+
 def segment_structs(
     category_ids: Sequence,
     labels: Sequence,
@@ -64,11 +77,14 @@ def segment_structs(
     segment_ids: Sequence,
     iscrowd: Sequence,
     annotation_ids: Sequence,
+    boxes: Sequence,
     encoded: tuple[list[str], np.ndarray, np.ndarray],
 ) -> list[dict]:
-    """One image's segments as SEGMENT_TYPE values: its per-segment metadata, in mask order,
-    and `encode_masks`'s result for its masks."""
-    counts, areas, bboxes = encoded
+    """One image's segments as SEGMENT_TYPE values: its per-segment metadata, in mask order
+    (`boxes`: the model's own (x0, y0, x1, y1) or None, see `output_bboxes`), and
+    `encode_masks`'s result for its masks."""
+    counts, areas, mask_bboxes = encoded
+    bboxes = output_bboxes(boxes, mask_bboxes)
     return [
         dict(zip(_SEGMENT_FIELDS, values))
         for values in zip(
@@ -103,6 +119,7 @@ def encode_batch(batch: pa.Table) -> pa.Table:
                 columns["segment_ids"][row],
                 columns["iscrowd"][row],
                 columns["annotation_ids"][row],
+                columns["boxes"][row],
                 encoded,
             )
         )

@@ -51,11 +51,12 @@ INFERENCE_SCHEMA = pa.schema(
         pa.field("segment_ids", pa.list_(pa.int32())),
         pa.field("iscrowd", pa.list_(pa.bool_())),
         pa.field("annotation_ids", pa.list_(pa.int64())),
+        pa.field("boxes", pa.list_(pa.list_(pa.float32()))),  # per segment (x0, y0, x1, y1) or null
         pa.field("masks", pa.binary()),
     ]
 )
 # INFERENCE_SCHEMA's per-segment columns, in `ImageSegmenter._metadata`'s order.
-METADATA_COLUMNS = ("category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids")
+METADATA_COLUMNS = ("category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids", "boxes")
 
 
 
@@ -124,6 +125,19 @@ def scale_prompts(prompts: Prompts | None, image: np.ndarray, shown: np.ndarray)
         return prompts
     factors = np.array([shown.shape[1] / image.shape[1], shown.shape[0] / image.shape[0]] * 2, dtype=np.float32)
     return dataclasses.replace(prompts, boxes=prompts.boxes * factors)
+
+
+def scale_boxes(segments: list[Segment], image: np.ndarray, shown: np.ndarray) -> list[Segment]:
+    """Segments with boxes in the pixels of `shown` (`image` downscaled) → boxes in `image` pixels."""
+    if shown is image:
+        return segments
+    x_factor, y_factor = image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0]
+    return [
+        segment
+        if segment.box is None
+        else dataclasses.replace(segment, box=tuple(v * f for v, f in zip(segment.box, (x_factor, y_factor) * 2)))
+        for segment in segments
+    ]
 
 
 def select_device() -> torch.device:
@@ -225,8 +239,8 @@ class ImageSegmenter:
         else:
             results = [on_host(segments, size) for segments, size in zip(self.model.postprocess(raw, sizes), sizes)]
         return [
-            (result.segments, self._masks_out(result.masks, image.shape[:2]))
-            for result, image in zip(results, images)
+            (scale_boxes(result.segments, image, small), self._masks_out(result.masks, image.shape[:2]))
+            for result, image, small in zip(results, images, shown)
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
@@ -330,8 +344,9 @@ class ImageSegmenter:
             "model": [self.model.name] * len(statuses),
         }
 
-    def _metadata(self, segments: list[Segment]) -> tuple[list, list, list, list, list, list]:
-        """An image's segments' category_ids, labels, scores, segment_ids, iscrowd, annotation_ids."""
+    def _metadata(self, segments: list[Segment]) -> tuple[list, list, list, list, list, list, list]:
+        """An image's segments' category_ids, labels, scores, segment_ids, iscrowd,
+        annotation_ids and boxes."""
         return (
             [s.category_id for s in segments],
             [self.labels.get(s.category_id) for s in segments],
@@ -339,6 +354,7 @@ class ImageSegmenter:
             [s.segment_id for s in segments],
             [s.iscrowd for s in segments],
             [s.annotation_id for s in segments],
+            [s.box for s in segments],
         )
 
     def _inference_rows(self, image_columns: dict, results: list[tuple[list[Segment], bytes]]) -> pa.Table:

@@ -139,6 +139,25 @@ def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_wei
         assert packed == pack_masks(full)
 
 
+@pytest.mark.parametrize("encode", [False, True])
+def test_a_downscaled_images_detector_boxes_come_back_in_its_full_size_pixels(encode):
+    options = {"min_size": 48, "max_size": 64}
+    actor = ImageSegmenter("maskrcnn", "random", score_threshold=0.0, torch_threads=1, model_options=options, encode=encode)
+    small = ImageSegmenter("maskrcnn", "random", score_threshold=0.0, torch_threads=1, model_options=options)
+    actor.model_max_pixels = 20 * 28
+    batch = images(1, 40, 56)  # shown to the model at 20×28: boxes ×2
+    (row,) = pa.concat_tables(actor(rows(batch))).to_pylist()
+    (alone,) = pa.concat_tables(small(rows([fit_for_model(batch[0], 20 * 28)]))).to_pylist()
+    assert len(alone["boxes"]) > 0, "the random detector found nothing: the comparison would be empty"
+    shown_boxes = np.asarray(alone["boxes"], dtype=np.float32)
+    if encode:
+        got = np.asarray([s["bbox"] for s in row["segments"]], dtype=np.float32)
+        got[:, 2:] += got[:, :2]
+    else:
+        got = np.asarray(row["boxes"], dtype=np.float32)
+    np.testing.assert_allclose(got, shown_boxes * 2, atol=1e-4)
+
+
 def test_a_very_thin_image_is_shown_small_enough_once_padded_and_its_masks_come_back_full_size(unet_weights):
     # 1 × 20000 pixels fit a budget of 40000, but padded to 32 rows they would be 640000.
     thin = images(1, 1, 20000)

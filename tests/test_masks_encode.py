@@ -91,6 +91,7 @@ def test_encode_batch_produces_the_output_schema_with_empty_lists_for_error_rows
             "segment_ids": [[None], []],
             "iscrowd": [[False], []],
             "annotation_ids": [[None], []],
+            "boxes": [[None], []],
             "masks": [pack_masks(mask), b""],
         },
         schema=INFERENCE_SCHEMA,
@@ -118,10 +119,11 @@ def test_fortran_masks_are_the_masks_as_uint8_in_pycocotools_layout(count, heigh
 
 def test_masks_encoded_where_the_model_left_them_give_the_rows_of_masks_sent_packed():
     masks = np.random.default_rng(7).random((3, 9, 11)) > 0.6
-    metadata = ([1, 2, 3], ["a", "b", None], [0.5, 0.25, 1.0], [None, None, None], [False, True, False], [None, 4, None])
+    boxes = [None, (0.5, 1.25, 7.75, 8.5), None]
+    metadata = ([1, 2, 3], ["a", "b", None], [0.5, 0.25, 1.0], [None, None, None], [False, True, False], [None, 4, None], boxes)
     image = {"image_id": ["x"], "uri": ["/x.png"], "width": [11], "height": [9], "status": ["ok"], "error": [None], "model": ["m"]}
     direct = output_table(image, [segment_structs(*metadata, encode_masks(fortran_masks(masks)))])
-    names = ["category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids"]
+    names = ["category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids", "boxes"]
     packed = pa.table(
         {**image, **{name: [values] for name, values in zip(names, metadata)}, "masks": [pack_masks(masks)]},
         schema=INFERENCE_SCHEMA,
@@ -133,4 +135,18 @@ def test_masks_encoded_where_the_model_left_them_give_the_rows_of_masks_sent_pac
 def test_no_masks_encode_to_no_segments():
     counts, areas, bboxes = encode_masks(fortran_masks(np.zeros((0, 4, 5), dtype=bool)))
     assert counts == [] and areas.shape == (0,) and bboxes.shape == (0, 4)
-    assert segment_structs([], [], [], [], [], [], (counts, areas, bboxes)) == []
+    assert segment_structs([], [], [], [], [], [], [], (counts, areas, bboxes)) == []
+
+
+def test_a_segment_with_its_own_box_keeps_it_and_one_without_gets_its_masks_box():
+    masks = np.zeros((3, 6, 8), dtype=bool)
+    masks[0, 1:3, 2:5] = True  # the mask's box: [2, 1, 3, 2]
+    masks[1, 4:6, 0:2] = True
+    # masks[2] is empty: a detection whose pasted mask kept no pixel is still a segment
+    boxes = [None, (0.25, 3.5, 2.75, 5.125), (1.5, 1.5, 2.0, 2.0)]
+    structs = segment_structs(
+        [1, 1, 1], ["a"] * 3, [0.9, 0.8, 0.7], [None] * 3, [False] * 3, [None] * 3, boxes, encode_masks(fortran_masks(masks))
+    )
+    assert [s["bbox"] for s in structs] == [[2.0, 1.0, 3.0, 2.0], [0.25, 3.5, 2.5, 1.625], [1.5, 1.5, 0.5, 0.5]]
+    assert [s["area"] for s in structs] == [6, 4, 0]  # the area stays the mask's
+    assert mask_utils.decode({"size": [6, 8], "counts": structs[2]["rle"]}).sum() == 0
