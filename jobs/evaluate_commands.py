@@ -18,7 +18,7 @@ from rich.table import Table
 from ..models.categories import load_category_file
 from ..pipeline.evaluation.base import EvaluationError
 from ..pipeline.evaluation.data import TASKS, infer_task, prediction_files, read_run_info, run_task
-from ..pipeline.evaluation.instance import IOU_TYPES
+from ..pipeline.evaluation.instance import IOU_TYPES, SEGM_AREAS
 from ..pipeline.evaluation.runner import DEFAULT_IGNORE_LABELS
 from ..pipeline.export import (
     ExportError,
@@ -44,6 +44,13 @@ def evaluate(
     panoptic_root: Annotated[Optional[str], typer.Option(help="Directory of the panoptic PNGs (default: the json path without .json).")] = None,
     categories: Annotated[Optional[str], typer.Option(help="Semantic class names: a COCO json or a list of {id, name}.")] = None,
     iou_type: Annotated[list[str], typer.Option(help="Instance IoU type, segm or bbox, repeatable (default: both).")] = [],
+    segm_area: Annotated[
+        str,
+        typer.Option(
+            help="What puts a segm detection in the small/medium/large ranges: box (its box w·h, as pycocotools "
+            "on `rayseg export coco` and detectron2) or mask (its mask area)."
+        ),
+    ] = "box",
     thumbnails: Annotated[int, typer.Option(help="Best and worst images drawn in the report (each); 0 for none.")] = 6,
     score_threshold: Annotated[float, typer.Option(help="Instance detections drawn and counted in the per-image ranking.")] = 0.5,
 ) -> None:
@@ -62,6 +69,8 @@ def evaluate(
         unknown = sorted(set(iou_type) - set(IOU_TYPES))
         if unknown:
             raise EvaluationError(f"--iou-type takes {' / '.join(IOU_TYPES)}, got {', '.join(unknown)}")
+        if segm_area not in SEGM_AREAS:
+            raise EvaluationError(f"--segm-area takes {' / '.join(SEGM_AREAS)}, got {segm_area!r}")
         if thumbnails < 0:
             raise EvaluationError(f"--thumbnails must be ≥ 0, got {thumbnails}")
         task = task or infer_task(annotations, options)
@@ -88,6 +97,7 @@ def evaluate(
             panoptic_root=panoptic_root,
             categories=category_list,
             iou_types=tuple(iou_type) or None,
+            segm_area=segm_area,
             ranking_k=thumbnails,
             score_threshold=score_threshold,
         )

@@ -5,9 +5,9 @@
   image_id must be the COCO image id: prediction ids that are file names ("000003.png")
   are mapped through the ground truth's `images` (`annotations=`), by str(id) then
   file_name, the same join `rayseg evaluate` uses.
-  Note: with a bbox present, `COCO.loadRes` takes the *box* area for the area ranges of
-  segm evaluation too; to reproduce `rayseg evaluate`'s segm numbers (mask areas, the
-  detectron2 convention) with pycocotools, drop the bbox key before loadRes.
+  With the bbox present, `COCO.loadRes` takes the *box* area for the area ranges of segm
+  evaluation too, as `rayseg evaluate` does by default (`--segm-area box`); its
+  `--segm-area mask` equals loadRes of the export without the bbox key.
 - `export_coco_dataset`: a COCO *dataset* of the predictions — images (id, file_name,
   width, height, plus the row's uri), categories from the segments' labels, annotations
   with RLE segmentation, area, bbox, iscrowd and score — for re-labelling tools.

@@ -18,6 +18,7 @@ from rayseg.jobs.fixtures import make_fixtures
 from rayseg.pipeline.evaluation import InstanceEvaluator, evaluate_predictions
 from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.evaluation.instance import STAT_NAMES
+from rayseg.pipeline.export import export_coco_results
 
 
 # --- the reference: pycocotools run directly ---------------------------------------------------
@@ -28,8 +29,9 @@ def read_back(output) -> list[dict]:
     return pq.read_table(output).to_pylist()
 
 
-def coco_results(rows: list[dict], gt: dict, iou_type: str) -> list[dict]:
-    """COCO results from prediction rows; segm without bbox so pycocotools uses mask areas."""
+def coco_results(rows: list[dict], gt: dict) -> list[dict]:
+    """COCO results from prediction rows, as `rayseg export coco` writes them: segmentation
+    and bbox (rows already joined and filtered as the evaluation under test sees them)."""
     ids = {str(image["id"]): image["id"] for image in gt["images"]}
     ids.update({image["file_name"]: image["id"] for image in gt["images"]})
     results = []
@@ -37,39 +39,62 @@ def coco_results(rows: list[dict], gt: dict, iou_type: str) -> list[dict]:
         if row["status"] != "ok" or row["image_id"] not in ids:
             continue
         for s in row["segments"]:
-            result = {"image_id": ids[row["image_id"]], "category_id": s["category_id"], "score": s["score"]}
-            if iou_type == "segm":
-                result["segmentation"] = {"size": [row["height"], row["width"]], "counts": s["rle"]}
-            else:
-                result["bbox"] = list(s["bbox"])
-            results.append(result)
+            results.append(
+                {
+                    "image_id": ids[row["image_id"]],
+                    "category_id": s["category_id"],
+                    "segmentation": {"size": [row["height"], row["width"]], "counts": s["rle"]},
+                    "bbox": list(s["bbox"]),
+                    "score": s["score"],
+                }
+            )
     return results
 
 
-def coco_reference(gt: dict, rows: list[dict], iou_type: str, img_ids: list | None = None) -> COCOeval:
-    """COCOeval(gt, loadRes(rows)) → evaluate, accumulate, summarize; its prints silenced."""
+def exported(predictions, annotations, tmp_path) -> list[dict]:
+    """`rayseg export coco` of the predictions, read back: what a user gives pycocotools."""
+    out = tmp_path / "exported-results.json"
+    export_coco_results(str(predictions), str(out), annotations=str(annotations))
+    return json.loads(out.read_text())
+
+
+def coco_reference(gt: dict, results: list[dict], iou_type: str, img_ids: list | None = None, cat_ids=None) -> COCOeval:
+    """COCOeval(gt, loadRes(results)) → evaluate, accumulate, summarize; its prints silenced."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = copy.deepcopy(gt)
         coco.createIndex()
-        detections = coco.loadRes(coco_results(rows, gt, iou_type))
+        detections = coco.loadRes(copy.deepcopy(results))
         evaluation = COCOeval(coco, detections, iou_type)
         if img_ids is not None:
             evaluation.params.imgIds = sorted(img_ids)
+        if cat_ids is not None:
+            evaluation.params.catIds = cat_ids
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
     return evaluation
 
 
-def assert_equal_to_pycocotools(result, gt: dict, rows: list[dict], img_ids=None) -> None:
+def assert_equal_to_pycocotools(result, gt: dict, rows: list[dict] | None = None, *, results=None, img_ids=None) -> None:
+    """Every stat of each IoU type, overall and per category, and the accumulated arrays,
+    equal pycocotools' on `results` (default: `coco_results(rows)`). Under `segm_area="mask"`
+    the segm reference gets the results without their bbox, so loadRes takes mask areas."""
+    results = coco_results(rows, gt) if results is None else results
     for iou_type in ("segm", "bbox"):
-        reference = coco_reference(gt, rows, iou_type, img_ids)
+        given = results
+        if iou_type == "segm" and result.evaluator.segm_area == "mask":
+            given = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        reference = coco_reference(gt, given, iou_type, img_ids)
         accumulated = result.evaluator.accumulate(iou_type)
         np.testing.assert_array_equal(accumulated["precision"], reference.eval["precision"])
         np.testing.assert_array_equal(accumulated["recall"], reference.eval["recall"])
         np.testing.assert_array_equal(accumulated["scores"], reference.eval["scores"])
         assert result.metrics[iou_type]["stats"] == [float(s) for s in reference.stats], iou_type
+        for category in result.metrics[iou_type]["per_category"]:
+            alone = coco_reference(gt, given, iou_type, img_ids, cat_ids=[category["id"]])
+            expected = [None if v == -1 else float(v) for v in alone.stats]
+            assert [category[name] for name in STAT_NAMES] == expected, (iou_type, category["id"])
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -140,7 +165,7 @@ def test_perfect_predictions_score_one(dataset, tmp_path):
         assert metrics["APs"] == metrics["APm"] == metrics["APl"] == 1.0, "all three area ranges are populated"
         assert metrics["AR100"] == 1.0
         assert all(c["AP"] == 1.0 for c in metrics["per_category"])
-    assert_equal_to_pycocotools(result, gt, read_back(tmp_path / "pred"))
+    assert_equal_to_pycocotools(result, gt, results=exported(tmp_path / "pred", path, tmp_path))
 
 
 @pytest.mark.parametrize("seed,id_style", [(0, "file_name"), (1, "id"), (2, "file_name")])
@@ -150,7 +175,7 @@ def test_equal_to_pycocotools_on_shifted_dropped_extra_and_misclassified_predict
     syn.write_predictions(rows, str(tmp_path / "pred"))
     result = evaluate_predictions(str(tmp_path / "pred"), str(path), use_ray=False, shard_rows=5)
     assert 0 < result.metrics["segm"]["AP"] < 1
-    assert_equal_to_pycocotools(result, gt, read_back(tmp_path / "pred"))
+    assert_equal_to_pycocotools(result, gt, results=exported(tmp_path / "pred", path, tmp_path))
 
 
 def test_more_than_100_detections_per_image_are_cut_like_cocoeval(dataset, tmp_path):
@@ -161,7 +186,7 @@ def test_more_than_100_detections_per_image_are_cut_like_cocoeval(dataset, tmp_p
     syn.write_predictions(rows, str(tmp_path / "pred"))
     (tmp_path / "gt.json").write_text(json.dumps(small))
     result = evaluate_predictions(str(tmp_path / "pred"), str(tmp_path / "gt.json"), use_ray=False)
-    assert_equal_to_pycocotools(result, small, read_back(tmp_path / "pred"))
+    assert_equal_to_pycocotools(result, small, results=exported(tmp_path / "pred", tmp_path / "gt.json", tmp_path))
 
 
 def test_sharding_does_not_change_a_single_bit(dataset, tmp_path):
@@ -191,7 +216,7 @@ def test_ray_tasks_equal_the_single_process_result(ray_cluster, dataset, tmp_pat
     distributed = evaluate_predictions(str(tmp_path / "pred"), str(path), use_ray=True, shard_rows=3)
     assert distributed.shards == 6 and distributed.distributed
     assert json.dumps(distributed.metrics) == json.dumps(local.metrics)
-    assert_equal_to_pycocotools(distributed, gt, read_back(tmp_path / "pred"))
+    assert_equal_to_pycocotools(distributed, gt, results=exported(tmp_path / "pred", path, tmp_path))
 
 
 # --- the join --------------------------------------------------------------------------------------
@@ -266,7 +291,7 @@ def evaluate_tiny(tmp_path, gt: dict, segments: list[dict]):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     syn.write_predictions([syn.row("a.png", 40, 40, segments)], str(tmp_path / "pred"))
     result = evaluate_predictions(str(tmp_path / "pred"), str(tmp_path / "gt.json"), use_ray=False)
-    assert_equal_to_pycocotools(result, gt, read_back(tmp_path / "pred"))
+    assert_equal_to_pycocotools(result, gt, results=exported(tmp_path / "pred", tmp_path / "gt.json", tmp_path))
     return result.metrics["segm"]
 
 
@@ -350,3 +375,68 @@ def test_evaluator_protocol_reset_process_merge_evaluate(dataset, tmp_path):
     whole.reset()
     assert whole.images == 0 and whole.evaluate()["segm"]["AP"] is None
     assert len(STAT_NAMES) == 12
+
+
+# --- the area that puts a detection in the small / medium / large ranges ------------------------
+
+
+def ring(top: int, left: int, side: int, width: int, size: int = 320) -> np.ndarray:
+    """A square outline: its box area side² lies in a larger COCO area range than its mask area."""
+    mask = square(top, left, side, size)
+    mask[top + width : top + side - width, left + width : left + side - width] = False
+    return mask
+
+
+@pytest.fixture(scope="module")
+def boundary_case(tmp_path_factory):
+    """Ground truth and detections near the 32² and 96² boundaries whose mask area and box
+    area fall in different ranges: outlines of 40 px (mask 444 px: small; box 1600: medium)
+    and 100 px (mask 3600: medium; box 10000: large), solid squares of 31 and 33 px around
+    32², some matched, some false positives (their area decides whether they are ignored)."""
+    root = tmp_path_factory.mktemp("boundaries")
+    shapes = [
+        (1, ring(10, 10, 40, 3)), (1, ring(10, 120, 100, 10)), (2, square(200, 10, 31, 320)), (2, square(200, 80, 33, 320)),
+    ]  # fmt: skip
+    images, annotations, rows = [], [], []
+    for image_id in (1, 2, 3):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": 320, "width": 320})
+        for category, mask in shapes[: 2 + image_id % 3]:
+            counts, area, bbox = syn.encode_mask(mask)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": category, "iscrowd": 0,
+                    "segmentation": {"size": [320, 320], "counts": counts}, "area": area, "bbox": bbox,
+                }
+            )  # fmt: skip
+        found = [syn.segment(c, np.roll(m, image_id, axis=1), score=0.9 - 0.1 * k) for k, (c, m) in enumerate(shapes[:3])]
+        false_positives = [
+            syn.segment(1, ring(150, 150, 40, 3), score=0.95),  # small by its mask, medium by its box
+            syn.segment(1, ring(180, 200, 100, 10), score=0.85),  # medium by its mask, large by its box
+            syn.segment(2, square(260, 260, 31, 320), score=0.65),
+        ]
+        rows.append(syn.row(f"{image_id}.png", 320, 320, found + false_positives[: image_id]))
+    gt = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "ring"}, {"id": 2, "name": "square"}]}
+    (root / "gt.json").write_text(json.dumps(gt))
+    syn.write_predictions(rows, str(root / "pred"))
+    return root, gt
+
+
+def test_evaluate_equals_pycocotools_on_rayseg_export_coco_near_the_area_boundaries(boundary_case, tmp_path):
+    root, gt = boundary_case
+    result = evaluate_predictions(str(root / "pred"), str(root / "gt.json"), use_ray=False)
+    assert result.evaluator.segm_area == "box" and result.metrics["segm_area"] == "box"
+    assert_equal_to_pycocotools(result, gt, results=exported(root / "pred", root / "gt.json", tmp_path))
+
+
+def test_segm_area_mask_puts_segm_detections_in_ranges_by_their_mask_area(boundary_case, tmp_path):
+    root, gt = boundary_case
+    by_box = evaluate_predictions(str(root / "pred"), str(root / "gt.json"), use_ray=False)
+    by_mask = evaluate_predictions(str(root / "pred"), str(root / "gt.json"), use_ray=False, segm_area="mask")
+    # pycocotools on the export without its bbox key: loadRes then takes the mask area.
+    assert_equal_to_pycocotools(by_mask, gt, results=exported(root / "pred", root / "gt.json", tmp_path))
+    # The case exposes the rule: the segm numbers by area range differ, the bbox ones do not.
+    assert [by_box.metrics["segm"][k] for k in ("APs", "APm", "APl")] != [by_mask.metrics["segm"][k] for k in ("APs", "APm", "APl")]
+    assert by_box.metrics["segm"]["AP"] == by_mask.metrics["segm"]["AP"]
+    assert by_box.metrics["bbox"] == by_mask.metrics["bbox"]
+    with pytest.raises(ValueError, match="segm_area must be one of box, mask"):
+        InstanceEvaluator(gt["categories"], segm_area="boxes")

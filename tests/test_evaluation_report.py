@@ -159,6 +159,7 @@ def test_segment_then_evaluate_end_to_end(ray_cluster, shapes, tmp_path):
     [
         (["--task", "keypoints"], "--task must be one of"),
         (["--iou-type", "keypoints"], "--iou-type takes"),
+        (["--segm-area", "polygon"], "--segm-area takes box / mask"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(shapes, tmp_path, args, message):
@@ -214,12 +215,15 @@ def test_a_report_when_nothing_joins_still_renders(shapes, tmp_path, task):
 def test_evaluate_instance_predictions_through_the_cli_on_ray(ray_cluster, shapes, instance_predictions, tmp_path):
     result = evaluation_cli(
         "evaluate", instance_predictions, "--annotations", shapes.instances_json, "--report", tmp_path / "report",
-        "--iou-type", "segm", "--thumbnails", "2",
+        "--iou-type", "segm", "--thumbnails", "2", "--segm-area", "mask",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["metrics"]["iou_types"] == ["segm"] and "bbox" not in report["metrics"]
-    local = evaluate_predictions(str(instance_predictions), str(shapes.instances_json), use_ray=False, iou_types=("segm",))
+    assert report["metrics"]["segm_area"] == "mask"
+    local = evaluate_predictions(
+        str(instance_predictions), str(shapes.instances_json), use_ray=False, iou_types=("segm",), segm_area="mask"
+    )
     assert report["metrics"]["segm"]["stats"] == local.metrics["segm"]["stats"]
     assert len(report["ranking"]["best"]) == 2 and report["evaluation"]["distributed"]
 

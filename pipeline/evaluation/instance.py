@@ -7,9 +7,12 @@ the same data (tests assert equality, not closeness). What is the same:
   detection's area), detections sorted by score (stable) and cut at maxDets[-1] per image
   and category;
 - ground truth is ignored when crowd or outside the area range (by its json `area`);
-  unmatched detections outside the area range are ignored; area ranges use the mask area
-  for `segm` and the box area w·h for `bbox` (as COCO.loadRes computes them for
-  results with only a segmentation / only a bbox — detectron2's convention);
+  unmatched detections outside the area range are ignored. A detection's area is its box
+  area w·h for both IoU types by default (`segm_area="box"`): what `COCO.loadRes` computes
+  for results that carry a bbox, as `rayseg export coco` and detectron2's COCOEvaluator
+  write them, so `segm` APs/APm/APl equal pycocotools on the export and published numbers.
+  `segm_area="mask"` puts `segm` detections in the area ranges by their mask area instead
+  (what loadRes does for results with a segmentation and no bbox);
 - the greedy matching per IoU threshold (highest-scoring detection first, the best-IoU
   available ground truth, ties to the later one, regular ground truth before ignored
   ground truth, crowds matchable many times), and the gt-id-0 quirk (a match to an
@@ -41,6 +44,8 @@ from .base import DatasetEvaluator, Prediction, RankedImage, finite_or_none
 from .data import InstanceImage
 
 IOU_TYPES = ("segm", "bbox")
+# What puts a `segm` detection in the small / medium / large area ranges (module docstring).
+SEGM_AREAS = ("box", "mask")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
@@ -99,11 +104,15 @@ class InstanceEvaluator(DatasetEvaluator):
         iou_types: tuple[str, ...] = IOU_TYPES,
         ranking_k: int = 6,
         ranking_score_threshold: float = 0.5,
+        segm_area: str = "box",
     ) -> None:
         unknown = set(iou_types) - set(IOU_TYPES)
         if unknown or not iou_types:
             raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_types}")
+        if segm_area not in SEGM_AREAS:
+            raise ValueError(f"segm_area must be one of {', '.join(SEGM_AREAS)}, got {segm_area!r}")
         self.iou_types = tuple(iou_types)
+        self.segm_area = segm_area
         # COCOeval's p.catIds: sorted unique ids of the ground truth's categories.
         by_id = {c["id"]: c for c in categories}
         self.categories = [by_id[i] for i in sorted(by_id)]
@@ -176,15 +185,20 @@ class InstanceEvaluator(DatasetEvaluator):
         gt_columns = [np.nonzero(gt_cat == k)[0] for k in categories]
         for iou_type in self.iou_types:
             # One IoU matrix per image (all detections × all ground truth), sliced per category.
+            # loadRes's w·h of the exported float32 box, in float64 as Python computes it.
+            box_area = prediction.bbox[dts, 2] * prediction.bbox[dts, 3]
             if iou_type == "segm":
                 d = [prediction.rle_dict(i) for i in dts.tolist()]
                 g = [_annotation_rle(a, gt.height, gt.width) for a in anns]
-                dt_area = mask_utils.area(d).astype(np.float64) if d else np.zeros(0)
+                if self.segm_area == "box":
+                    dt_area = box_area
+                else:
+                    dt_area = mask_utils.area(d).astype(np.float64) if d else np.zeros(0)
             else:
                 # Boxes as (n, 4) arrays: pycocotools takes them as they are.
                 d = prediction.bbox[dts]
                 g = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
-                dt_area = d[:, 2] * d[:, 3]
+                dt_area = box_area
             ious = np.asarray(mask_utils.iou(d, g, crowd_list)) if len(d) and len(g) else np.zeros(0)
             ious = ious.reshape(len(d), len(g))
             groups = self._batch_groups[iou_type]
@@ -346,7 +360,7 @@ class InstanceEvaluator(DatasetEvaluator):
 
     def evaluate(self) -> dict:
         """Per IoU type: the 12 COCO stats (named and raw), per-category numbers, PR curves."""
-        results: dict = {"iou_types": list(self.iou_types)}
+        results: dict = {"iou_types": list(self.iou_types), "segm_area": self.segm_area}
         recall_thresholds = [float(r) for r in self.params.recThrs]
         for iou_type in self.iou_types:
             accumulated = self.accumulate(iou_type)

@@ -61,6 +61,7 @@ def make_evaluator(
     ignore_labels=DEFAULT_IGNORE_LABELS,
     categories: list[dict] | None = None,
     iou_types: tuple[str, ...] | None = None,
+    segm_area: str = "box",
     ranking_k: int = 6,
     score_threshold: float = 0.5,
     run: dict | None = None,
@@ -72,6 +73,7 @@ def make_evaluator(
         return InstanceEvaluator(
             ground_truth.categories,
             iou_types=tuple(iou_types or IOU_TYPES),
+            segm_area=segm_area,
             ranking_k=ranking_k,
             ranking_score_threshold=score_threshold,
         )
@@ -131,6 +133,7 @@ def evaluate_predictions(
     panoptic_root: str | None = None,
     categories: list[dict] | None = None,
     iou_types: tuple[str, ...] | None = None,
+    segm_area: str = "box",
     ranking_k: int = 6,
     score_threshold: float = 0.5,
 ) -> EvaluationResult:
@@ -144,6 +147,8 @@ def evaluate_predictions(
     ignore_labels: semantic label values that are not evaluated (default 0 and 255).
     panoptic_root: directory of the panoptic PNGs (default: the json's path without .json).
     categories: semantic class ids and names ([{"id", "name"}]); default: the ids seen.
+    segm_area: instance `segm` area ranges by the detection's box area w·h (`box`, what
+        pycocotools gives on `rayseg export coco`) or its mask area (`mask`); see instance.py.
     score_threshold: detections drawn in the report, and counted in its per-image ranking.
     """
     started = time.time()
@@ -159,6 +164,7 @@ def evaluate_predictions(
         ignore_labels=ignore_labels,
         categories=categories,
         iou_types=iou_types,
+        segm_area=segm_area,
         ranking_k=ranking_k,
         score_threshold=score_threshold,
         run=run,
