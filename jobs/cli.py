@@ -84,7 +84,10 @@ def models() -> None:
     for entry in REGISTRY.values():
         # Plain text: "[default: …]" is not Rich markup.
         table.add_row(entry.name, entry.task, Text(entry.weights), ", ".join(model_options(entry.name)), entry.cpu_parallelism)
-    Console().print(table)
+    scores = Table("model", "score", "--score-threshold F", title="What a segment's score is")
+    for entry in REGISTRY.values():
+        scores.add_row(entry.name, entry.scores.meaning, f"{entry.scores.range}: {entry.scores.cut}")
+    Console().print(table, scores)
 
 
 @app.command()
@@ -113,7 +116,7 @@ def segment(
     actors: Annotated[Optional[str], typer.Option(help="Inference actors: N or MIN:MAX [one per GPU].")] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor [GPUs: 1; CPUs: the pool's share, see README Tuning].")] = None,
-    score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this.")] = None,
+    score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this (each model's score and range: `rayseg models`).")] = None,
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
     task: Annotated[Optional[str], typer.Option(help="semantic | instance | panoptic, for models that do several.")] = None,

@@ -27,9 +27,9 @@ import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ..models.registry import REGISTRY, check_options, get_entry
+from ..models.registry import REGISTRY, check_options, check_score_threshold, get_entry
 from ..models.weights import RANDOM
 from ..pipeline.resources import parse_actors
 from .cron import parse_cron
@@ -54,7 +54,9 @@ class ModelSection(Strict):
     name: str
     weights: str = Field(description="checkpoint path or URI, or 'random' [the model's bundled weights, if any]")
     weights_sha256: Optional[str] = None
-    score_threshold: Optional[float] = Field(None, ge=0, le=1, description="drop segments scoring below it")
+    score_threshold: Optional[float] = Field(
+        None, description="drop segments scoring below it (`rayseg models`: what each model's score is, its range)"
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -79,6 +81,13 @@ class ModelSection(Strict):
         if name not in REGISTRY:
             raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}")
         return name
+
+    @field_validator("score_threshold")
+    @classmethod
+    def within_the_models_scores(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
+        if "name" in info.data:  # else the name is the error to report
+            check_score_threshold(info.data["name"], value)
+        return value
 
     @field_validator("weights_sha256")
     @classmethod

@@ -35,6 +35,51 @@ THREADED = "threaded"
 
 
 @dataclass(frozen=True)
+class Scores:
+    """What a model's segment `score` is, and what `--score-threshold F` does with it.
+
+    meaning: what the number is; cut: which segments F keeps (`>=` or `>`, per task where
+    they differ) and what happens without F; low/high: the values F may take (None:
+    unbounded on that side), checked on the driver before any work."""
+
+    meaning: str
+    cut: str
+    low: float | None = 0.0
+    high: float | None = 1.0
+
+    @property
+    def range(self) -> str:
+        if self.low is None and self.high is None:
+            return "any number"
+        if self.high is None:
+            return f"≥ {self.low:g}"
+        return f"{self.low:g} to {self.high:g}"
+
+    def problem(self, threshold: float) -> str | None:
+        """Why `threshold` is no score threshold for these scores, or None."""
+        if (self.low is not None and threshold < self.low) or (self.high is not None and threshold > self.high):
+            return f"must be {self.range} (its scores are {self.meaning}), got {threshold:g}"
+        return None
+
+
+# Scores of the semantic convnets: U-Net, FCN, DeepLabV3.
+_CLASS_MEAN = Scores(
+    "the mean softmax probability of the class over the segment's pixels",
+    "keeps segments with score ≥ F; none dropped without F",
+)
+_DETECTION = Scores(
+    "the detection's class probability",
+    "keeps detections with score > F (torchvision's box_score_thresh, strict); default 0.05",
+)
+_MASKFORMER = Scores(
+    "semantic: the mean normalised class score over the segment's pixels; instance: class probability × "
+    "mean mask probability inside the mask; panoptic: the query's class probability",
+    "semantic keeps score ≥ F (none dropped without F); instance keeps score ≥ F, panoptic keeps queries with "
+    "score > F (both default 0.5)",
+)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its name, the task it performs, the weights it accepts, its builder.
 
@@ -47,6 +92,7 @@ class ModelEntry:
     `weights_finder`'s name in models/checkpoint_files.py.
     default_weights: what `--weights` means when it is not given (None: it must be given).
     cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
+    scores: what its segments' score is and the `--score-threshold` it takes (`Scores`).
     options_check: "module:function" under rayseg.models, a torch-free check of the options'
     values, called with them before any work (ValueError); None when the builder alone
     checks them.
@@ -58,6 +104,7 @@ class ModelEntry:
     module: str
     builder: str
     weights_finder: str
+    scores: Scores = _CLASS_MEAN
     default_weights: str | None = None
     cpu_parallelism: str = DATA_PARALLEL
     options: tuple[str, ...] = ()
@@ -152,6 +199,11 @@ REGISTRY: dict[str, ModelEntry] = {
             "unet",
             "build_unet",
             "unet_weights_file",
+            scores=Scores(
+                "semantic: the mean softmax probability of the class over the segment's pixels; instance: the same "
+                "over the connected component",
+                "keeps segments with score ≥ F; none dropped without F",
+            ),
             default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
             options=("task", "min_area", "amp_dtype"),
             options_check="unet_instances:check_unet_options",
@@ -164,9 +216,13 @@ REGISTRY: dict[str, ModelEntry] = {
             "deeplabv3", "semantic", _PTH, "torchvision_semantic", "build_deeplabv3", "pth_weights_file",
             options=_TORCHVISION_SEMANTIC_OPTIONS,
         ),
-        ModelEntry("maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file", options=_MASKRCNN_OPTIONS),
         ModelEntry(
-            "maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file", options=_MASKRCNN_OPTIONS
+            "maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file", scores=_DETECTION,
+            options=_MASKRCNN_OPTIONS,
+        ),
+        ModelEntry(
+            "maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file", scores=_DETECTION,
+            options=_MASKRCNN_OPTIONS,
         ),
         ModelEntry(
             "sam",
@@ -175,6 +231,13 @@ REGISTRY: dict[str, ModelEntry] = {
             "sam",
             "build_sam",
             "sam_weights_file",
+            scores=Scores(
+                "the mask's predicted IoU, SAM's IoU head: a regression output, not bounded to 0-1",
+                "keeps masks with score ≥ F; none dropped without F (automatic masks are first cut by "
+                "pred_iou_thresh, score > 0.88 by default)",
+                low=None,
+                high=None,
+            ),
             cpu_parallelism=THREADED,
             options=(
                 "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
@@ -191,6 +254,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "maskformer",
             "build_maskformer",
             "hf_weights_file",
+            scores=_MASKFORMER,
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
             options_check="base:check_universal_options",
@@ -202,6 +266,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "maskformer",
             "build_mask2former",
             "hf_weights_file",
+            scores=_MASKFORMER,
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
             options_check="base:check_universal_options",
@@ -213,6 +278,12 @@ REGISTRY: dict[str, ModelEntry] = {
             "oneformer",
             "build_oneformer",
             "hf_weights_file",
+            scores=Scores(
+                "semantic: the mean normalised class score over the segment's pixels; instance and panoptic: the "
+                "query's class probability",
+                "semantic keeps score ≥ F (none dropped without F); instance keeps score > F (none dropped without "
+                "F); panoptic keeps queries with score > F (default 0.5)",
+            ),
             cpu_parallelism=THREADED,
             options=_MASKFORMER_OPTIONS,
             options_check="base:check_universal_options",
@@ -256,6 +327,12 @@ def check_options(name: str, options: dict) -> None:
     if check := get_entry(name).options_check:
         module, _, function = check.partition(":")
         getattr(importlib.import_module(f"{__package__}.{module}"), function)(**options)
+
+
+def check_score_threshold(name: str, threshold: float | None) -> None:
+    """Refuses, before any work, a score threshold outside what model `name`'s scores take."""
+    if threshold is not None and (problem := get_entry(name).scores.problem(threshold)):
+        raise ValueError(f"model {name!r}: score_threshold {problem}")
 
 
 def build_model(name: str, weights: str, **arguments) -> SegmentationModel:

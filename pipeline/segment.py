@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 from ..models.categories import load_category_file
 from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
-from ..models.registry import check_options, get_entry
+from ..models.registry import check_options, check_score_threshold, get_entry
 from ..models.weights import RANDOM, WeightsError
 from .actor import MODEL_MAX_PIXELS, SegmentImages
 from .decode import (
@@ -63,6 +63,7 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     """
     entry = get_entry(spec.name)
     check_options(spec.name, spec.options)
+    check_score_threshold(spec.name, spec.score_threshold)
     if spec.options.get("category_file") is not None:
         load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
     if spec.weights == RANDOM:

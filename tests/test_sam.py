@@ -265,6 +265,21 @@ def test_box_prompts_equal_sam_model_and_processor(network, checkpoints, shapes,
     assert sum(len(r) for r in results) >= 4
 
 
+def test_score_threshold_cuts_predicted_ious_which_are_not_probabilities(checkpoints, shapes, images):
+    from rayseg.models.registry import check_score_threshold
+
+    prompts = coco_prompts(shapes)
+    wanted = [prompts[name] for name in sorted(p.name for p in shapes.images_dir.glob("*.png"))[:4]]
+    scores = sorted(s.score for segments in run(build_sam(str(checkpoints[0])), images, wanted) for s in segments)
+    assert scores[0] < 0, "the tiny model's predicted IoUs are negative: a 0-1 cut would drop every mask"
+    cut = scores[len(scores) // 2]
+    kept = run(build_sam(str(checkpoints[0]), score_threshold=cut), images, wanted)
+    assert sorted(s.score for segments in kept for s in segments) == [s for s in scores if s >= cut]  # inclusive
+    check_score_threshold("sam", -3.0)  # any number: the driver takes it
+    with pytest.raises(ValueError, match="score_threshold must be 0 to 1"):
+        check_score_threshold("maskrcnn", -3.0)
+
+
 def test_images_without_prompts_get_no_segments_and_bad_boxes_are_refused(checkpoints, images):
     model = build_sam(str(checkpoints[0]))
     box = Prompts(np.array([[4, 4, 30, 30]], np.float32), np.array([2], np.int32), np.array([-1], np.int64))

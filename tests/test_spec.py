@@ -86,12 +86,22 @@ def test_inline_secrets_are_refused_however_deeply_nested():
         ({"resume": True}, "resume: needs the run_id (--run-id)"),
         ({"model": {"name": "unet", "weights": "random", "score_threshold": 5}}, "model.score_threshold:"),
         ({"model": {"name": "unet", "weights": "random", "score_threshold": -0.1}}, "model.score_threshold:"),
+        ({"model": {"name": "maskrcnn", "weights": "random", "score_threshold": 1.5}}, "must be 0 to 1 (its scores are the detection's class probability)"),
     ],
 )
 def test_what_only_a_run_would_find_wrong_is_found_by_validation(change, error):
     with pytest.raises(SpecError) as raised:
         parse_spec({**GOOD, **change})
     assert any(error in e for e in raised.value.errors), raised.value.errors
+
+
+def test_a_score_threshold_is_taken_in_the_range_of_the_models_own_scores():
+    # SAM's scores are predicted IoUs, not probabilities: a negative cut is a real choice.
+    sam = parse_spec({**GOOD, "model": {"name": "sam", "weights": "random", "score_threshold": -2.5}})
+    assert sam.model.score_threshold == -2.5
+    with pytest.raises(SpecError) as raised:
+        parse_spec({**GOOD, "model": {"name": "unet", "weights": "random", "score_threshold": -2.5}})
+    assert any("model.score_threshold:" in e and "must be 0 to 1" in e for e in raised.value.errors), raised.value.errors
 
 
 @pytest.mark.parametrize(
