@@ -209,6 +209,8 @@ def test_a_report_when_nothing_joins_still_renders(shapes, tmp_path, task):
     write_report(result, str(tmp_path / "report"))
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["images"]["examples_without_gt"] == ["unrelated.png"]
+    if task == "instance":  # the default rule, said where the numbers are
+        assert any("box area w·h, for 'segm' too" in note for note in report["evaluation"]["conventions"])
     assert "—" in (tmp_path / "report" / "index.html").read_text()
 
 
@@ -221,6 +223,7 @@ def test_evaluate_instance_predictions_through_the_cli_on_ray(ray_cluster, shape
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["metrics"]["iou_types"] == ["segm"] and "bbox" not in report["metrics"]
     assert report["metrics"]["segm_area"] == "mask"
+    assert any("(--segm-area mask)" in note for note in report["evaluation"]["conventions"])
     local = evaluate_predictions(
         str(instance_predictions), str(shapes.instances_json), use_ray=False, iou_types=("segm",), segm_area="mask"
     )

@@ -33,7 +33,7 @@ FIGURES = "figures"
 CONVENTIONS = {
     "instance": [
         "COCO 'bbox' and 'segm' with pycocotools COCOeval semantics (IoU .50:.05:.95, 101 recall points, maxDets 1/10/100, crowd regions ignored); numbers are identical to COCOeval run on the same data.",
-        "Area ranges (small < 32², medium < 96², large) use the ground truth's json 'area', and for detections the mask area ('segm') or the box area ('bbox').",
+        "Area ranges (small < 32², medium < 96², large) use the ground truth's json 'area', and for detections {detection_area}.",
         "Per-image F1 (for the best/worst images) counts detections scoring at least the drawing threshold, matched at IoU 0.5.",
     ],
     "semantic": [
@@ -51,6 +51,21 @@ CONVENTIONS = {
 COMMON_NOTES = [
     "Only images present in both the predictions and the ground truth are evaluated. Prediction rows with status 'error' are evaluated as images with no predictions (their objects count as missed), as are rows whose size differs from the ground truth's.",
 ]
+
+
+# How a detection's area was taken (`metrics.segm_area`), in words for the conventions.
+_DETECTION_AREAS = {
+    "box": "the box area w·h, for 'segm' too (what pycocotools' loadRes does with `rayseg export coco`, and detectron2)",
+    "mask": "the mask area ('segm') or the box area ('bbox') (--segm-area mask)",
+}
+
+
+def conventions(result) -> list[str]:
+    """The notes that say how the numbers of `result` were computed."""
+    notes = CONVENTIONS[result.task]
+    if result.task == "instance":
+        notes = [note.format(detection_area=_DETECTION_AREAS[result.metrics["segm_area"]]) for note in notes]
+    return notes + COMMON_NOTES
 
 
 @dataclass
@@ -108,7 +123,7 @@ def report_data(result: EvaluationResult, *, thumbnails: list[dict] | None = Non
             "seconds": round(result.seconds, 3),
             "shards": result.shards,
             "distributed": result.distributed,
-            "conventions": CONVENTIONS[result.task] + COMMON_NOTES,
+            "conventions": conventions(result),
         },
     }
 
