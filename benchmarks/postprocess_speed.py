@@ -187,14 +187,16 @@ def main() -> None:
                 model = builders[name](
                     directory, task=task, score_threshold=THRESHOLD[task], category_file=os.path.join(directory, "categories.json")
                 )
-                batch = model.preprocess([picture])
+                groups = model.preprocess([picture])  # one image: one group
+                ((_, batch),) = groups
                 with torch.inference_mode():
-                    raw = model.forward(batch)
+                    ((indices, group),) = model.forward(groups)
                     outputs = model.network(**model._inputs(batch))
                 if args.outputs == "structured":
-                    class_logits, mask_logits = structured_outputs(raw)
-                    raw = dataclasses.replace(raw, class_logits=class_logits, mask_logits=mask_logits)
+                    class_logits, mask_logits = structured_outputs(group)
+                    group = dataclasses.replace(group, class_logits=class_logits, mask_logits=mask_logits)
                     outputs = SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
+                raw = [(indices, group)]
                 stuff = {i for i in range(THINGS, THINGS + STUFF)}
                 ours = model.postprocess(raw, [SIZE])[0]
                 count = same_output(task, ours, reference(model.processor, outputs, task, stuff))
@@ -213,7 +215,7 @@ def main() -> None:
                     f"transformers {theirs_s * 1000:8.1f} ms  speed-up {theirs_s / ours_s:5.1f}×",
                     flush=True,
                 )
-    print(f"input {tuple(batch['pixel_values'].shape)}, mask logits {tuple(raw.mask_logits.shape)}")
+    print(f"input {tuple(batch['pixel_values'].shape)}, mask logits {tuple(group.mask_logits.shape)}")
 
 
 if __name__ == "__main__":

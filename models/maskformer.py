@@ -23,7 +23,8 @@ the image size are exact but interpolate only along low-resolution boundaries
 
 - semantic: softmax(class)[..., :-1] · sigmoid(mask) summed over queries, resized to the
   image, argmax; one segment per class present, scored by the mean normalised class
-  score over its pixels;
+  score over its pixels, kept at score ≥ score_threshold when one is given (none dropped
+  without);
 - instance: the top num_queries (query, class) pairs, score = class probability × mean mask
   probability inside the mask (logit > 0); masks resized (nearest) to the image;
   overlapping, scored instances with score ≥ score_threshold;
@@ -32,9 +33,12 @@ the image size are exact but interpolate only along low-resolution boundaries
   kept when it wins > overlap_mask_area_threshold of its own (prob ≥ mask_threshold) area;
   stuff classes fused into one segment; segment_id 1..S, non-overlapping.
 
-Padding: the image processor pads a batch to its largest image, and the processors'
-post-processing resizes the padded mask straight to the image (a known skew for padded
-images). Here the padding is cut off first (masks resized to the padded input, cropped to
+Batches: the image processor pads a batch to its largest image, and these networks ignore
+`pixel_mask`, so an image's outputs would depend on its neighbours. Each image is processed
+alone and images whose inputs then share a shape run as one batch (`preprocess`).
+
+Padding: the processors' post-processing resizes the padded mask straight to the image (a
+known skew for padded images). Here the padding is cut off first (masks resized to the padded input, cropped to
 the image's resized extent); Mask2Former always resizes to the input first (the processor
 does, to 384×384, the input size of its published checkpoints).
 """
@@ -426,6 +430,8 @@ class MaskFormerSegmenter:
         self.processor = processor
         self.categories = categories
         self.score_threshold = threshold
+        # Semantic output is cut only at a threshold given: its default keeps every class.
+        self.semantic_threshold = None if score_threshold is None else threshold
         self.mask_threshold = float(mask_threshold)
         self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
         self.upsample_first = upsample_first
@@ -440,11 +446,36 @@ class MaskFormerSegmenter:
         if task == "panoptic" and not bool(self.stuff.any()):
             log.warning("%s: no stuff classes known (no thing_ids in the config, no category_file): nothing is fused", name)
 
-    def preprocess(self, images: list[np.ndarray]) -> dict:
-        for image in images:
+    def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], dict]]:
+        """uint8 (H, W, 3) images → groups of (image indices, processor batch of those images).
+
+        The processor pads a batch to its largest image and these networks ignore
+        `pixel_mask`: the padding would change an image's outputs (measured: 21 of 24 mixed
+        sizes differed from the image alone). So each image is processed alone and images
+        whose processed (resized, padded-alone) inputs share a shape form one batch: a
+        prediction never depends on its batch neighbours.
+        """
+        groups: dict[tuple[int, ...], list[tuple[int, dict]]] = {}
+        for index, image in enumerate(images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-        return dict(self.processor(images=[np.ascontiguousarray(i) for i in images], return_tensors="pt"))
+            encoded = self._encode(np.ascontiguousarray(image))
+            groups.setdefault(tuple(encoded["pixel_values"].shape[-2:]), []).append((index, encoded))
+        return [
+            (
+                [index for index, _ in members],
+                {
+                    key: torch.cat([encoded[key] for _, encoded in members])
+                    for key in ("pixel_values", "pixel_mask")
+                    if members[0][1].get(key) is not None
+                },
+            )
+            for members in groups.values()
+        ]
+
+    def _encode(self, image: np.ndarray) -> dict:
+        """One image → the processor's pixel_values (1, 3, H', W') and pixel_mask (1, H', W')."""
+        return dict(self.processor(images=[image], return_tensors="pt"))
 
     @staticmethod
     def _extents(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -456,7 +487,11 @@ class MaskFormerSegmenter:
         return {"pixel_values": to_device(batch["pixel_values"], self.device)}
 
     @torch.inference_mode()
-    def forward(self, batch: dict) -> Raw:
+    def forward(self, groups: list[tuple[list[int], dict]]) -> list[tuple[list[int], Raw]]:
+        """Per group of `preprocess`: its image indices and the network's outputs for it."""
+        return [(indices, self._forward_group(batch)) for indices, batch in groups]
+
+    def _forward_group(self, batch: dict) -> Raw:
         pixel_values = batch["pixel_values"]
         mask = batch.get("pixel_mask")
         if mask is None:
@@ -471,7 +506,15 @@ class MaskFormerSegmenter:
         )
 
     @torch.inference_mode()
-    def postprocess(self, raw: Raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    def postprocess(self, raw: list[tuple[list[int], Raw]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        results: list[list[Segment]] = [[] for _ in sizes]
+        for indices, group in raw:
+            for index, segments in zip(indices, self._postprocess_group(group, [sizes[i] for i in indices])):
+                results[index] = segments
+        return results
+
+    def _postprocess_group(self, raw: Raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+        """The chosen task's segments of one group's images (sizes in the group's order)."""
         results: list[list[Segment]] = [[] for _ in sizes]
         if self.task == "panoptic":  # the kept queries differ per image
             for index, size in enumerate(sizes):
@@ -487,6 +530,8 @@ class MaskFormerSegmenter:
         # Semantic: images of one size (and extent in the input) as one batch.
         for indices, logits, size in self._groups(raw, sizes):
             for index, segments in zip(indices, semantic_segments(raw.class_logits[indices], logits, size, self.label_ids)):
+                if self.semantic_threshold is not None:
+                    segments = [segment for segment in segments if segment.score >= self.semantic_threshold]
                 results[index] = segments
         return results
 
@@ -604,8 +649,9 @@ def build_maskformer(
 ) -> MaskFormerSegmenter:
     """MaskFormerForInstanceSegmentation from an HF directory (path or URI) or `random`.
 
-    task: semantic | instance | panoptic; score_threshold: instance score / panoptic class
-    probability cut (default 0.5, transformers' `threshold`); mask_threshold and
+    task: semantic | instance | panoptic; score_threshold: instance score kept at ≥ it,
+    panoptic queries kept at class probability > it (default 0.5, transformers'
+    `threshold`), semantic segments kept at score ≥ it (default: none dropped); mask_threshold and
     overlap_mask_area_threshold: panoptic segment validity (transformers' names and
     defaults); category_file: COCO json or list with `isthing`, for the thing/stuff split;
     amp_dtype: auto | fp16 | bf16 | none, the network's autocast (auto: float16 on CUDA,

@@ -113,23 +113,17 @@ class OneFormerSegmenter(MaskFormerSegmenter):
         super().__init__(network, processor, categories, score_threshold=score_threshold, **kwargs)
         self.task_tokens = task_tokens.to(self.device)
 
-    def preprocess(self, images: list[np.ndarray]) -> dict:
-        for image in images:
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-        encoded = self.processor(
-            images=[np.ascontiguousarray(i) for i in images], task_inputs=[self.task] * len(images), return_tensors="pt"
-        )
+    def _encode(self, image: np.ndarray) -> dict:
+        encoded = self.processor(images=[image], task_inputs=[self.task], return_tensors="pt")
         return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded.get("pixel_mask")}
 
     def _inputs(self, batch: dict) -> dict:
         pixel_values = to_device(batch["pixel_values"], self.device)
         return {"pixel_values": pixel_values, "task_inputs": self.task_tokens.expand(len(pixel_values), -1)}
 
-    @torch.inference_mode()
-    def postprocess(self, raw, sizes):
+    def _postprocess_group(self, raw, sizes):
         if self.task != "instance":
-            return super().postprocess(raw, sizes)
+            return super()._postprocess_group(raw, sizes)
         results = []
         for index, size in enumerate(sizes):
             results.append(self._instance(raw, index, (int(size[0]), int(size[1]))))
@@ -169,8 +163,9 @@ def build_oneformer(
     """OneFormerForUniversalSegmentation from an HF checkpoint directory (path or URI).
 
     task: semantic | instance | panoptic — the network's task input and the post-processing;
-    score_threshold: panoptic class-probability cut (default 0.5), instance score cut
-    (default none, as transformers); mask_threshold, overlap_mask_area_threshold: segment
+    score_threshold: panoptic queries kept at class probability > it (default 0.5),
+    instance pairs kept at score > it (default none, as transformers), semantic segments
+    kept at score ≥ it (default none); mask_threshold, overlap_mask_area_threshold: segment
     validity (transformers' names and defaults); category_file: COCO json or list with
     `isthing`, overriding the checkpoint's class info; amp_dtype: auto | fp16 | bf16 | none,
     the network's autocast (auto: float16 on CUDA, none on the CPU).

@@ -80,8 +80,13 @@ def checkpoints(tmp_path_factory):
 
 
 BUILDERS = {"maskformer": build_maskformer, "mask2former": build_mask2former}
-# MaskFormer: same-size images, so no padding (the processor's post-processing ignores it).
-SIZES = {"maskformer": [(48, 72), (48, 72)], "mask2former": [(40, 56), (48, 48)]}
+# Mixed sizes in one batch: MaskFormer resizes the short side to 64 (each of these to a
+# multiple of 32, so the image alone has no padding the processor's post-processing would
+# skew); Mask2Former resizes every image to 384×384.
+SIZES = {
+    "maskformer": [(48, 72), (72, 48), (32, 64), (40, 40)],
+    "mask2former": [(40, 56), (48, 48), (64, 40)],
+}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,9 +94,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
-def reference_outputs(model, batch):
+def reference_outputs(model, image):
+    """The network run directly on the processor's input for `image` alone."""
     with torch.no_grad():
-        return model.network(**model._inputs(batch))
+        return model.network(**model._inputs(model.processor(images=[image], return_tensors="pt")))
 
 
 def check_semantic(model, processor, outputs, sizes, mine):
@@ -154,48 +160,85 @@ def check_map(reference, mine, *, panoptic: bool):
     return total
 
 
+def same_segments(a, b) -> bool:
+    """Same classes, ids, scores within 1e-5 and masks of IoU ≥ 0.99: a batch of two images of
+    one shape sums in another order than one image alone (measured: scores 2e-7 apart, one
+    pixel of 2,304 on a boundary), while padding changes outputs wholesale."""
+    return len(a) == len(b) and all(
+        x.category_id == y.category_id and abs(x.score - y.score) <= 1e-5 and x.segment_id == y.segment_id
+        and iou(x.mask, y.mask) >= 0.99
+        for x, y in zip(a, b)
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["maskformer", "mask2former"])
 def test_all_tasks_equal_the_image_processor_post_processing(checkpoints, name):
-    """One network load per task; all three tasks compared on the same images."""
+    """One network load per task; all three tasks compared on the same mixed-size batch,
+    each image against the processor and network run on it alone."""
     sizes = SIZES[name]
     batch_images = images(sizes)
     counts = {}
     for task in ("semantic", "instance", "panoptic"):
         threshold = 0.0 if task == "instance" else 0.3
         model = BUILDERS[name](
-            checkpoints[name], task=task, score_threshold=threshold, category_file=checkpoints["category_file"]
-        )
+            checkpoints[name], task=task, score_threshold=None if task == "semantic" else threshold,
+            category_file=checkpoints["category_file"],
+        )  # fmt: skip
         assert model.task == task and [c.isthing for c in model.categories] == [True, True, False, False]
-        batch = model.preprocess(batch_images)
-        mine = model.postprocess(model.forward(batch), sizes)
+        mine = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
         assert all(s.mask.shape == size and s.mask.dtype == bool for segs, size in zip(mine, sizes) for s in segs)
-        outputs = reference_outputs(model, batch)
         processor = model.processor
-        if task == "semantic":
-            counts[task] = check_semantic(model, processor, outputs, sizes, mine)
-        elif task == "instance":
-            counts[task] = check_instance_binary(processor, outputs, sizes, mine, threshold)
-        else:
-            reference = processor.post_process_panoptic_segmentation(
-                outputs, threshold=threshold, mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
-                label_ids_to_fuse=STUFF, target_sizes=sizes,
-            )  # fmt: skip
-            counts[task] = check_map(reference, mine, panoptic=True)
+        counts[task] = 0
+        for image, size, segments in zip(batch_images, sizes, mine):
+            outputs = reference_outputs(model, image)
+            if task == "semantic":
+                counts[task] += check_semantic(model, processor, outputs, [size], [segments])
+            elif task == "instance":
+                counts[task] += check_instance_binary(processor, outputs, [size], [segments], threshold)
+            else:
+                reference = processor.post_process_panoptic_segmentation(
+                    outputs, threshold=threshold, mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
+                    label_ids_to_fuse=STUFF, target_sizes=[size],
+                )  # fmt: skip
+                counts[task] += check_map(reference, [segments], panoptic=True)
     assert all(counts.values()), f"random weights must give segments to compare: {counts}"
 
 
-def test_padding_is_cut_off_before_resizing(checkpoints):
-    """An image's segments do not depend on a larger neighbour that pads its batch."""
+@pytest.mark.parametrize("name", ["maskformer", "mask2former"])
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_a_prediction_never_depends_on_its_batch_neighbours(checkpoints, name, task):
+    sizes = [(48, 48), (48, 96), (80, 40), (40, 56), (48, 48)]
+    batch_images = images(sizes, seed=3)
+    model = BUILDERS[name](checkpoints[name], task=task, score_threshold=0.1, category_file=checkpoints["category_file"])
+    together = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
+    assert sum(map(len, together)), "random weights must give segments to compare"
+    for image, size, segments in zip(batch_images, sizes, together):
+        alone = model.postprocess(model.forward(model.preprocess([image])), [size])[0]
+        assert same_segments(segments, alone), f"{name} {task}: the {size} image differs in a mixed batch"
+
+
+def test_images_of_one_processed_shape_share_a_network_call(checkpoints):
     model = build_maskformer(checkpoints["maskformer"], task="semantic")
-    small, large = images([(48, 48), (48, 96)], seed=3)
-    alone = model.postprocess(model.forward(model.preprocess([small])), [(48, 48)])[0]
-    batch = model.preprocess([small, large])
-    assert batch["pixel_values"].shape[-1] > 64, "the small image is padded in this batch"
-    together = model.postprocess(model.forward(batch), [(48, 48), (48, 96)])[0]
-    assert sorted(s.category_id for s in alone) == sorted(s.category_id for s in together)
-    masks = {s.category_id: s.mask for s in together}
-    for s in alone:
-        assert iou(s.mask, masks[s.category_id]) >= 0.9
+    groups = model.preprocess(images([(48, 48), (48, 96), (40, 40), (48, 96)]))  # 64×64, 64×128, 64×64, 64×128
+    assert [indices for indices, _ in groups] == [[0, 2], [1, 3]]
+    assert [tuple(batch["pixel_values"].shape) for _, batch in groups] == [(2, 3, 64, 64), (2, 3, 64, 128)]
+
+
+def test_a_semantic_score_threshold_drops_the_segments_below_it_and_none_drops_none(checkpoints):
+    sizes = SIZES["maskformer"]
+    batch_images = images(sizes, seed=5)
+
+    def scores(model) -> list[float]:
+        return sorted(s.score for segments in model.postprocess(model.forward(model.preprocess(batch_images)), sizes) for s in segments)
+
+    every = build_maskformer(checkpoints["maskformer"], task="semantic")
+    all_scores = scores(every)
+    assert len(set(all_scores)) >= 3, "the comparison needs several segments"
+    cut = all_scores[len(all_scores) // 2]  # inclusive: the segment scoring it stays
+    assert scores(build_maskformer(checkpoints["maskformer"], task="semantic", score_threshold=cut)) == [
+        s for s in all_scores if s >= cut
+    ]
+    assert every.semantic_threshold is None and every.score_threshold == 0.5  # the default cuts only the other tasks
 
 
 def test_checkpoint_errors_name_the_missing_file(checkpoints, tmp_path):
@@ -311,7 +354,11 @@ def test_semantic_candidates_grow_until_no_other_class_can_win(checkpoints, monk
     monkeypatch.setattr(maskformer, "upsampled_argmax", counting)
     sizes = SIZES["mask2former"]
     model = build_mask2former(checkpoints["mask2former"], task="semantic")
-    batch = model.preprocess(images(sizes))
-    mine = model.postprocess(model.forward(batch), sizes)
+    batch_images = images(sizes)
+    mine = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
     assert 1 in calls and max(calls) > 1, calls
-    assert check_semantic(model, model.processor, reference_outputs(model, batch), sizes, mine) > 1
+    compared = sum(
+        check_semantic(model, model.processor, reference_outputs(model, image), [size], [segments])
+        for image, size, segments in zip(batch_images, sizes, mine)
+    )
+    assert compared > 1

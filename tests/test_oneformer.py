@@ -13,7 +13,7 @@ import torch
 from rayseg.models.oneformer import build_oneformer
 from rayseg.models.weights import WeightsError
 
-from .test_maskformer import MASK_THRESHOLD, check_map, check_semantic, images, sharpen
+from .test_maskformer import MASK_THRESHOLD, SIZES, check_map, check_semantic, images, same_segments, sharpen
 
 CLASS_INFO = {"0": {"name": "class_0", "isthing": 1}, "1": {"name": "class_1", "isthing": 1},
               "2": {"name": "class_2", "isthing": 0}, "3": {"name": "class_3", "isthing": 0}}  # fmt: skip
@@ -53,10 +53,10 @@ def checkpoint(tmp_path_factory):
     for suffix in ("", "</w>"):
         for char in string.ascii_lowercase:
             vocab[char + suffix] = len(vocab)
-    (work / "vocab.json").write_text(json.dumps(vocab))
-    (work / "merges.txt").write_text("#version: 0.2\n")
     (work / "class_info.json").write_text(json.dumps(CLASS_INFO))
-    tokenizer = CLIPTokenizer(vocab_file=str(work / "vocab.json"), merges_file=str(work / "merges.txt"))
+    # transformers 5 builds the tokenizer from `vocab` and `merges` (it ignores vocab_file /
+    # merges_file: every word would be the unknown token and the three tasks' prompts equal).
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     image_processor = OneFormerImageProcessor(
         class_info_file="class_info.json", repo_path=str(work), num_text=2, size={"shortest_edge": 64, "longest_edge": 128}
     )
@@ -72,41 +72,69 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
+def reference_outputs(model, image):
+    """The network run directly on OneFormerProcessor's inputs for `image` alone, its task
+    tokens included."""
+    encoded = model.processor(images=[image], task_inputs=[model.task], return_tensors="pt")
+    with torch.no_grad():
+        return model.network(pixel_values=encoded["pixel_values"], task_inputs=encoded["task_inputs"])
+
+
 def test_all_tasks_equal_the_image_processor_post_processing(checkpoint):
-    sizes = [(48, 72), (48, 72)]  # same size: no padding, which the processor ignores
+    """A mixed-size batch, each image against the processor and network run on it alone."""
+    sizes = SIZES["maskformer"]  # the same resizing rule: each alone without padding
     batch_images = images(sizes, seed=2)
     counts = {}
     for task in ("semantic", "instance", "panoptic"):
-        threshold = None if task == "instance" else 0.3
+        threshold = None if task != "panoptic" else 0.3
         model = build_oneformer(str(checkpoint), task=task, score_threshold=threshold, overlap_mask_area_threshold=OVERLAP)
         assert [c.isthing for c in model.categories] == [True, True, False, False]
-        batch = model.preprocess(batch_images)
-        mine = model.postprocess(model.forward(batch), sizes)
-        with torch.no_grad():
-            outputs = model.network(**model._inputs(batch))
+        mine = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
         processor = model.processor.image_processor
-        if task == "semantic":
-            counts[task] = check_semantic(model, processor, outputs, sizes, mine)
-        elif task == "instance":
-            reference = processor.post_process_instance_segmentation(
-                outputs, task_type="instance", mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
-                target_sizes=sizes,
-            )  # fmt: skip
-            counts[task] = check_map(reference, mine, panoptic=False)
-        else:
-            reference = processor.post_process_panoptic_segmentation(
-                outputs, threshold=threshold, mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
-                label_ids_to_fuse={2, 3}, target_sizes=sizes,
-            )  # fmt: skip
-            counts[task] = check_map(reference, mine, panoptic=True)
+        counts[task] = 0
+        for image, size, segments in zip(batch_images, sizes, mine):
+            outputs = reference_outputs(model, image)
+            if task == "semantic":
+                counts[task] += check_semantic(model, processor, outputs, [size], [segments])
+            elif task == "instance":
+                reference = processor.post_process_instance_segmentation(
+                    outputs, task_type="instance", mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
+                    target_sizes=[size],
+                )  # fmt: skip
+                counts[task] += check_map(reference, [segments], panoptic=False)
+            else:
+                reference = processor.post_process_panoptic_segmentation(
+                    outputs, threshold=threshold, mask_threshold=MASK_THRESHOLD, overlap_mask_area_threshold=OVERLAP,
+                    label_ids_to_fuse={2, 3}, target_sizes=[size],
+                )  # fmt: skip
+                counts[task] += check_map(reference, [segments], panoptic=True)
     assert all(counts.values()), f"random weights must give segments to compare: {counts}"
 
 
-def test_task_tokens_come_from_the_checkpoint_tokenizer(checkpoint):
-    semantic = build_oneformer(str(checkpoint), task="semantic")
-    assert semantic.task_tokens.shape == (1, SEQ)
-    expected = semantic.processor._preprocess_text(["the task is semantic"], max_length=SEQ)
-    assert torch.equal(semantic.task_tokens, expected)
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_a_prediction_never_depends_on_its_batch_neighbours(checkpoint, task):
+    sizes = [(48, 48), (48, 96), (80, 40), (40, 56), (48, 48)]
+    batch_images = images(sizes, seed=3)
+    model = build_oneformer(str(checkpoint), task=task, overlap_mask_area_threshold=OVERLAP)
+    together = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
+    assert sum(map(len, together)), "random weights must give segments to compare"
+    for image, size, segments in zip(batch_images, sizes, together):
+        alone = model.postprocess(model.forward(model.preprocess([image])), [size])[0]
+        assert same_segments(segments, alone), f"{task}: the {size} image differs in a mixed batch"
+
+
+def test_task_tokens_come_from_the_checkpoint_tokenizer_and_differ_per_task(checkpoint):
+    tokens = {}
+    for task in ("semantic", "instance", "panoptic"):
+        model = build_oneformer(str(checkpoint), task=task)
+        assert model.task_tokens.shape == (1, SEQ)
+        # What OneFormerProcessor itself gives as this task's input.
+        expected = model.processor(images=[images([(48, 72)])[0]], task_inputs=[task], return_tensors="pt")["task_inputs"]
+        assert torch.equal(model.task_tokens, expected)
+        tokens[task] = model.task_tokens
+    assert not torch.equal(tokens["semantic"], tokens["instance"])
+    assert not torch.equal(tokens["semantic"], tokens["panoptic"])
+    assert not torch.equal(tokens["instance"], tokens["panoptic"])
 
 
 @pytest.mark.parametrize(
