@@ -207,14 +207,22 @@ def test_all_tasks_equal_the_image_processor_post_processing(checkpoints, name):
 @pytest.mark.parametrize("name", ["maskformer", "mask2former"])
 @pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
 def test_a_prediction_never_depends_on_its_batch_neighbours(checkpoints, name, task):
-    sizes = [(48, 48), (48, 96), (80, 40), (40, 56), (48, 48)]
-    batch_images = images(sizes, seed=3)
     model = BUILDERS[name](checkpoints[name], task=task, score_threshold=0.1, category_file=checkpoints["category_file"])
-    together = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
+    assert_independent_of_batch_neighbours(model)
+
+
+# Portrait, landscape and square, two of one size: processed inputs of three shapes.
+NEIGHBOUR_SIZES = [(48, 48), (48, 96), (80, 40), (40, 56), (48, 48)]
+
+
+def assert_independent_of_batch_neighbours(model) -> None:
+    """Each image of a mixed-size batch gets the segments it gets alone (`same_segments`)."""
+    batch_images = images(NEIGHBOUR_SIZES, seed=3)
+    together = model.postprocess(model.forward(model.preprocess(batch_images)), NEIGHBOUR_SIZES)
     assert sum(map(len, together)), "random weights must give segments to compare"
-    for image, size, segments in zip(batch_images, sizes, together):
+    for image, size, segments in zip(batch_images, NEIGHBOUR_SIZES, together):
         alone = model.postprocess(model.forward(model.preprocess([image])), [size])[0]
-        assert same_segments(segments, alone), f"{name} {task}: the {size} image differs in a mixed batch"
+        assert same_segments(segments, alone), f"{model.name} {model.task}: the {size} image differs in a mixed batch"
 
 
 def test_images_of_one_processed_shape_share_a_network_call(checkpoints):

@@ -13,7 +13,15 @@ import torch
 from rayseg.models.oneformer import build_oneformer
 from rayseg.models.weights import WeightsError
 
-from .test_maskformer import MASK_THRESHOLD, SIZES, check_map, check_semantic, images, same_segments, sharpen
+from .test_maskformer import (
+    MASK_THRESHOLD,
+    SIZES,
+    assert_independent_of_batch_neighbours,
+    check_map,
+    check_semantic,
+    images,
+    sharpen,
+)
 
 CLASS_INFO = {"0": {"name": "class_0", "isthing": 1}, "1": {"name": "class_1", "isthing": 1},
               "2": {"name": "class_2", "isthing": 0}, "3": {"name": "class_3", "isthing": 0}}  # fmt: skip
@@ -113,14 +121,7 @@ def test_all_tasks_equal_the_image_processor_post_processing(checkpoint):
 
 @pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
 def test_a_prediction_never_depends_on_its_batch_neighbours(checkpoint, task):
-    sizes = [(48, 48), (48, 96), (80, 40), (40, 56), (48, 48)]
-    batch_images = images(sizes, seed=3)
-    model = build_oneformer(str(checkpoint), task=task, overlap_mask_area_threshold=OVERLAP)
-    together = model.postprocess(model.forward(model.preprocess(batch_images)), sizes)
-    assert sum(map(len, together)), "random weights must give segments to compare"
-    for image, size, segments in zip(batch_images, sizes, together):
-        alone = model.postprocess(model.forward(model.preprocess([image])), [size])[0]
-        assert same_segments(segments, alone), f"{task}: the {size} image differs in a mixed batch"
+    assert_independent_of_batch_neighbours(build_oneformer(str(checkpoint), task=task, overlap_mask_area_threshold=OVERLAP))
 
 
 def test_task_tokens_come_from_the_checkpoint_tokenizer_and_differ_per_task(checkpoint):
