@@ -39,9 +39,8 @@ alone and images whose inputs then share a shape run as one batch (`preprocess`)
 
 Padding: the processors' post-processing resizes the padded mask straight to the image (a
 known skew for padded images). Here the padding is cut off first (masks resized to the
-padded input, cropped to
-the image's resized extent); Mask2Former always resizes to the input first (the processor
-does, to 384×384, the input size of its published checkpoints).
+padded input, cropped to the image's resized extent); Mask2Former always resizes to the
+input first (the processor does, to 384×384, the input size of its published checkpoints).
 """
 
 from __future__ import annotations
