@@ -40,6 +40,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import Params
 
+from ..coco_masks import annotation_rle
 from .base import DatasetEvaluator, Prediction, RankedImage, finite_or_none
 from .data import InstanceImage
 
@@ -189,7 +190,7 @@ class InstanceEvaluator(DatasetEvaluator):
             box_area = prediction.bbox[dts, 2] * prediction.bbox[dts, 3]
             if iou_type == "segm":
                 d = [prediction.rle_dict(i) for i in dts.tolist()]
-                g = [_annotation_rle(a, gt.height, gt.width) for a in anns]
+                g = [annotation_rle(a, gt.height, gt.width) for a in anns]
                 if self.segm_area == "box":
                     dt_area = box_area
                 else:
@@ -399,16 +400,6 @@ def _metric(value: float) -> float | None:
 
 def _curve(values: np.ndarray) -> list[float] | None:
     return None if (values == -1).all() else [float(v) for v in values]
-
-
-def _annotation_rle(annotation: dict, height: int, width: int):
-    """COCO.annToRLE: polygons and uncompressed RLE → compressed RLE; compressed as is."""
-    segmentation = annotation["segmentation"]
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: np.ndarray):

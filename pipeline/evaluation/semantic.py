@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 
 from ..storage import filesystem
 from .base import DatasetEvaluator, EvaluationError, Prediction, RankedImage, finite_or_none
+from .confusion import class_iou, mean_defined
 from .data import SemanticImage
 
 # Label ids above this would make the dense confusion matrix unreasonably large.
@@ -166,17 +167,15 @@ class SemanticEvaluator(DatasetEvaluator):
         tp = np.diag(conf).astype(np.float64)
         pos_gt = self.matrix[index].sum(axis=1).astype(np.float64)  # every prediction + unpredicted
         pos_pred = self.matrix[:, index].sum(axis=0).astype(np.float64) if len(ids) else np.zeros(0)
-        union = pos_gt + pos_pred - tp
-        iou = np.full(len(ids), np.nan)
+        iou = class_iou(tp, pos_gt, pos_pred)
         acc = np.full(len(ids), np.nan)
-        np.divide(tp, union, out=iou, where=union > 0)
         np.divide(tp, pos_gt, out=acc, where=pos_gt > 0)
         total = pos_gt.sum()
         has_gt = pos_gt > 0
         metrics = {
-            "mIoU": _nanmean(iou),
+            "mIoU": mean_defined(iou),
             "fwIoU": float(np.sum(pos_gt[has_gt] / total * iou[has_gt])) if total else None,
-            "mAcc": _nanmean(acc),
+            "mAcc": mean_defined(acc),
             "pAcc": float(tp.sum() / total) if total else None,
         }
         names = self.class_names(ids)
@@ -205,8 +204,3 @@ class SemanticEvaluator(DatasetEvaluator):
             },
             "pixels": {"evaluated": int(total), "unpredicted": int(self.matrix[:, n].sum())},
         }
-
-
-def _nanmean(values: np.ndarray) -> float | None:
-    defined = values[~np.isnan(values)]
-    return float(np.sum(defined) / len(defined)) if len(defined) else None

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
+from ..coco_masks import annotation_mask
 from ..schema import OUTPUT_SCHEMA
 from ..sink import RUN_FILE
 from ..storage import filesystem
@@ -100,13 +101,6 @@ def write_predictions(rows: list[dict], output: str, *, run_info: dict | None = 
     with fs.open(posixpath.join(root, RUN_FILE), "w") as f:
         json.dump(info, f, indent=2)
     return output
-
-
-def annotation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
-    """A COCO annotation's mask (polygons, uncompressed or compressed RLE) as bool (H, W)."""
-    from .instance import _annotation_rle
-
-    return mask_utils.decode(_annotation_rle(annotation, height, width)).astype(bool)
 
 
 def shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..coco_masks import annotation_mask
 from ..storage import filesystem
 from .base import Prediction
 from .data import InstanceImage, PanopticImage, SemanticImage
@@ -127,12 +128,10 @@ def ground_truth_masks(gt, task: str, storage_options: dict | None, ignore_label
     """The ground truth's masks to draw, and the image size they imply."""
     masks = []
     if task == "instance":
-        from .instance import _annotation_rle
-
         assert isinstance(gt, InstanceImage)
         seen: dict[int, int] = {}
         for annotation in gt.annotations:
-            mask = mask_utils.decode(_annotation_rle(annotation, gt.height, gt.width)).astype(bool)
+            mask = annotation_mask(annotation, gt.height, gt.width)
             category = annotation["category_id"]
             color = instance_shade(category_color(category), seen.get(category, 0))
             seen[category] = seen.get(category, 0) + 1
