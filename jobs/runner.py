@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import posixpath
 import time
-import uuid
 
 import ray
 
@@ -23,6 +22,7 @@ from ..pipeline.sink import (
     RunSummary,
     check_attempt,
     check_output,
+    new_run_id,
     read_run,
     staged_image_ids,
     write_run,
@@ -32,11 +32,6 @@ from . import cluster
 from .spec import ResourcesSection, SegmentSpec
 
 log = logging.getLogger("rayseg")
-
-
-def new_run_id() -> str:
-    """UTC time plus a random suffix: sortable, and unique across concurrent runs."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def model_spec(spec: SegmentSpec) -> ModelSpec:

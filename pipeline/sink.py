@@ -14,6 +14,7 @@ import json
 import logging
 import posixpath
 import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -37,6 +38,11 @@ ROWS_PER_FILE = 5000
 
 class OutputError(ValueError):
     """An OUTPUT that cannot take this run."""
+
+
+def new_run_id() -> str:
+    """UTC time plus a random suffix: sortable, and unique across concurrent runs."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclass(frozen=True)
