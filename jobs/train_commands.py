@@ -1,4 +1,4 @@
-"""`rayseg train unet DATA --out WEIGHTS`: the command line of jobs/train.py."""
+"""`rayseg train unet DATA --out WEIGHTS`: the command line of pipeline/training."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rich.table import Table
 from ..models.weights import WeightsError
 from ..pipeline.resources import ResourceError
 from ..pipeline.storage import parse_storage_options
+from ..pipeline.training import DEFAULT_DEPTH, DEFAULT_WIDTH, TrainingError, parse_size, train_unet
 from . import cluster
 from .terminal import fail
-from .train import DEFAULT_DEPTH, DEFAULT_WIDTH, TrainingError, parse_size, train_unet
 
 log = logging.getLogger("rayseg")
 

@@ -16,10 +16,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from rayseg.jobs.fixtures import make_fixtures
-from rayseg.jobs.train import iou_from_confusion, label_lookup, map_label_ids
 from rayseg.models.categories import SHAPES
 from rayseg.models.registry import REGISTRY
 from rayseg.models.unet import CONFIG_FILE, WEIGHTS_FILE, UNetSegmenter, build_unet, load_unet
+from rayseg.pipeline.evaluation.confusion import iou_from_confusion
+from rayseg.pipeline.training.data import label_lookup, map_label_ids
 
 DEMO_WEIGHTS = REGISTRY["unet"].default_weights
 # Training used seed 1, the demo and the README's numbers seed 1000; this seed is neither.

@@ -13,33 +13,22 @@ import pytest
 import torch
 
 from rayseg.jobs.fixtures import make_fixtures
-from rayseg.jobs.train import (
-    IGNORE,
-    DecodePairs,
-    TrainingError,
-    augment,
-    confusion_matrix,
-    cosine_lr,
-    warmup_steps,
-    find_training_data,
-    iou_from_confusion,
-    label_lookup,
-    load_history,
-    load_training_state,
-    map_label_ids,
-    normalise,
-    plan_train_resources,
-    save_checkpoint,
-    segmentation_loss,
-    split_items,
-    train_unet,
-)
 from rayseg.models.base import Segment
 from rayseg.models.categories import SHAPES, Category
 from rayseg.models.registry import model_options
 from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet, load_unet
 from rayseg.models.unet_instances import semantic_to_instances
+from rayseg.pipeline.evaluation.confusion import iou_from_confusion
 from rayseg.pipeline.resources import ResourceError
+from rayseg.pipeline.training import TrainingError, train_unet
+from rayseg.pipeline.training.augment import augment, normalise
+from rayseg.pipeline.training.checkpoints import load_history, load_training_state, save_checkpoint
+from rayseg.pipeline.training.data import IGNORE, find_training_data, label_lookup, map_label_ids, split_items
+from rayseg.pipeline.training.loss import segmentation_loss
+from rayseg.pipeline.training.pairs import DecodePairs
+from rayseg.pipeline.training.resources import plan_train_resources
+from rayseg.pipeline.training.schedule import cosine_lr, warmup_steps
+from rayseg.pipeline.training.validation import confusion_matrix
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,7 +88,7 @@ def test_instances_json_adds_a_background_class_and_rasterises_like_the_label_pn
 
 
 def test_background_category_of_the_json_is_used_and_crowds_are_ignored(tmp_path):
-    from rayseg.jobs.train import rasterise_instances
+    from rayseg.pipeline.training.pairs import rasterise_instances
     from pycocotools import mask as mask_utils
 
     categories = [Category(7, "background", False), Category(3, "cat", True)]
