@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..models.categories import load_category_file
 from ..pipeline.evaluation.base import EvaluationError
-from ..pipeline.evaluation.data import TASKS, infer_task, prediction_files, read_run_info, run_task
+from ..pipeline.evaluation.data import TASKS, infer_task
 from ..pipeline.evaluation.instance import IOU_TYPES, SEGM_AREAS
 from ..pipeline.evaluation.runner import DEFAULT_IGNORE_LABELS
 from ..pipeline.export import (
@@ -27,6 +27,8 @@ from ..pipeline.export import (
     export_coco_results,
 )
 from ..pipeline.panoptic_export import export_panoptic
+from ..pipeline.run_reader import prediction_files, read_run_info, run_task
+from ..pipeline.sink import OutputError
 from ..pipeline.storage import parse_storage_options
 from .terminal import fail
 
@@ -101,7 +103,7 @@ def evaluate(
             ranking_k=thumbnails,
             score_threshold=score_threshold,
         )
-    except EvaluationError as e:
+    except (EvaluationError, OutputError) as e:
         raise fail(str(e)) from None
     except Exception as e:
         log.exception("evaluation failed")
@@ -160,7 +162,7 @@ def export_coco(
         options = parse_storage_options(storage_option)
         prediction_files(predictions, options)
         summary = export_coco_results(predictions, out, annotations=annotations, storage_options=options)
-    except (ExportError, EvaluationError, ValueError) as e:
+    except (ExportError, OutputError, ValueError) as e:
         raise fail(str(e)) from None
     _print_export(summary, "COCO results")
 
@@ -176,7 +178,7 @@ def export_dataset(
         options = parse_storage_options(storage_option)
         prediction_files(predictions, options)
         summary = export_coco_dataset(predictions, out, annotations=annotations, storage_options=options)
-    except (ExportError, EvaluationError, ValueError) as e:
+    except (ExportError, OutputError, ValueError) as e:
         raise fail(str(e)) from None
     _print_export(summary, "COCO dataset")
 

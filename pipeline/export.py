@@ -30,11 +30,8 @@ from typing import Iterator
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .evaluation.base import Prediction
-from .evaluation.data import predictions_from_table, prediction_files, read_run_info, uri_tails
+from .run_reader import PREDICTION_COLUMNS, Prediction, prediction_files, predictions_from_table, read_run_info, uri_tails
 from .storage import filesystem, full_uri, move, remove
-
-ROW_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
 
 
 class ExportError(ValueError):
@@ -150,7 +147,7 @@ def iter_rows(predictions: str, storage_options: dict | None = None) -> Iterator
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
             for row_group in range(parquet.metadata.num_row_groups):
-                yield from predictions_from_table(parquet.read_row_group(row_group, columns=ROW_COLUMNS))
+                yield from predictions_from_table(parquet.read_row_group(row_group, columns=PREDICTION_COLUMNS))
 
 
 def _segmentation(prediction: Prediction, index: int) -> dict:

@@ -27,7 +27,7 @@ run's task (`_run.json`): a semantic run's classes are stuff (one region per cla
 image), an instance or panoptic run's are things.
 
 Reads only a committed run: the files its `_run.json` lists, or one Parquet file given
-directly (pipeline/evaluation/data.py's prediction_files); rows stream one row group at a
+directly (pipeline/run_reader.py's prediction_files); rows stream one row group at a
 time, the json is written at the end.
 """
 
@@ -47,12 +47,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..models.categories import load_category_file
-from .evaluation.base import Prediction
-from .evaluation.data import prediction_files, predictions_from_table, read_run_info, run_task
+from .run_reader import PREDICTION_COLUMNS, Prediction, prediction_files, predictions_from_table, read_run_info, run_task
 from .sink import RUN_FILE, committed_files
 from .storage import filesystem
 
-ROW_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
 JSON_NAME = "panoptic.json"
 PNG_DIR = "panoptic"
 MAX_ID = 256**3 - 1
@@ -119,7 +117,7 @@ def _rows(predictions: str, storage_options: dict | None) -> Iterator[Prediction
         with file_fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             for row_group in range(parquet.metadata.num_row_groups):
-                yield from predictions_from_table(parquet.read_row_group(row_group, columns=ROW_COLUMNS))
+                yield from predictions_from_table(parquet.read_row_group(row_group, columns=PREDICTION_COLUMNS))
 
 
 def panoptic_image(prediction: Prediction) -> tuple[np.ndarray, list[dict], int]:

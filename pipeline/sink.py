@@ -37,7 +37,8 @@ ROWS_PER_FILE = 5000
 
 
 class OutputError(ValueError):
-    """An OUTPUT that cannot take this run."""
+    """An OUTPUT that cannot take this run, or that holds no committed run to read
+    (pipeline/run_reader.py)."""
 
 
 def new_run_id() -> str:

@@ -358,7 +358,8 @@ def test_no_detections_at_all(tmp_path):
 
 def test_evaluator_protocol_reset_process_merge_evaluate(dataset, tmp_path):
     """detectron2-style use without the runner: two halves merged equal the whole."""
-    from rayseg.pipeline.evaluation.data import load_ground_truth, prediction_files, read_predictions
+    from rayseg.pipeline.evaluation.data import load_ground_truth
+    from rayseg.pipeline.run_reader import prediction_files, read_predictions
 
     fixtures, gt, path = dataset
     syn.write_predictions(syn.perturbed_instances(gt, seed=21), str(tmp_path / "pred"))

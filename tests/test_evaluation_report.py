@@ -232,7 +232,7 @@ def test_evaluate_instance_predictions_through_the_cli_on_ray(ray_cluster, shape
 
 
 def test_the_task_a_run_produced_is_read_from_its_run_record():
-    from rayseg.pipeline.evaluation.data import run_task
+    from rayseg.pipeline.run_reader import run_task
 
     assert run_task({"model": "unet"}) == "semantic"
     assert run_task({"model": "unet", "spec": {"model": {"options": {"task": "instance"}}}}) == "instance"

@@ -11,8 +11,9 @@ Evaluators follow detectron2's `reset / process / evaluate`, plus `merge` so tha
 evaluators of different shards sum exactly (see base.py).
 """
 
-from .base import DatasetEvaluator, EvaluationError, ExactSum, ImageRanking, Prediction, RankedImage, RowLocation
-from .data import GroundTruth, infer_task, load_ground_truth, prediction_files, read_predictions
+from ..run_reader import Prediction, RowLocation, prediction_files, read_predictions
+from .base import DatasetEvaluator, EvaluationError, ExactSum, ImageRanking, RankedImage
+from .data import GroundTruth, infer_task, load_ground_truth
 from .instance import InstanceEvaluator
 from .panoptic import PanopticEvaluator
 from .report import render, write_report

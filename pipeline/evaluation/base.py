@@ -1,4 +1,4 @@
-"""What every evaluator shares: the detectron2-style protocol, prediction rows, exact sums.
+"""What every evaluator shares: the detectron2-style protocol, exact sums, image rankings.
 
 An evaluator is built once with its configuration, then used like detectron2's
 `DatasetEvaluator`:
@@ -20,75 +20,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
+from ..run_reader import Prediction, RowLocation
 
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated (bad paths, unknown task, mismatched ground truth)."""
-
-
-@dataclass(frozen=True)
-class RowLocation:
-    """Where a prediction row lives: Parquet file, row group, row within the group."""
-
-    file: str
-    row_group: int
-    row: int
-
-
-@dataclass
-class Prediction:
-    """One prediction row (OUTPUT_SCHEMA), its segments as columns.
-
-    score is the stored float32 widened to float64 (exactly), bbox (n, 4) [x, y, w, h].
-    """
-
-    image_id: str
-    uri: str | None
-    height: int | None
-    width: int | None
-    status: str
-    error: str | None
-    category_id: np.ndarray
-    label: list
-    score: np.ndarray
-    bbox: np.ndarray
-    area: np.ndarray
-    rle: list
-    segment_id: list
-    iscrowd: np.ndarray
-    location: RowLocation | None = None
-
-    def __len__(self) -> int:
-        return len(self.rle)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def rle_dict(self, index: int) -> dict:
-        """Segment `index` as a pycocotools RLE object."""
-        return {"size": [int(self.height), int(self.width)], "counts": self.rle[index]}
-
-    def without_segments(self) -> "Prediction":
-        """The same row with no segments (error rows, rows whose size contradicts the ground truth)."""
-        return Prediction(
-            self.image_id,
-            self.uri,
-            self.height,
-            self.width,
-            self.status,
-            self.error,
-            np.zeros(0, np.int64),
-            [],
-            np.zeros(0, np.float64),
-            np.zeros((0, 4), np.float64),
-            np.zeros(0, np.int64),
-            [],
-            [],
-            np.zeros(0, bool),
-            self.location,
-        )
 
 
 class ExactSum:

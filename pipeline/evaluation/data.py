@@ -1,6 +1,7 @@
-"""Reading predictions and ground truth, joining them per image, and cutting the work into shards.
+"""Reading ground truth, joining predictions to it per image, and cutting the work into shards.
 
-Predictions are the Parquet rows of a `rayseg segment` OUTPUT (pipeline/schema.py). Ground
+Predictions are the Parquet rows of a `rayseg segment` OUTPUT (pipeline/schema.py), read
+by pipeline/run_reader.py. Ground
 truth is a COCO instances json, a COCO panoptic json + PNG directory, or a directory of
 semantic label PNGs. A prediction's `image_id` is either the COCO image id (as a string)
 or the image's path relative to the input ("000003.png"); it joins to the ground truth's
@@ -18,168 +19,15 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..sink import RUN_FILE
+from ..run_reader import uri_tails
 from ..storage import filesystem, full_uri
-from .base import EvaluationError, Prediction, RowLocation
+from .base import EvaluationError
 
-PREDICTION_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
 TASKS = ("instance", "semantic", "panoptic")
 # Examples of unmatched ids kept for the report, so a user can see why a join failed.
 EXAMPLES = 5
-
-
-# --- predictions ----------------------------------------------------------------------------
-
-
-def prediction_files(predictions: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
-    """(fsspec filesystem, sorted Parquet files) of a predictions OUTPUT directory or one file.
-
-    A directory must hold a committed run (its `_run.json`): one still running, or one that
-    died, is refused. Files under `_`- or `.`-prefixed directories (Ray's `_staging`) are not
-    part of the run.
-    """
-    fs, root = filesystem(predictions, storage_options)
-    if not fs.exists(root):
-        raise EvaluationError(f"predictions not found: {predictions}")
-    if not fs.isdir(root):
-        return fs, [full_uri(fs, root)]
-    if not fs.exists(posixpath.join(root, RUN_FILE)):
-        raise EvaluationError(
-            f"{predictions} holds no committed run ({RUN_FILE} missing): it is still running, or it "
-            "stopped before committing (`rayseg segment --resume` finishes it)"
-        )
-    files = []
-    for path in fs.find(root):
-        relative = posixpath.relpath(path, root.rstrip("/") or "/")
-        if path.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in relative.split("/")):
-            files.append(path)
-    if not files:
-        raise EvaluationError(f"no Parquet files in {predictions}: is it a `rayseg segment` OUTPUT?")
-    # Full URIs: shards reopen them in other processes, where only the URI names the filesystem.
-    return fs, [full_uri(fs, path) for path in sorted(files)]
-
-
-def read_run_info(predictions: str, storage_options: dict | None = None) -> dict:
-    """The run's `_run.json` (model, weights, sha256, run id), or {} when there is none."""
-    fs, root = filesystem(predictions, storage_options)
-    path = posixpath.join(root if fs.isdir(root) else posixpath.dirname(root), RUN_FILE)
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def run_task(run: dict) -> str | None:
-    """The kind of segments a run's `_run.json` says it produced: its model's `task` option,
-    else the registry's task for it (a promptable model's masks are instances); None for a
-    model the registry does not know."""
-    from ...models.registry import REGISTRY
-
-    entry = REGISTRY.get(run.get("model"))
-    if entry is None:
-        return None
-    options = ((run.get("spec") or {}).get("model") or {}).get("options") or {}
-    task = options.get("task") or entry.task
-    return "instance" if task == "promptable" else task
-
-
-def read_predictions(fs, parts: list[tuple[str, int, list[int]]]) -> list[Prediction]:
-    """The rows at (file, row group, row indices) parts, in that order, with their segments."""
-    predictions: list[Prediction] = []
-    for file, row_group, rows in parts:
-        with fs.open(file, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(row_group, columns=PREDICTION_COLUMNS)
-        first = min(rows)
-        table = table.slice(first, max(rows) - first + 1)
-        converted = predictions_from_table(table)
-        for row in rows:
-            prediction = converted[row - first]
-            prediction.location = RowLocation(file, row_group, row)
-            predictions.append(prediction)
-    return predictions
-
-
-def predictions_from_table(table: pa.Table, locations: list[RowLocation] | None = None) -> list[Prediction]:
-    """OUTPUT_SCHEMA rows → Prediction objects, segments converted column by column."""
-    columns = {name: table.column(name).to_pylist() for name in ("image_id", "uri", "width", "height", "status", "error")}
-    segments = table.column("segments").combine_chunks()
-    offsets = _numpy(segments.offsets, np.int64)
-    offsets = offsets - offsets[0]
-    values = segments.flatten()
-    fields = dict(zip([f.name for f in values.type], values.flatten()))
-    count = len(values)
-    category_id = _numpy(fields["category_id"], np.int64)
-    score = _numpy(fields["score"], np.float64)
-    area = _numpy(fields["area"], np.int64)
-    iscrowd = _numpy(fields["iscrowd"], bool)
-    boxes = fields["bbox"]
-    box_offsets = _numpy(boxes.offsets, np.int64)
-    if count and not (np.diff(box_offsets) == 4).all():
-        raise EvaluationError("a segment's bbox is not [x, y, w, h]")
-    bbox = _numpy(boxes.flatten(), np.float64).reshape(count, 4)
-    rle = fields["rle"].to_pylist()
-    label = fields["label"].to_pylist()
-    segment_id = fields["segment_id"].to_pylist()
-    rows = []
-    for i in range(table.num_rows):
-        a, b = offsets[i], offsets[i + 1]
-        rows.append(
-            Prediction(
-                image_id=columns["image_id"][i],
-                uri=columns["uri"][i],
-                height=columns["height"][i],
-                width=columns["width"][i],
-                status=columns["status"][i],
-                error=columns["error"][i],
-                category_id=category_id[a:b],
-                label=label[a:b],
-                score=score[a:b],
-                bbox=bbox[a:b],
-                area=area[a:b],
-                rle=rle[a:b],
-                segment_id=segment_id[a:b],
-                iscrowd=iscrowd[a:b],
-                location=locations[i] if locations else None,
-            )
-        )
-    return rows
-
-
-_NUMPY_TYPES = {
-    pa.int8(): np.int8,
-    pa.int16(): np.int16,
-    pa.int32(): np.int32,
-    pa.int64(): np.int64,
-    pa.uint8(): np.uint8,
-    pa.uint16(): np.uint16,
-    pa.uint32(): np.uint32,
-    pa.uint64(): np.uint64,
-    pa.float32(): np.float32,
-    pa.float64(): np.float64,
-}
-
-
-def _numpy(array: pa.Array, dtype) -> np.ndarray:
-    """A primitive Arrow array as numpy (nulls as 0), read from its buffer.
-
-    (pyarrow's own to_numpy imports pandas, a third of a second in every fresh worker.)
-    """
-    if array.null_count:
-        array = pc.fill_null(array, False if pa.types.is_boolean(array.type) else 0)
-    n, offset = len(array), array.offset
-    data = array.buffers()[1]
-    if data is None or n == 0:
-        return np.zeros(n, dtype=dtype)
-    if pa.types.is_boolean(array.type):
-        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-        return bits[offset : offset + n].astype(dtype)
-    values = np.frombuffer(data, dtype=_NUMPY_TYPES[array.type])[offset : offset + n]
-    return values.astype(dtype)
 
 
 # --- ground truth ---------------------------------------------------------------------------
@@ -243,14 +91,6 @@ class GroundTruth:
             if key is not None:
                 break
         return key
-
-
-def uri_tails(uri: str | None, depth: int = 3) -> list[str]:
-    """The last 1…`depth` '/'-separated parts of `uri`, shortest first: what a COCO
-    `file_name` ("0001.jpg", "train/0001.jpg") may be, for rows whose image_id is not (a
-    manifest's own ids)."""
-    parts = (uri or "").rstrip("/").split("/")
-    return ["/".join(parts[-count:]) for count in range(1, min(depth, len(parts)) + 1) if parts[-1]]
 
 
 def _label_png_candidates(image_id: str, uri: str | None) -> list[str]:

@@ -41,7 +41,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import Params
 
 from ..coco_masks import annotation_rle
-from .base import DatasetEvaluator, Prediction, RankedImage, finite_or_none
+from ..run_reader import Prediction
+from .base import DatasetEvaluator, RankedImage, finite_or_none
 from .data import InstanceImage
 
 IOU_TYPES = ("segm", "bbox")

@@ -27,8 +27,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..run_reader import Prediction
 from ..storage import filesystem
-from .base import DatasetEvaluator, EvaluationError, ExactSum, Prediction, RankedImage
+from .base import DatasetEvaluator, EvaluationError, ExactSum, RankedImage
 from .data import PanopticImage
 
 VOID = 0

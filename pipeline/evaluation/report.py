@@ -18,9 +18,9 @@ from importlib import resources
 import numpy as np
 
 from ... import __version__
+from ..run_reader import read_predictions
 from ..storage import filesystem, full_uri
 from .base import RankedImage
-from .data import read_predictions
 from .runner import EvaluationResult
 
 log = logging.getLogger("rayseg")

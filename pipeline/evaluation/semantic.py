@@ -28,8 +28,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..run_reader import Prediction
 from ..storage import filesystem
-from .base import DatasetEvaluator, EvaluationError, Prediction, RankedImage, finite_or_none
+from .base import DatasetEvaluator, EvaluationError, RankedImage, finite_or_none
 from .confusion import class_iou, mean_defined
 from .data import SemanticImage
 

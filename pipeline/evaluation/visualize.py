@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..coco_masks import annotation_mask
+from ..run_reader import Prediction
 from ..storage import filesystem
-from .base import Prediction
 from .data import InstanceImage, PanopticImage, SemanticImage
 
 log = logging.getLogger("rayseg")
