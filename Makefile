@@ -12,10 +12,13 @@ BENCH_ARGS ?=
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml
+# The example outside model family (tests/example_family) is installed beside rayseg, as a
+# user's own family would be: the tests and benchmarks find it through its entry point.
+$(INSTALLED): pyproject.toml tests/example_family/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -e tests/example_family
 	touch $@
 
 demo: $(INSTALLED)

@@ -1,7 +1,7 @@
 """What an inference actor's output costs Ray, by how the rows are cut: the two reasons CPU
 actors take whole blocks and hand on contiguous tables (pipeline/inference.py).
 
-1. Serialisation: 256 output rows of the trivial model (benchmarks/threshold_model.py) as
+1. Serialisation: 256 output rows of the trivial model (tests/example_family, an outside model family) as
    Ray Data builds a block from 8-image batches — one table of 32 chunks — against the same
    rows in one chunk, through Ray's serialisation context and through plain pickle 5.
 2. Per-call cost: an identity actor over 100,000 {image_id, uri} rows, one actor of ¼ CPU,
@@ -24,7 +24,6 @@ from ray.data import ActorPoolStrategy
 
 from rayseg.pipeline.inference import ImageSegmenter
 
-from . import threshold_model
 
 ROWS = 256
 MODEL_BATCH = 8
@@ -33,9 +32,8 @@ CALL_ROWS = 100_000
 
 def output_batches(fixtures: Path) -> list[pa.Table]:
     """Output rows (OUTPUT_SCHEMA) of the first ROWS images, one table per model batch."""
-    threshold_model.register()
     paths = sorted(str(p) for p in (fixtures / "images").glob("*.png"))[:ROWS]
-    actor = ImageSegmenter(threshold_model.NAME, "random", decode_options={}, encode=True, batch_size=MODEL_BATCH)
+    actor = ImageSegmenter("threshold", "random", decode_options={}, encode=True, batch_size=MODEL_BATCH)
     batch = {"image_id": np.array([Path(p).name for p in paths], dtype=object), "uri": np.array(paths, dtype=object)}
     return [table for start in range(0, len(paths), MODEL_BATCH) for table in actor({k: v[start : start + MODEL_BATCH] for k, v in batch.items()})]
 

@@ -41,7 +41,8 @@ Models (all on the CPU):
   on 240×320 images run at their own size (min_size 240, max_size 320).
 - sam: the tiny random SAM config, widened so masks vary (benchmarks/sam_overhead.py), on
   256×256 images, automatic mode with 8×8 points and permissive filters (so masks survive).
-- trivial: three channel thresholds (benchmarks/threshold_model.py), 128×128 images.
+- trivial: three channel thresholds (the `threshold` model of tests/example_family, an outside model
+  family that `make install` installs), 128×128 images.
 
 Writes REPORT (Markdown) and REPORT with .json (everything measured); each phase's log and
 output under WORKDIR/runs/.
@@ -70,7 +71,6 @@ from rayseg.pipeline.resources import plan_resources
 
 from .common import machine
 from .harness_phases import INFERENCE_OPERATOR, PhaseConfig
-from .threshold_model import NAME as THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_SEED = 10
@@ -155,8 +155,8 @@ def sam_model(workdir: Path) -> BenchModel:
 
 
 def trivial_model() -> BenchModel:
-    about = "three channel thresholds (> 127), no torch in the forward (benchmarks/threshold_model.py)"
-    return BenchModel("trivial", THRESHOLD, (128, 128), "random", {}, ("ceiling", "baseline", "pool", "rayseg"), about)
+    about = "three channel thresholds (> 127), no torch in the forward (tests/example_family)"
+    return BenchModel("trivial", "threshold", (128, 128), "random", {}, ("ceiling", "baseline", "pool", "rayseg"), about)
 
 
 def run_phase(config: PhaseConfig, run_dir: Path) -> dict:
@@ -164,7 +164,7 @@ def run_phase(config: PhaseConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True)
     config_path, result_path, log_path = run_dir / "config.json", run_dir / "result.json", run_dir / "log.txt"
     config_path.write_text(json.dumps(asdict(config), indent=2))
-    # Ray's workers import the benchmark's threshold model (register_threshold.py) from the repository root.
+    # Ray's workers import the benchmarks' modules (stage_clock.py) from the repository root.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
         process = subprocess.run(

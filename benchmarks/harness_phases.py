@@ -47,7 +47,6 @@ from rayseg.models.base import Segment, SegmentationModel
 from rayseg.models.registry import build_model
 from rayseg.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 
-from . import threshold_model
 from .common import ProcessTreeSampler, TreeMeasurement
 
 POOL_PROCESSES = 2
@@ -75,8 +74,6 @@ class PhaseConfig:
 
 
 def build(config: PhaseConfig) -> SegmentationModel:
-    if config.registry_name == threshold_model.NAME:
-        threshold_model.register()
     return build_model(config.registry_name, config.weights, device="cpu", **config.options)
 
 
@@ -267,16 +264,7 @@ def run_rayseg(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     from .stage_clock import StageClock
 
     started = time.perf_counter()
-    if config.registry_name == threshold_model.NAME:
-        # As cluster.connect() starts local Ray, plus a module every Ray worker imports when it
-        # starts, which registers the benchmark's model there.
-        threshold_model.register()
-        ray.init(
-            num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-            _system_config={"preload_python_modules": ["benchmarks.register_threshold"]},
-        )  # fmt: skip
-    else:
-        cluster.connect()
+    cluster.connect()
     ray_init = time.perf_counter() - started
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Read by the driver's planner only, after Ray's processes started with the old environment.

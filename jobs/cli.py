@@ -13,16 +13,16 @@ from rich.logging import RichHandler
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..models.registry import REGISTRY, model_options
+from ..models.registry import REGISTRY
 from ..models.weights import WeightsError
 from ..pipeline.resources import ResourceError
-from ..pipeline.sink import OutputError, RunSummary, staged_files
+from ..pipeline.sink import OutputError, RunSummary, new_run_id, staged_files
 from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
 from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
 from .relabel import VERSIONS_DIR, has_versions_dir, list_versions, relabel
-from .runner import new_run_id, run_segment_spec
+from .runner import run_segment_spec
 from .terminal import console, fail
 from .train_commands import register as register_training
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
@@ -83,7 +83,7 @@ def models() -> None:
     table = Table("model", "task", "weights", "options", "on CPUs")
     for entry in REGISTRY.values():
         # Plain text: "[default: …]" is not Rich markup.
-        table.add_row(entry.name, entry.task, Text(entry.weights), ", ".join(model_options(entry.name)), entry.cpu_parallelism)
+        table.add_row(entry.name, entry.task, Text(entry.weights), ", ".join(entry.options.model_fields), entry.cpu_parallelism)
     scores = Table("model", "score", "--score-threshold F", title="What a segment's score is")
     for entry in REGISTRY.values():
         scores.add_row(entry.name, entry.scores.meaning, f"{entry.scores.range}: {entry.scores.cut}")

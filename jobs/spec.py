@@ -98,7 +98,7 @@ class ModelSection(Strict):
 
     @model_validator(mode="after")
     def known_options(self) -> ModelSection:
-        check_options(self.name, self.options)
+        check_options(self.name, self.options, self.weights)
         return self
 
 

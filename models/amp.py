@@ -5,10 +5,13 @@ Importable without torch: the driver checks a run's options before any model cod
 
 from __future__ import annotations
 
-AMP_AUTO = "auto"
+from typing import Literal, get_args
+
 # auto: float16 on CUDA, full precision elsewhere; fp16/bf16: that autocast dtype anywhere;
 # none: full precision everywhere.
-AMP_CHOICES = (AMP_AUTO, "fp16", "bf16", "none")
+AmpDtype = Literal["auto", "fp16", "bf16", "none"]
+AMP_CHOICES: tuple[str, ...] = get_args(AmpDtype)
+AMP_AUTO = AMP_CHOICES[0]
 
 
 def check_amp_dtype(amp_dtype: str) -> str:

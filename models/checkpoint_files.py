@@ -1,5 +1,8 @@
 """Which file identifies a checkpoint, per format: its sha256 pins the weights.
 
+Every finder takes (weights, storage_options): a directory's layout may only be known by
+listing it on its object store.
+
 Path logic only, importable without torch, so the driver pins a run's weights
 (`pipeline.segment.pin_weights`) without importing any model code.
 """
@@ -20,24 +23,28 @@ BIN_FILE = "pytorch_model.bin"
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
-def unet_weights_file(weights: str) -> str:
+def unet_weights_file(weights: str, storage_options: dict | None = None) -> str:
     """The .safetensors file of a rayseg U-Net checkpoint given as its directory or as the file itself."""
     base = weights.rstrip("/")
     return base if base.endswith(".safetensors") else posixpath.join(base, SAFETENSORS_FILE)
 
 
-def pth_weights_file(weights: str) -> str:
+def pth_weights_file(weights: str, storage_options: dict | None = None) -> str:
     """A torchvision checkpoint is one `.pth` file: it is its own weights file."""
     return weights
 
 
-def sam_weights_file(weights: str) -> str:
+def is_segment_anything_file(weights: str) -> bool:
+    """Whether `weights` names a segment-anything checkpoint file (rather than an HF directory)."""
+    return weights.rstrip("/").endswith(CHECKPOINT_SUFFIXES)
+
+
+def sam_weights_file(weights: str, storage_options: dict | None = None) -> str:
     """The file whose sha256 identifies a SAM checkpoint: the `.pth` itself, or an HF
-    directory's model.safetensors (a path to that file is accepted as the directory's)."""
-    base = weights.rstrip("/")
-    if base.endswith(CHECKPOINT_SUFFIXES) or base.endswith(".safetensors"):
-        return base
-    return posixpath.join(base, SAFETENSORS_FILE)
+    directory's weights file (`hf_weights_file`)."""
+    if is_segment_anything_file(weights):
+        return weights.rstrip("/")
+    return hf_weights_file(weights, storage_options)
 
 
 def hf_weights_file(weights: str, storage_options: dict | None = None) -> str:

@@ -22,6 +22,8 @@ import torch
 
 from .amp import AMP_AUTO, check_amp_dtype
 from .base import DeviceSegments, Segment
+from .options import ModelOptions
+from .weights import RANDOM
 
 # --model-option amp_dtype values (models/amp.py) → the autocast dtype; "auto" is resolved per device.
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
@@ -40,6 +42,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+class DeviceModel:
+    """What every model holds: its network in eval mode on its device, the autocast dtype
+    its options ask there, the options themselves and the weights it was built from.
+
+    channels_last: the network's memory format on CUDA, which cuDNN's convolutions prefer
+    under autocast (convnets say so; transformers do not).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        options: ModelOptions,
+        *,
+        device: torch.device | str = "cpu",
+        score_threshold: float | None = None,
+        weights: str = RANDOM,
+        weights_sha256: str | None = None,
+        channels_last: bool = False,
+    ):
+        self.options = options
+        self.device = torch.device(device)
+        self.amp_dtype = resolve_amp_dtype(options.amp_dtype, self.device)
+        self.network = network.to(self.device).eval()
+        if channels_last and self.device.type == "cuda":
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.score_threshold = score_threshold
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
 
 
 def pins(device: torch.device) -> bool:

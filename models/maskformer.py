@@ -45,143 +45,24 @@ input first (the processor does, to 384×384, the input size of its published ch
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import posixpath
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fsspec.implementations.local import LocalFileSystem
-from transformers.utils import logging as hf_logging
 
-from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
-from .base import Segment, check_universal_options
+from .base import Segment
 from .categories import Category, load_category_file
-from .checkpoint_files import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
-from .device import AMP_AUTO, autocast, check_amp_dtype, resolve_amp_dtype, to_device
-from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
+from .device import DeviceModel, autocast, to_device
+from .hf_checkpoint import load_pretrained, open_checkpoint, required_processor_settings
+from .options import UniversalOptions
+from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
+from .weights import RANDOM, WeightsError, random_network
 
 log = logging.getLogger("rayseg.models")
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_FILE = "processor_config.json"
-
-
-# --- checkpoint directories -------------------------------------------------------------
-
-
-def _sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def local_directory(uri: str, storage_options: dict | None, prefix: str = "rayseg-hf-"):
-    """A local directory with the files of checkpoint directory `uri`: the directory itself
-    when local, else a temp copy of its top-level files."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        if not os.path.isdir(root):
-            raise WeightsError(f"weights not found: {uri} is not a checkpoint directory")
-        yield root
-        return
-    try:
-        entries = fs.ls(root.rstrip("/"), detail=True)
-    except FileNotFoundError:
-        raise WeightsError(f"weights not found: {uri}") from None
-    with tempfile.TemporaryDirectory(prefix=prefix) as local:
-        for entry in entries:
-            if entry.get("type") == "file":
-                name = posixpath.basename(entry["name"].rstrip("/"))
-                # get_file takes the path as written; get() would read "[", "*", "?" as a glob.
-                fs.get_file(entry["name"], os.path.join(local, name))
-        yield local
-
-
-def read_config(directory: str, uri: str, model_types: tuple[str, ...]) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise WeightsError(f"{uri} is not a checkpoint directory: {CONFIG_FILE} not found")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise WeightsError(f"{uri}: {CONFIG_FILE} is not valid JSON: {e}") from e
-    if config.get("model_type") not in model_types:
-        raise WeightsError(
-            f"{uri} holds a {config.get('model_type')!r} checkpoint, not {' or '.join(map(repr, model_types))} "
-            f"({CONFIG_FILE} model_type)"
-        )
-    return config
-
-
-def check_weights(directory: str, uri: str, sha256: str | None) -> str:
-    """The sha256 of the directory's weights file (checked against `sha256`)."""
-    for name in (SAFETENSORS_FILE, BIN_FILE):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            digest = _sha256_of_file(path)
-            if sha256 is not None and digest != sha256.strip().lower():
-                raise WeightsError(f"sha256 mismatch for {posixpath.join(uri, name)}: expected {sha256}, got {digest}")
-            return digest
-    raise WeightsError(f"{uri} is not a checkpoint directory: {SAFETENSORS_FILE} (or {BIN_FILE}) not found")
-
-
-def load_network(cls, directory: str, uri: str):
-    """`cls.from_pretrained(directory)` offline; missing or mismatched weights are an error."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        network, info = cls.from_pretrained(directory, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        raise WeightsError(f"{uri}: cannot load the checkpoint: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing, mismatched = list(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
-    if missing or mismatched:
-        raise WeightsError(f"{uri} does not match its config: missing {missing[:5]}, mismatched {mismatched[:5]}")
-    return network.float().eval()
-
-
-def processor_config(directory: str, uri: str) -> dict:
-    """The image processor's settings: preprocessor_config.json, or processor_config.json's
-    `image_processor` (what newer transformers save)."""
-    for name in (PREPROCESSOR_FILE, PROCESSOR_FILE):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except ValueError as e:
-                raise WeightsError(f"{uri}: {name} is not valid JSON: {e}") from e
-            if name == PROCESSOR_FILE:
-                if "image_processor" not in data:
-                    raise WeightsError(f"{uri}: {name} has no image_processor")
-                return {**data["image_processor"], "_processor": data}
-            return data
-    raise WeightsError(
-        f"{uri} is not a complete checkpoint directory: {PREPROCESSOR_FILE} (or {PROCESSOR_FILE}) not found — "
-        "the image processor's settings are needed to preprocess images as the model was trained"
-    )
-
-
-_NOT_PROCESSOR_ARGUMENTS = {"image_processor_type", "processor_class", "_processor", "metadata", "repo_path", "class_info_file"}
-
-
-def processor_arguments(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _NOT_PROCESSOR_ARGUMENTS}
 
 
 # --- categories ----------------------------------------------------------------------------
@@ -224,6 +105,8 @@ class Raw:
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.numel() == 0:  # no query kept: interpolate refuses empty tensors
+        return x.new_zeros((*x.shape[:-2], *size))
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -390,7 +273,7 @@ def panoptic_segments(
 # --- the model ------------------------------------------------------------------------------
 
 
-class MaskFormerSegmenter:
+class MaskFormerSegmenter(DeviceModel):
     """A MaskFormer or Mask2Former network behind the model protocol (see the module docstring).
 
     preprocess: the checkpoint's image processor (resize, normalise, pad the batch), CPU;
@@ -404,46 +287,28 @@ class MaskFormerSegmenter:
         network,
         processor,
         categories: list[Category],
+        options: UniversalOptions = UniversalOptions(),
         *,
         name: str,
-        task: str = "panoptic",
-        device: torch.device | str = "cpu",
-        score_threshold: float | None = None,
-        mask_threshold: float = 0.5,
-        overlap_mask_area_threshold: float = 0.8,
         upsample_first: bool = False,
-        weights: str = RANDOM,
-        weights_sha256: str | None = None,
-        amp_dtype: str = AMP_AUTO,
+        **placement,
     ):
-        check_universal_options(task)
-        threshold = 0.5 if score_threshold is None else float(score_threshold)
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-        if not 0.0 <= mask_threshold <= 1.0 or not 0.0 <= overlap_mask_area_threshold <= 1.0:
-            raise ValueError("mask_threshold and overlap_mask_area_threshold must be in [0, 1]")
+        super().__init__(network, options, **placement)
         self.name = name
-        self.task = task
-        self.device = torch.device(device)
-        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
-        self.network = network.to(self.device).eval()
+        self.task = options.task
         self.processor = processor
         self.categories = categories
-        self.score_threshold = threshold
-        # Semantic output is cut only at a threshold given: its default keeps every class.
-        self.semantic_threshold = None if score_threshold is None else threshold
-        self.mask_threshold = float(mask_threshold)
-        self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
+        # Semantic output (and OneFormer's instance output) is cut only at a threshold given.
+        self.given_threshold = self.score_threshold
+        self.score_threshold = 0.5 if self.score_threshold is None else float(self.score_threshold)
         self.upsample_first = upsample_first
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
         num_labels = int(self.network.config.num_labels)
         by_id = {c.id: c for c in categories}
         if sorted(by_id) != list(range(num_labels)):
-            raise WeightsError(f"{weights}: id2label must name labels 0..{num_labels - 1}, got {sorted(by_id)[:10]}")
+            raise WeightsError(f"{self.weights}: id2label must name labels 0..{num_labels - 1}, got {sorted(by_id)[:10]}")
         self.label_ids = torch.arange(num_labels, device=self.device)
         self.stuff = torch.tensor([not by_id[i].isthing for i in range(num_labels)], device=self.device)
-        if task == "panoptic" and not bool(self.stuff.any()):
+        if self.task == "panoptic" and not bool(self.stuff.any()):
             log.warning("%s: no stuff classes known (no thing_ids in the config, no category_file): nothing is fused", name)
 
     def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], dict]]:
@@ -530,8 +395,8 @@ class MaskFormerSegmenter:
         # Semantic: images of one size (and extent in the input) as one batch.
         for indices, logits, size in self._groups(raw, sizes):
             for index, segments in zip(indices, semantic_segments(raw.class_logits[indices], logits, size, self.label_ids)):
-                if self.semantic_threshold is not None:
-                    segments = [segment for segment in segments if segment.score >= self.semantic_threshold]
+                if self.given_threshold is not None:
+                    segments = [segment for segment in segments if segment.score >= self.given_threshold]
                 results[index] = segments
         return results
 
@@ -552,7 +417,7 @@ class MaskFormerSegmenter:
         logits = mask_logits_for(raw, index, self.upsample_first, keep)  # only kept queries are resized
         return panoptic_segments(
             logits.sigmoid(), scores[keep], labels[keep], size,
-            mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
+            mask_threshold=self.options.mask_threshold, overlap_threshold=self.options.overlap_mask_area_threshold,
             fuse=self.stuff, label_ids=self.label_ids,
         )  # fmt: skip
 
@@ -593,44 +458,32 @@ def _build(
     device: str,
     storage_options: dict | None,
     score_threshold: float | None,
-    task: str,
-    category_file: str | None,
-    mask_threshold: float,
-    overlap_mask_area_threshold: float,
-    amp_dtype: str,
+    options: dict,
 ) -> MaskFormerSegmenter:
     import transformers
 
-    check_amp_dtype(amp_dtype)
-
+    parsed = UniversalOptions.parse(name, options)
     model_type, model_class, processor_class, upsample_first = _FAMILIES[name]
     network_cls, processor_cls = getattr(transformers, model_class), getattr(transformers, processor_class)
-    check_universal_options(task)
     if weights == RANDOM:
-        warn_random(name)
-        with seeded_random_init():
-            network = network_cls(random_config(name)).eval()
+        network = random_network(name, lambda: network_cls(random_config(name))).eval()
         processor = processor_cls(size={"shortest_edge": 256, "longest_edge": 512})
         config, digest = network.config.to_dict(), None
     else:
-        base = weights.rstrip("/")
-        directory = posixpath.dirname(base) if base.endswith((".safetensors", ".bin")) else base
-        with local_directory(directory, storage_options) as local:
-            config = read_config(local, directory, (model_type,))
-            digest = check_weights(local, directory, weights_sha256)
-            processor_config(local, directory)  # present and readable, else a WeightsError naming it
+        with open_checkpoint(weights, (model_type,), weights_sha256, storage_options) as checkpoint:
+            required_processor_settings(checkpoint)  # present and readable, else a WeightsError naming it
             try:
-                processor = processor_cls.from_pretrained(local, local_files_only=True)
+                processor = processor_cls.from_pretrained(checkpoint.local, local_files_only=True)
             except (OSError, TypeError, ValueError) as e:
-                raise WeightsError(f"{directory}: cannot build {processor_class} from its settings: {e}") from e
-            network = load_network(network_cls, local, directory)
+                raise WeightsError(f"{checkpoint.uri}: cannot build {processor_class} from its settings: {e}") from e
+            network = load_pretrained(network_cls, checkpoint)
+        config, digest = checkpoint.config, checkpoint.digest
     categories = categories_from_config(
-        network.config.id2label, config.get("thing_ids"), category_file, storage_options, weights
+        network.config.id2label, config.get("thing_ids"), parsed.category_file, storage_options, weights
     )
     return MaskFormerSegmenter(
-        network, processor, categories, name=name, task=task, device=device, score_threshold=score_threshold,
-        mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap_mask_area_threshold,
-        upsample_first=upsample_first, weights=weights, weights_sha256=digest, amp_dtype=amp_dtype,
+        network, processor, categories, parsed, name=name, upsample_first=upsample_first, device=device,
+        score_threshold=score_threshold, weights=weights, weights_sha256=digest,
     )  # fmt: skip
 
 
@@ -641,26 +494,17 @@ def build_maskformer(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    task: str = "panoptic",
-    category_file: str | None = None,
-    mask_threshold: float = 0.5,
-    overlap_mask_area_threshold: float = 0.8,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> MaskFormerSegmenter:
     """MaskFormerForInstanceSegmentation from an HF directory (path or URI) or `random`.
 
-    task: semantic | instance | panoptic; score_threshold: instance score kept at ≥ it,
-    panoptic queries kept at class probability > it (default 0.5, transformers'
-    `threshold`), semantic segments kept at score ≥ it (default: none dropped); mask_threshold and
-    overlap_mask_area_threshold: panoptic segment validity (transformers' names and
-    defaults); category_file: COCO json or list with `isthing`, for the thing/stuff split;
-    amp_dtype: auto | fp16 | bf16 | none, the network's autocast (auto: float16 on CUDA,
-    none on the CPU).
+    score_threshold: instance score kept at ≥ it, panoptic queries kept at class probability
+    > it (default 0.5, transformers' `threshold`), semantic segments kept at score ≥ it
+    (default: none dropped); options: UniversalOptions (models/options.py).
     """
     return _build(
         "maskformer", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
-        overlap_mask_area_threshold=overlap_mask_area_threshold, amp_dtype=amp_dtype,
+        score_threshold=score_threshold, options=options,
     )  # fmt: skip
 
 
@@ -671,17 +515,11 @@ def build_mask2former(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    task: str = "panoptic",
-    category_file: str | None = None,
-    mask_threshold: float = 0.5,
-    overlap_mask_area_threshold: float = 0.8,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> MaskFormerSegmenter:
     """Mask2FormerForUniversalSegmentation from an HF directory (path or URI) or `random`;
-    options as for `build_maskformer`."""
+    arguments as for `build_maskformer`."""
     return _build(
         "mask2former", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, task=task, category_file=category_file, mask_threshold=mask_threshold,
-        overlap_mask_area_threshold=overlap_mask_area_threshold, amp_dtype=amp_dtype,
+        score_threshold=score_threshold, options=options,
     )  # fmt: skip
-

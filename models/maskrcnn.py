@@ -38,9 +38,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from .base import DeviceSegments, Segment
 from .categories import COCO, Category, load_category_file
-from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, host_tensor, pins, resolve_amp_dtype, to_device
+from .device import DeviceModel, autocast, host_segments, host_tensor, pins, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
-from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
+from .options import MaskRCNNOptions
+from .weights import RANDOM, WeightsError, random_network
 
 ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
     "maskrcnn": maskrcnn_resnet50_fpn,
@@ -51,6 +52,8 @@ ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
 CLASS_KEY = "roi_heads.box_predictor.cls_score.weight"
 
 COCO_NUM_CLASSES = 91
+# torchvision's box_score_thresh: detections at or below it are dropped.
+DEFAULT_SCORE_THRESHOLD = 0.05
 
 # torchvision's published `maskrcnn_resnet50_fpn` COCO weights were trained with frozen batch
 # norm of eps 0, and torchvision sets eps = 0 when it loads them (`overwrite_eps`). The file is
@@ -128,7 +131,7 @@ def label_categories(
     )
 
 
-class MaskRCNNSegmenter:
+class MaskRCNNSegmenter(DeviceModel):
     """A torchvision Mask R-CNN behind the model protocol: one segment per kept detection.
 
     preprocess: uint8 (H, W, 3) → uint8 (3, H, W) tensors on the host (pinned when bound for
@@ -149,36 +152,25 @@ class MaskRCNNSegmenter:
         self,
         network: MaskRCNN,
         labels: list[Category | None],
+        options: MaskRCNNOptions = MaskRCNNOptions(),
         *,
         name: str = "maskrcnn",
-        device: torch.device | str = "cpu",
-        mask_threshold: float = 0.5,
-        weights: str = RANDOM,
-        weights_sha256: str | None = None,
-        amp_dtype: str = AMP_AUTO,
+        **placement,
     ):
-        if not 0.0 <= mask_threshold < 1.0:
-            raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
-        self.name = name
-        self.device = torch.device(device)
-        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
+        """network: built with the options' sizes, detections per image and score threshold
+        (`network_options`), which torchvision's heads apply."""
         transform = network.transform
         network.transform = _BoxesOnlyTransform(
             transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
             size_divisible=transform.size_divisible, fixed_size=transform.fixed_size,
             _skip_resize=transform._skip_resize,
         )  # fmt: skip
-        self.network = network.to(self.device).eval()
+        super().__init__(network, options, **placement)
+        self.name = name
         self.labels = labels
         self.categories = [category for category in labels if category is not None]
-        self.mask_threshold = mask_threshold
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
+        self.score_threshold = network.roi_heads.score_thresh
         self._emitted = torch.tensor([category is not None for category in labels], device=self.device)
-
-    @property
-    def score_threshold(self) -> float:
-        return self.network.roi_heads.score_thresh
 
     @property
     def max_detections(self) -> int:
@@ -235,7 +227,7 @@ class MaskRCNNSegmenter:
         results = []
         for detections, size in zip(raw, sizes):
             probabilities = detections["masks"].float()
-            masks = paste_masks(probabilities, detections["boxes"].float(), tuple(size), self.mask_threshold)
+            masks = paste_masks(probabilities, detections["boxes"].float(), tuple(size), self.options.mask_threshold)
             # Only labels with a category. A detection whose pasted mask is empty is kept (its
             # box and score are still the detector's), as torchvision returns it.
             keep = self._emitted[detections["labels"]]
@@ -249,6 +241,17 @@ class MaskRCNNSegmenter:
         return results
 
 
+def network_options(options: MaskRCNNOptions, score_threshold: float | None) -> dict:
+    """torchvision's MaskRCNN keyword arguments for these options; score_threshold: the
+    detections' class probability cut (torchvision's box_score_thresh, default 0.05)."""
+    return dict(
+        box_score_thresh=DEFAULT_SCORE_THRESHOLD if score_threshold is None else float(score_threshold),
+        box_detections_per_img=options.max_detections,
+        min_size=options.min_size,
+        max_size=options.max_size,
+    )
+
+
 def _build(
     architecture: str,
     weights: str,
@@ -257,54 +260,30 @@ def _build(
     device: str,
     storage_options: dict | None,
     score_threshold: float | None,
-    category_file: str | None,
-    max_detections: int,
-    mask_threshold: float,
-    min_size: int,
-    max_size: int,
-    amp_dtype: str,
+    options: dict,
 ) -> MaskRCNNSegmenter:
-    check_amp_dtype(amp_dtype)
-    score_threshold = 0.05 if score_threshold is None else float(score_threshold)
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    if int(max_detections) < 1:
-        raise ValueError(f"max_detections must be ≥ 1, got {max_detections}")
-    if not 1 <= int(min_size) <= int(max_size):
-        raise ValueError(f"need 1 ≤ min_size ≤ max_size, got min_size={min_size}, max_size={max_size}")
-    categories = None if category_file is None else load_category_file(category_file, storage_options)
-    options = dict(
-        box_score_thresh=score_threshold,
-        box_detections_per_img=int(max_detections),
-        min_size=int(min_size),
-        max_size=int(max_size),
-    )
+    parsed = MaskRCNNOptions.parse(architecture, options)
+    categories = None if parsed.category_file is None else load_category_file(parsed.category_file, storage_options)
+    arguments = network_options(parsed, score_threshold)
     build = ARCHITECTURES[architecture]
     if weights == RANDOM:
-        warn_random(architecture)
         num_classes = COCO_NUM_CLASSES if categories is None else len(categories) + 1
-        with seeded_random_init():
-            network = build(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        network = random_network(
+            architecture, lambda: build(weights=None, weights_backbone=None, num_classes=num_classes, **arguments)
+        )
         labels, digest = label_categories(num_classes, categories), None
     else:
         state, digest = load_state_dict(weights, sha256=weights_sha256, storage_options=storage_options)
         num_classes = tensor_shape(state, CLASS_KEY, weights, architecture)[0]
-        labels = label_categories(num_classes, categories, weights, category_file)
-        network = build(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        labels = label_categories(num_classes, categories, weights, parsed.category_file)
+        network = build(weights=None, weights_backbone=None, num_classes=num_classes, **arguments)
         load_into(network, state, weights, architecture)
         if architecture == "maskrcnn" and digest[:8] in _EPS0_SHA256_PREFIXES:
             for module in network.modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     module.eps = 0.0
     return MaskRCNNSegmenter(
-        network.eval(),
-        labels,
-        name=architecture,
-        device=device,
-        mask_threshold=float(mask_threshold),
-        weights=weights,
-        weights_sha256=digest,
-        amp_dtype=amp_dtype,
+        network, labels, parsed, name=architecture, device=device, weights=weights, weights_sha256=digest
     )
 
 
@@ -315,28 +294,18 @@ def build_maskrcnn(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    category_file: str | None = None,
-    max_detections: int = 100,
-    mask_threshold: float = 0.5,
-    min_size: int = 800,
-    max_size: int = 1333,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> MaskRCNNSegmenter:
     """torchvision's maskrcnn_resnet50_fpn from a `.pth` state dict (path or URI) or `random`.
 
     score_threshold: keep detections whose class probability exceeds it (default 0.05,
-    torchvision's box_score_thresh); max_detections: per image, after per-class NMS;
-    mask_threshold: a pixel belongs to the instance when its mask probability exceeds it;
-    min_size/max_size: each image is resized so its short side is min_size unless its long
-    side would then exceed max_size; category_file: a COCO json or list of categories (see
-    the module docstring for how labels map to them), default COCO's 80 (91 labels);
-    amp_dtype: auto | fp16 | bf16 | none, the network's autocast (auto: float16 on CUDA,
-    none on the CPU).
+    torchvision's box_score_thresh); options: MaskRCNNOptions (models/options.py); how
+    labels map to a category file's categories is the module docstring's (default COCO's
+    80, 91 labels).
     """
     return _build(
         "maskrcnn", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, category_file=category_file, max_detections=max_detections,
-        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size, amp_dtype=amp_dtype,
+        score_threshold=score_threshold, options=options,
     )  # fmt: skip
 
 
@@ -347,16 +316,10 @@ def build_maskrcnn_v2(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    category_file: str | None = None,
-    max_detections: int = 100,
-    mask_threshold: float = 0.5,
-    min_size: int = 800,
-    max_size: int = 1333,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> MaskRCNNSegmenter:
-    """torchvision's maskrcnn_resnet50_fpn_v2; options as for `build_maskrcnn`."""
+    """torchvision's maskrcnn_resnet50_fpn_v2; arguments as for `build_maskrcnn`."""
     return _build(
         "maskrcnn_v2", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, category_file=category_file, max_detections=max_detections,
-        mask_threshold=mask_threshold, min_size=min_size, max_size=max_size, amp_dtype=amp_dtype,
+        score_threshold=score_threshold, options=options,
     )  # fmt: skip

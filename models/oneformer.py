@@ -36,30 +36,22 @@ import posixpath
 import numpy as np
 import torch
 
-from .base import Segment, check_universal_options
+from .base import Segment
 from .categories import Category
-from .device import AMP_AUTO, check_amp_dtype, to_device
-from .maskformer import (
-    MaskFormerSegmenter,
-    categories_from_config,
-    check_weights,
-    load_network,
-    local_directory,
-    mask_logits_for,
-    panoptic_segments,
-    processor_arguments,
-    processor_config,
-    read_config,
-)
+from .device import to_device
+from .hf_checkpoint import HFCheckpoint, load_pretrained, open_checkpoint, processor_arguments, required_processor_settings
+from .maskformer import MaskFormerSegmenter, categories_from_config, mask_logits_for, panoptic_segments
+from .options import UniversalOptions
 from .weights import RANDOM, WeightsError
 
 TOKENIZER_FILES = ("tokenizer.json",)
 BPE_FILES = ("vocab.json", "merges.txt")
 
 
-def _tokenizer(directory: str, uri: str):
+def _tokenizer(checkpoint: HFCheckpoint):
     from transformers import CLIPTokenizer
 
+    directory, uri = checkpoint.local, checkpoint.uri
     has_json = os.path.isfile(os.path.join(directory, "tokenizer.json"))
     missing_bpe = [name for name in BPE_FILES if not os.path.isfile(os.path.join(directory, name))]
     if not has_json and missing_bpe:
@@ -73,13 +65,14 @@ def _tokenizer(directory: str, uri: str):
         raise WeightsError(f"{uri}: cannot load the tokenizer: {e}") from e
 
 
-def _image_processor(directory: str, uri: str, settings: dict):
+def _image_processor(checkpoint: HFCheckpoint, settings: dict):
     from transformers import OneFormerImageProcessor
     from transformers.models.oneformer.image_processing_oneformer import (
         load_metadata,
         prepare_metadata,
     )
 
+    directory, uri = checkpoint.local, checkpoint.uri
     metadata = settings.get("metadata")
     if not (isinstance(metadata, dict) and "thing_ids" in metadata):
         class_info_file = settings.get("class_info_file")
@@ -107,10 +100,16 @@ class OneFormerSegmenter(MaskFormerSegmenter):
     """OneFormer behind the model protocol: the task tokens are computed once and given
     with every batch; post-processing as the module docstring says."""
 
-    def __init__(self, network, processor, task_tokens: torch.Tensor, categories: list[Category], **kwargs):
-        score_threshold = kwargs.pop("score_threshold", None)
-        self.instance_threshold = None if score_threshold is None else float(score_threshold)
-        super().__init__(network, processor, categories, score_threshold=score_threshold, **kwargs)
+    def __init__(
+        self,
+        network,
+        processor,
+        task_tokens: torch.Tensor,
+        categories: list[Category],
+        options: UniversalOptions = UniversalOptions(),
+        **placement,
+    ):
+        super().__init__(network, processor, categories, options, **placement)
         self.task_tokens = task_tokens.to(self.device)
 
     def _encode(self, image: np.ndarray) -> dict:
@@ -133,15 +132,15 @@ class OneFormerSegmenter(MaskFormerSegmenter):
         classes = raw.class_logits[index]
         num_queries, num_classes = classes.shape[0], classes.shape[1] - 1
         scores, pairs = classes.softmax(-1)[:, :-1].flatten().topk(num_queries, sorted=False)
-        if self.instance_threshold is not None:
-            keep = scores > self.instance_threshold
+        if self.given_threshold is not None:  # as transformers: no cut without a threshold
+            keep = scores > self.given_threshold
             scores, pairs = scores[keep], pairs[keep]
         # Only the chosen queries' masks are resized.
         queries, inverse = torch.div(pairs, num_classes, rounding_mode="floor").unique(return_inverse=True)
         masks = mask_logits_for(raw, index, self.upsample_first, queries)[inverse]
         segments = panoptic_segments(
             masks, scores, pairs % num_classes, size,
-            mask_threshold=self.mask_threshold, overlap_threshold=self.overlap_mask_area_threshold,
+            mask_threshold=self.options.mask_threshold, overlap_threshold=self.options.overlap_mask_area_threshold,
             fuse=torch.zeros_like(self.stuff), label_ids=self.label_ids, segment_ids=False,
         )  # fmt: skip
         return segments
@@ -154,50 +153,35 @@ def build_oneformer(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    task: str = "panoptic",
-    category_file: str | None = None,
-    mask_threshold: float = 0.5,
-    overlap_mask_area_threshold: float = 0.8,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> OneFormerSegmenter:
     """OneFormerForUniversalSegmentation from an HF checkpoint directory (path or URI).
 
-    task: semantic | instance | panoptic — the network's task input and the post-processing;
-    score_threshold: panoptic queries kept at class probability > it (default 0.5),
-    instance pairs kept at score > it (default none, as transformers), semantic segments
-    kept at score ≥ it (default none); mask_threshold, overlap_mask_area_threshold: segment
-    validity (transformers' names and defaults); category_file: COCO json or list with
-    `isthing`, overriding the checkpoint's class info; amp_dtype: auto | fp16 | bf16 | none,
-    the network's autocast (auto: float16 on CUDA, none on the CPU).
+    options: UniversalOptions (models/options.py); `task` is also the network's task input,
+    and a category_file overrides the checkpoint's class info. score_threshold: panoptic
+    queries kept at class probability > it (default 0.5), instance pairs kept at score > it
+    (default none, as transformers), semantic segments kept at score ≥ it (default none).
     """
     from transformers import OneFormerForUniversalSegmentation, OneFormerProcessor
 
-    check_amp_dtype(amp_dtype)
-    check_universal_options(task)
+    parsed = UniversalOptions.parse("oneformer", options)
     if weights == RANDOM:
         raise WeightsError("oneformer has no random weights: its task input needs a checkpoint's tokenizer")
-    base = weights.rstrip("/")
-    directory = posixpath.dirname(base) if base.endswith((".safetensors", ".bin")) else base
-    with local_directory(directory, storage_options, prefix="rayseg-oneformer-") as local:
-        config = read_config(local, directory, ("oneformer",))
-        digest = check_weights(local, directory, weights_sha256)
-        settings = processor_config(local, directory)
-        image_processor = _image_processor(local, directory, settings)
-        tokenizer = _tokenizer(local, directory)
-        network = load_network(OneFormerForUniversalSegmentation, local, directory)
+    with open_checkpoint(weights, ("oneformer",), weights_sha256, storage_options) as checkpoint:
+        settings = required_processor_settings(checkpoint)
+        image_processor = _image_processor(checkpoint, settings)
+        tokenizer = _tokenizer(checkpoint)
+        network = load_pretrained(OneFormerForUniversalSegmentation, checkpoint)
     outer = settings.get("_processor", {})
     task_length = int(outer.get("task_seq_length", network.config.task_seq_len))
     processor = OneFormerProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
         max_seq_length=int(outer.get("max_seq_length", network.config.max_seq_len)), task_seq_length=task_length,
     )  # fmt: skip
-    task_tokens = processor._preprocess_text([f"the task is {task}"], max_length=task_length)
-    thing_ids = config.get("thing_ids", image_processor.metadata.get("thing_ids"))
-    categories = categories_from_config(network.config.id2label, thing_ids, category_file, storage_options, weights)
+    task_tokens = processor._preprocess_text([f"the task is {parsed.task}"], max_length=task_length)
+    thing_ids = checkpoint.config.get("thing_ids", image_processor.metadata.get("thing_ids"))
+    categories = categories_from_config(network.config.id2label, thing_ids, parsed.category_file, storage_options, weights)
     return OneFormerSegmenter(
-        network, processor, task_tokens, categories, name="oneformer", task=task, device=device,
-        score_threshold=score_threshold, mask_threshold=mask_threshold,
-        overlap_mask_area_threshold=overlap_mask_area_threshold, weights=weights, weights_sha256=digest,
-        amp_dtype=amp_dtype,
+        network, processor, task_tokens, categories, parsed, name="oneformer", device=device,
+        score_threshold=score_threshold, weights=weights, weights_sha256=checkpoint.digest,
     )  # fmt: skip
-

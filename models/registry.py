@@ -1,21 +1,35 @@
-"""Model names → builders. `rayseg models` prints this table.
+"""Model names → families: ours, and outside ones found through entry points. `rayseg
+models` prints this table.
 
 Builders are imported when a model is built, not with the registry: a process imports only
 the model family it runs (torchvision's detection models do not pull in transformers), and
-the driver, which checks a run's options and pins its weights from the entry alone
-(`options`, models/checkpoint_files.py), imports no model code and no torch at all.
+the driver, which checks a run's options and pins its weights from the entry alone (its
+options class, models/options.py, and its weights finder, models/checkpoint_files.py),
+imports no model code and no torch at all.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint_files
-from .amp import check_amp_dtype
 from .base import SegmentationModel, Task
+from .options import (
+    MaskRCNNOptions,
+    ModelOptions,
+    SamOptions,
+    TorchvisionSemanticOptions,
+    UniversalOptions,
+    UNetOptions,
+)
+
+log = logging.getLogger(__name__)
 
 # Weights the project trained itself, installed with the package (models/bundled/*/README.md
 # says how each was made).
@@ -81,216 +95,190 @@ _MASKFORMER = Scores(
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its name, the task it performs, the weights it accepts, its builder.
+    """A registered model family: its name, task, weights, builder and options.
 
-    module: the module under rayseg.models that holds `builder`.
-    build(weights, *, weights_sha256, device, storage_options, score_threshold, **options)
-    → model, where options are the model's own keyword arguments.
-    options: the names of those keyword arguments, as the builder's signature has them
-    (tests/test_registry.py holds the two together): read without importing the builder.
-    weights_file(weights) → the file whose sha256 identifies a checkpoint, by
-    `weights_finder`'s name in models/checkpoint_files.py.
+    builder: "package.module:function", imported only when a model is built (any package:
+    outside families register through the `rayseg.models` entry point group);
+    builder(weights, *, weights_sha256, device, storage_options, score_threshold, **options)
+    → a SegmentationModel, its options parsed by `options`.
+    options: the family's options class (models/options.py), torch-free: what the driver
+    checks and the builder reads.
+    weights_file(weights, storage_options) → the file whose sha256 identifies a checkpoint
+    (models/checkpoint_files.py), torch-free.
     default_weights: what `--weights` means when it is not given (None: it must be given).
     cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
     scores: what its segments' score is and the `--score-threshold` it takes (`Scores`).
-    options_check: "module:function" under rayseg.models, a torch-free check of the options'
-    values, called with them before any work (ValueError); None when the builder alone
-    checks them.
+    random_weights: whether `--weights random` builds it.
     """
 
     name: str
     task: Task
     weights: str
-    module: str
     builder: str
-    weights_finder: str
+    options: type[ModelOptions]
+    weights_file: Callable[[str, dict | None], str]
     scores: Scores = _CLASS_MEAN
     default_weights: str | None = None
     cpu_parallelism: str = DATA_PARALLEL
-    options: tuple[str, ...] = ()
-    options_check: str | None = None
-    # Whether `--weights random` builds it (oneformer's task input needs a checkpoint's tokenizer).
     random_weights: bool = True
 
-    @property
-    def build(self) -> Callable[..., SegmentationModel]:
-        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.builder)
+    def build(self, weights: str, **arguments) -> SegmentationModel:
+        """The model from `weights`; `arguments` are the builder's (options included)."""
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(weights, **arguments)
 
-    @property
-    def weights_file(self) -> Callable[[str], str]:
-        return getattr(checkpoint_files, self.weights_finder)
+    def check(self, options: Mapping[str, Any], weights: str | None = None) -> ModelOptions:
+        """`options` parsed by the family's options class, checked with `weights` where
+        given; ValueError naming the model and every problem, before any work."""
+        parsed = self.options.parse(self.name, options)
+        if weights is not None and (problem := parsed.problem_with_weights(weights)):
+            raise ValueError(f"model {self.name!r}: {problem}")
+        return parsed
 
-
-@dataclass(frozen=True)
-class OptionKind:
-    """The values a model option takes, checked on the driver before any work: a number
-    of `kind` (int or float) within [low, high], a string, or a list; `nullable` when None
-    (the builder's default) may be given too. Options with their own checks (`task`,
-    `amp_dtype`) are strings here."""
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    nullable: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        """Why `value` is not one of these values, or None."""
-        if value is None:
-            return None if self.nullable else "must not be null"
-        if self.kind in (int, float):
-            numeric = (int,) if self.kind is int else (int, float)
-            if isinstance(value, bool) or not isinstance(value, numeric):
-                return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
-            if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-                bounds = f"at least {self.low:g}" if self.high is None else f"between {self.low:g} and {self.high:g}"
-                return f"must be {bounds}, got {value!r}"
-            return None
-        if not isinstance(value, self.kind):
-            return f"must be a {self.kind.__name__}, got {value!r}"
-        return None
-
-
-_COUNT = OptionKind(int, low=1)
-_FRACTION = OptionKind(float, low=0, high=1)
-# Every registered model's options, by name: an option means the same in every model that
-# takes it (tests/test_registry.py checks that each has a kind).
-OPTION_KINDS: dict[str, OptionKind] = {
-    "task": OptionKind(str),
-    "amp_dtype": OptionKind(str),
-    "category_file": OptionKind(str, nullable=True),
-    "categories": OptionKind(list, nullable=True),
-    "min_area": OptionKind(int, low=0),
-    "resize": OptionKind(int, low=1, nullable=True),
-    "max_detections": _COUNT,
-    "mask_threshold": OptionKind(float),  # a probability for most models, a logit for SAM
-    "min_size": _COUNT,
-    "max_size": _COUNT,
-    "points_per_side": _COUNT,
-    "points_per_batch": _COUNT,
-    "pred_iou_thresh": OptionKind(float),
-    "stability_score_thresh": OptionKind(float),
-    "stability_score_offset": OptionKind(float),
-    "box_nms_thresh": _FRACTION,
-    "crops_n_layers": OptionKind(int, low=0),
-    "crops_nms_thresh": _FRACTION,
-    "crop_overlap_ratio": _FRACTION,
-    "crop_n_points_downscale_factor": _COUNT,
-    "min_mask_region_area": OptionKind(int, low=0),
-    "model_type": OptionKind(str, nullable=True),
-    "vit_num_heads": OptionKind(int, low=1, nullable=True),
-    "target_size": OptionKind(int, low=1, nullable=True),
-    "encoder_batch_size": OptionKind(int, low=1, nullable=True),
-    "overlap_mask_area_threshold": _FRACTION,
-}
 
 _PTH = "torchvision .pth state dict (path or URI); random"
-_TORCHVISION_SEMANTIC_OPTIONS = ("category_file", "resize", "amp_dtype")
-_MASKRCNN_OPTIONS = ("category_file", "max_detections", "mask_threshold", "min_size", "max_size", "amp_dtype")
-_MASKFORMER_OPTIONS = ("task", "category_file", "mask_threshold", "overlap_mask_area_threshold", "amp_dtype")
+_MODELS = "rayseg.models"
 
-REGISTRY: dict[str, ModelEntry] = {
-    entry.name: entry
-    for entry in [
-        ModelEntry(
-            "unet",
-            "semantic",
-            "rayseg U-Net directory (config.json + model.safetensors), path or URI; random "
-            "[default: the bundled unet-shapes weights]",
-            "unet",
-            "build_unet",
-            "unet_weights_file",
-            scores=Scores(
-                "semantic: the mean softmax probability of the class over the segment's pixels; instance: the same "
-                "over the connected component",
-                "keeps segments with score ≥ F; none dropped without F",
-            ),
-            default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
-            options=("task", "min_area", "amp_dtype"),
-            options_check="unet_instances:check_unet_options",
+OURS: list[ModelEntry] = [
+    ModelEntry(
+        "unet",
+        "semantic",
+        "rayseg U-Net directory (config.json + model.safetensors), path or URI; random "
+        "[default: the bundled unet-shapes weights]",
+        f"{_MODELS}.unet:build_unet",
+        UNetOptions,
+        checkpoint_files.unet_weights_file,
+        scores=Scores(
+            "semantic: the mean softmax probability of the class over the segment's pixels; instance: the same "
+            "over the connected component",
+            "keeps segments with score ≥ F; none dropped without F",
         ),
-        ModelEntry(
-            "fcn", "semantic", _PTH, "torchvision_semantic", "build_fcn", "pth_weights_file",
-            options=_TORCHVISION_SEMANTIC_OPTIONS,
+        default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
+    ),
+    ModelEntry(
+        "fcn", "semantic", _PTH, f"{_MODELS}.torchvision_semantic:build_fcn", TorchvisionSemanticOptions,
+        checkpoint_files.pth_weights_file,
+    ),
+    ModelEntry(
+        "deeplabv3", "semantic", _PTH, f"{_MODELS}.torchvision_semantic:build_deeplabv3", TorchvisionSemanticOptions,
+        checkpoint_files.pth_weights_file,
+    ),
+    ModelEntry(
+        "maskrcnn", "instance", _PTH, f"{_MODELS}.maskrcnn:build_maskrcnn", MaskRCNNOptions,
+        checkpoint_files.pth_weights_file, scores=_DETECTION,
+    ),
+    ModelEntry(
+        "maskrcnn_v2", "instance", _PTH, f"{_MODELS}.maskrcnn:build_maskrcnn_v2", MaskRCNNOptions,
+        checkpoint_files.pth_weights_file, scores=_DETECTION,
+    ),
+    ModelEntry(
+        "sam",
+        "promptable",
+        "HF SAM directory or segment-anything .pth (path or URI); random",
+        f"{_MODELS}.sam:build_sam",
+        SamOptions,
+        checkpoint_files.sam_weights_file,
+        scores=Scores(
+            "the mask's predicted IoU, SAM's IoU head: a regression output, not bounded to 0-1",
+            "keeps masks with score ≥ F; none dropped without F (automatic masks are first cut by "
+            "pred_iou_thresh, score > 0.88 by default)",
+            low=None,
+            high=None,
         ),
-        ModelEntry(
-            "deeplabv3", "semantic", _PTH, "torchvision_semantic", "build_deeplabv3", "pth_weights_file",
-            options=_TORCHVISION_SEMANTIC_OPTIONS,
+        cpu_parallelism=THREADED,
+    ),
+    ModelEntry(
+        "maskformer",
+        "panoptic",
+        "HF MaskFormer checkpoint directory (path or URI); random",
+        f"{_MODELS}.maskformer:build_maskformer",
+        UniversalOptions,
+        checkpoint_files.hf_weights_file,
+        scores=_MASKFORMER,
+        cpu_parallelism=THREADED,
+    ),
+    ModelEntry(
+        "mask2former",
+        "panoptic",
+        "HF Mask2Former checkpoint directory (path or URI); random",
+        f"{_MODELS}.maskformer:build_mask2former",
+        UniversalOptions,
+        checkpoint_files.hf_weights_file,
+        scores=_MASKFORMER,
+        cpu_parallelism=THREADED,
+    ),
+    ModelEntry(
+        "oneformer",
+        "panoptic",
+        "HF OneFormer checkpoint directory with tokenizer and class info (path or URI)",
+        f"{_MODELS}.oneformer:build_oneformer",
+        UniversalOptions,
+        checkpoint_files.hf_weights_file,
+        scores=Scores(
+            "semantic: the mean normalised class score over the segment's pixels; instance and panoptic: the "
+            "query's class probability",
+            "semantic keeps score ≥ F (none dropped without F); instance keeps score > F (none dropped without "
+            "F); panoptic keeps queries with score > F (default 0.5)",
         ),
-        ModelEntry(
-            "maskrcnn", "instance", _PTH, "maskrcnn", "build_maskrcnn", "pth_weights_file", scores=_DETECTION,
-            options=_MASKRCNN_OPTIONS,
-        ),
-        ModelEntry(
-            "maskrcnn_v2", "instance", _PTH, "maskrcnn", "build_maskrcnn_v2", "pth_weights_file", scores=_DETECTION,
-            options=_MASKRCNN_OPTIONS,
-        ),
-        ModelEntry(
-            "sam",
-            "promptable",
-            "HF SAM directory or segment-anything .pth (path or URI); random",
-            "sam",
-            "build_sam",
-            "sam_weights_file",
-            scores=Scores(
-                "the mask's predicted IoU, SAM's IoU head: a regression output, not bounded to 0-1",
-                "keeps masks with score ≥ F; none dropped without F (automatic masks are first cut by "
-                "pred_iou_thresh, score > 0.88 by default)",
-                low=None,
-                high=None,
-            ),
-            cpu_parallelism=THREADED,
-            options=(
-                "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-                "stability_score_offset", "box_nms_thresh", "crops_n_layers", "crops_nms_thresh",
-                "crop_overlap_ratio", "crop_n_points_downscale_factor", "min_mask_region_area",
-                "mask_threshold", "model_type", "vit_num_heads", "target_size", "encoder_batch_size",
-                "categories", "category_file", "amp_dtype",
-            ),
-        ),
-        ModelEntry(
-            "maskformer",
-            "panoptic",
-            "HF MaskFormer checkpoint directory (path or URI); random",
-            "maskformer",
-            "build_maskformer",
-            "hf_weights_file",
-            scores=_MASKFORMER,
-            cpu_parallelism=THREADED,
-            options=_MASKFORMER_OPTIONS,
-            options_check="base:check_universal_options",
-        ),
-        ModelEntry(
-            "mask2former",
-            "panoptic",
-            "HF Mask2Former checkpoint directory (path or URI); random",
-            "maskformer",
-            "build_mask2former",
-            "hf_weights_file",
-            scores=_MASKFORMER,
-            cpu_parallelism=THREADED,
-            options=_MASKFORMER_OPTIONS,
-            options_check="base:check_universal_options",
-        ),
-        ModelEntry(
-            "oneformer",
-            "panoptic",
-            "HF OneFormer checkpoint directory with tokenizer and class info (path or URI)",
-            "oneformer",
-            "build_oneformer",
-            "hf_weights_file",
-            scores=Scores(
-                "semantic: the mean normalised class score over the segment's pixels; instance and panoptic: the "
-                "query's class probability",
-                "semantic keeps score ≥ F (none dropped without F); instance keeps score > F (none dropped without "
-                "F); panoptic keeps queries with score > F (default 0.5)",
-            ),
-            cpu_parallelism=THREADED,
-            options=_MASKFORMER_OPTIONS,
-            options_check="base:check_universal_options",
-            random_weights=False,
-        ),
-    ]
-}
+        cpu_parallelism=THREADED,
+        random_weights=False,
+    ),
+]
+
+# Outside model families: installed distributions that name a ModelEntry in this entry
+# point group, e.g. in their pyproject.toml
+#   [project.entry-points."rayseg.models"]
+#   threshold = "threshold_family:ENTRY"
+# The module named must import without torch (the driver reads the entry to check a run).
+ENTRY_POINT_GROUP = "rayseg.models"
+
+
+def discovered_entries() -> list[ModelEntry]:
+    """The ModelEntry objects that installed distributions register in ENTRY_POINT_GROUP.
+    One that does not load, is no ModelEntry or takes a name already taken is left out,
+    with a warning naming it: a broken plug-in never hides the other models."""
+    found: list[ModelEntry] = []
+    taken = {entry.name for entry in OURS}
+    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry = point.load()
+        except Exception as e:  # any error of an outside module: reported, not raised
+            log.warning("model family %r (%s) does not load: %s", point.name, point.value, e)
+            continue
+        if not isinstance(entry, ModelEntry):
+            log.warning("model family %r (%s) is a %s, not a ModelEntry", point.name, point.value, type(entry).__name__)
+        elif entry.name in taken:
+            log.warning("model family %r (%s) takes the registered name %r; left out", point.name, point.value, entry.name)
+        else:
+            found.append(entry)
+            taken.add(entry.name)
+    return found
+
+
+class Registry(Mapping[str, ModelEntry]):
+    """Model name → ModelEntry: ours, then the outside families, discovered on first use
+    rather than on import, because an outside family's module imports this one."""
+
+    def __init__(self, ours: list[ModelEntry]):
+        self._ours = ours
+        self._entries: dict[str, ModelEntry] | None = None
+
+    def _all(self) -> dict[str, ModelEntry]:
+        if self._entries is None:
+            self._entries = {entry.name: entry for entry in [*self._ours, *discovered_entries()]}
+        return self._entries
+
+    def __getitem__(self, name: str) -> ModelEntry:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+REGISTRY = Registry(OURS)
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -300,33 +288,9 @@ def get_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
-# Arguments every builder takes from the pipeline rather than from the user's options.
-PIPELINE_ARGUMENTS = frozenset({"weights", "weights_sha256", "device", "storage_options", "score_threshold"})
-
-
-def model_options(name: str) -> list[str]:
-    """The model-specific options `name`'s builder accepts (e.g. max_detections)."""
-    return list(get_entry(name).options)
-
-
-def check_options(name: str, options: dict) -> None:
-    """Refuses, before any work, options the model does not take (naming the ones it
-    does) and values an option does not take (`OPTION_KINDS`, then the model's own check)."""
-    accepted = model_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"model {name!r} does not take option(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(accepted) or 'none'}"
-        )
-    problems = [f"option {key} {problem}" for key, value in sorted(options.items()) if (problem := OPTION_KINDS[key].problem(value))]
-    if problems:
-        raise ValueError(f"model {name!r}: " + "; ".join(problems))
-    if "amp_dtype" in options:
-        check_amp_dtype(options["amp_dtype"])
-    if check := get_entry(name).options_check:
-        module, _, function = check.partition(":")
-        getattr(importlib.import_module(f"{__package__}.{module}"), function)(**options)
+def check_options(name: str, options: Mapping[str, Any], weights: str | None = None) -> ModelOptions:
+    """Model `name`'s options parsed and checked before any work (`ModelEntry.check`)."""
+    return get_entry(name).check(options, weights)
 
 
 def check_score_threshold(name: str, threshold: float | None) -> None:
@@ -336,5 +300,5 @@ def check_score_threshold(name: str, threshold: float | None) -> None:
 
 
 def build_model(name: str, weights: str, **arguments) -> SegmentationModel:
-    """Builds the registered model `name` from `weights` (see ModelEntry.build for arguments)."""
+    """Builds the registered model `name` from `weights` (see ModelEntry for the arguments)."""
     return get_entry(name).build(weights, **arguments)

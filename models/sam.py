@@ -40,19 +40,11 @@ reused (generate_crop_boxes, post_process_masks and the functions filter_masks i
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import posixpath
-import tempfile
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from scipy import ndimage
 from torchvision.ops.boxes import batched_nms
 from transformers import SamConfig, SamImageProcessor, SamModel
@@ -63,22 +55,21 @@ from transformers.models.sam.image_processing_sam import (
     _is_box_near_crop_edge,
     _pad_masks,
 )
-from transformers.utils import logging as hf_logging
 
 from .base import DeviceSegments, Prompts, Segment
 from .categories import Category, load_category_file, parse_categories
-from .checkpoint_files import CHECKPOINT_SUFFIXES, CONFIG_FILE, sam_weights_file
-from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
-from .device import AMP_AUTO, autocast, check_amp_dtype, host_segments, resolve_amp_dtype, to_device
+from .bits import pack_bits, unpack_bits
+from .checkpoint_files import is_segment_anything_file
+from .device import DeviceModel, autocast, host_segments, to_device
+from .hf_checkpoint import PREPROCESSOR_FILE, load_pretrained, open_checkpoint
+from .options import SamOptions
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .torchvision_checkpoint import load_state_dict
-from .weights import RANDOM, WeightsError, seeded_random_init, warn_random
+from .weights import RANDOM, WeightsError, random_network
 
 log = logging.getLogger("rayseg.models")
 
 OBJECT = Category(1, "object", True)
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 # `--weights random`: a deliberately small SAM (not ViT-B, whose random init alone takes
 # seconds and whose CPU forward takes more): a 2-block ViT of width 64 on 256×256 inputs
@@ -102,74 +93,22 @@ ENCODER_BATCH_CUDA = 4
 
 # --- loading -------------------------------------------------------------------------
 
-
-def _sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+# The prompt encoder's positional embedding is tied to the model's shared one, stored once.
+_TIED_KEYS = ("shared_embedding.positional_embedding",)
 
 
-@contextlib.contextmanager
-def _local_directory(uri: str, storage_options: dict | None):
-    """A local directory holding the checkpoint directory `uri`'s files: the directory
-    itself when it is local, else a temp copy (config, weights, preprocessor config)."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if isinstance(fs, LocalFileSystem):
-        yield root
-        return
-    with tempfile.TemporaryDirectory(prefix="rayseg-sam-") as local:
-        for name in (CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE):
-            remote = posixpath.join(root.rstrip("/"), name)
+def _load_hf_directory(
+    weights: str, sha256: str | None, storage_options: dict | None
+) -> tuple[SamModel, SamImageProcessor | None, str]:
+    with open_checkpoint(weights, ("sam",), sha256, storage_options) as checkpoint:
+        network = load_pretrained(SamModel, checkpoint, _TIED_KEYS)
+        processor = None
+        if checkpoint.has(PREPROCESSOR_FILE):
             try:
-                # get_file takes the path as written; get() would read "[", "*", "?" as a glob.
-                fs.get_file(remote, os.path.join(local, name))
-            except FileNotFoundError:
-                if name != PREPROCESSOR_FILE:
-                    raise WeightsError(f"{uri} is not a SAM checkpoint directory: {name} not found") from None
-        yield local
-
-
-def _load_hf_directory(directory: str, uri: str, sha256: str | None) -> tuple[SamModel, SamImageProcessor | None, str]:
-    config_path = os.path.join(directory, CONFIG_FILE)
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise WeightsError(f"{uri} is not a SAM checkpoint directory: {os.path.basename(path)} not found")
-    digest = _sha256_of_file(weights_path)
-    if sha256 is not None and digest != sha256.strip().lower():
-        raise WeightsError(f"sha256 mismatch for {sam_weights_file(uri)}: expected {sha256}, got {digest}")
-    try:
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-    except ValueError as e:
-        raise WeightsError(f"{uri}: config.json is not valid JSON: {e}") from e
-    if model_type != "sam":
-        raise WeightsError(f"{uri} holds a {model_type!r} checkpoint, not a SAM one (config.json model_type 'sam')")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # missing keys are ours to report, below
-    try:
-        network, info = SamModel.from_pretrained(
-            directory, local_files_only=True, use_safetensors=True, output_loading_info=True
-        )
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        raise WeightsError(f"{uri}: cannot load the SAM checkpoint: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    # The tied positional embedding is stored once; anything else missing would be random.
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("shared_embedding.positional_embedding")]
-    if missing or info.get("mismatched_keys"):
-        raise WeightsError(
-            f"{uri} does not match its config: missing {missing[:5]}, mismatched {info.get('mismatched_keys', [])[:5]}"
-        )
-    processor = None
-    if os.path.isfile(os.path.join(directory, PREPROCESSOR_FILE)):
-        try:
-            processor = SamImageProcessor.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise WeightsError(f"{uri}: cannot read {PREPROCESSOR_FILE}: {e}") from e
-    return network, processor, digest
+                processor = SamImageProcessor.from_pretrained(checkpoint.local, local_files_only=True)
+            except (OSError, ValueError, TypeError) as e:
+                raise WeightsError(f"{checkpoint.uri}: cannot read {PREPROCESSOR_FILE}: {e}") from e
+    return network, processor, checkpoint.digest
 
 
 def _load_segment_anything(
@@ -197,12 +136,6 @@ def _load_segment_anything(
     return network.float(), digest
 
 
-def _random_network() -> SamModel:
-    warn_random("sam")
-    with seeded_random_init():
-        return SamModel(SamConfig(**RANDOM_CONFIG))
-
-
 def load_sam(
     weights: str,
     *,
@@ -213,17 +146,13 @@ def load_sam(
 ) -> tuple[SamModel, SamImageProcessor | None, str | None]:
     """(network, the checkpoint's own image processor or None, weights sha256) for `weights`."""
     if weights == RANDOM:
-        return _random_network().eval(), None, None
-    if weights.rstrip("/").endswith(CHECKPOINT_SUFFIXES):
+        return random_network("sam", lambda: SamModel(SamConfig(**RANDOM_CONFIG))).eval(), None, None
+    if is_segment_anything_file(weights):
         network, digest = _load_segment_anything(weights, sha256, storage_options, model_type, vit_num_heads)
         return network.eval(), None, digest
     if model_type is not None or vit_num_heads is not None:
         raise WeightsError("model_type and vit_num_heads apply to segment-anything .pth checkpoints, not to HF directories")
-    base = weights.rstrip("/")
-    directory = posixpath.dirname(base) if base.endswith(".safetensors") else base
-    with _local_directory(directory, storage_options) as local:
-        network, processor, digest = _load_hf_directory(local, directory, sha256)
-    return network.eval(), processor, digest
+    return _load_hf_directory(weights, sha256, storage_options)
 
 
 def image_processor_for(network: SamModel, processor: SamImageProcessor | None, target_size: int | None) -> SamImageProcessor:
@@ -245,30 +174,6 @@ def image_processor_for(network: SamModel, processor: SamImageProcessor | None, 
             raise ValueError(f"target_size must be between 1 and the model's image size {image_size}, got {target_size}")
         processor.size = SizeDict(longest_edge=target_size)
     return processor
-
-
-# --- bit-packed masks, for holding many full-resolution masks until the NMS -----------------
-
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
-
-
-def pack_bits(masks: torch.Tensor) -> torch.Tensor:
-    """bool (K, H, W) → uint8 (K, ⌈H·W/8⌉), 8 pixels per byte, on the masks' device."""
-    count, pixels = masks.shape[0], masks.shape[1] * masks.shape[2]
-    flat = masks.reshape(count, pixels).to(torch.uint8)
-    padding = (-pixels) % 8
-    if padding:
-        flat = torch.cat([flat, flat.new_zeros(count, padding)], dim=1)
-    shifts = _SHIFTS.to(flat.device)
-    return (flat.view(count, (pixels + padding) // 8, 8) << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of pack_bits: uint8 (K, ⌈H·W/8⌉) → bool (K, H, W)."""
-    count = packed.shape[0]
-    shifts = _SHIFTS.to(packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(count, packed.shape[1] * 8)[:, : height * width].reshape(count, height, width).bool()
 
 
 # --- small regions (segment-anything's utils/amg.py remove_small_regions, on scipy) -----------
@@ -360,7 +265,7 @@ def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int | N
     return boxes, [int(c) for c in categories], [int(a) if a >= 0 else None for a in annotations]
 
 
-class SamSegmenter:
+class SamSegmenter(DeviceModel):
     """SAM behind the model protocol; see the module docstring for the two modes."""
 
     name = "sam"
@@ -370,75 +275,21 @@ class SamSegmenter:
         self,
         network: SamModel,
         processor: SamImageProcessor,
+        options: SamOptions = SamOptions(),
         *,
-        device: torch.device | str = "cpu",
-        score_threshold: float | None = None,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crops_n_layers: int = 0,
-        crops_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        min_mask_region_area: int = 0,
-        mask_threshold: float = 0.0,
-        encoder_batch_size: int | None = None,
         categories: list[Category] | None = None,
-        weights: str = RANDOM,
-        weights_sha256: str | None = None,
-        amp_dtype: str = AMP_AUTO,
+        **placement,
     ):
-        self.device = torch.device(device)
-        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
-        if encoder_batch_size is None:
-            # On the CPU one image per call: nothing to gain from stacking, and an image's
-            # masks then never depend on its batch neighbours (bit for bit).
-            encoder_batch_size = ENCODER_BATCH_CUDA if self.device.type == "cuda" else 1
-        for option, value, low in (
-            ("points_per_side", points_per_side, 1),
-            ("points_per_batch", points_per_batch, 1),
-            ("crops_n_layers", crops_n_layers, 0),
-            ("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1),
-            ("min_mask_region_area", min_mask_region_area, 0),
-            ("encoder_batch_size", encoder_batch_size, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{option} must be an integer ≥ {low}, got {value!r}")
-        for option, value in (
-            ("pred_iou_thresh", pred_iou_thresh),
-            ("stability_score_thresh", stability_score_thresh),
-            ("box_nms_thresh", box_nms_thresh),
-            ("crops_nms_thresh", crops_nms_thresh),
-            ("crop_overlap_ratio", crop_overlap_ratio),
-        ):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{option} must be between 0 and 1, got {value!r}")
-        if crops_n_layers and points_per_side // crop_n_points_downscale_factor**crops_n_layers < 1:
-            raise ValueError("crop_n_points_downscale_factor leaves no points in the last crop layer")
-        self.network = network.to(self.device).eval()
+        """categories: what prompted mode labels its masks with (None: automatic mode only)."""
+        super().__init__(network, options, **placement)
+        # On the CPU one image per call: nothing to gain from stacking, and an image's masks
+        # then never depend on its batch neighbours (bit for bit).
+        default_batch = ENCODER_BATCH_CUDA if self.device.type == "cuda" else 1
+        self.encoder_batch_size = options.encoder_batch_size or default_batch
         self.processor = processor
         self.target_size = int(processor.size["longest_edge"])
-        self.score_threshold = score_threshold
-        self.points_per_side = points_per_side
-        self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = float(pred_iou_thresh)
-        self.stability_score_thresh = float(stability_score_thresh)
-        self.stability_score_offset = float(stability_score_offset)
-        self.box_nms_thresh = float(box_nms_thresh)
-        self.crops_n_layers = crops_n_layers
-        self.crops_nms_thresh = float(crops_nms_thresh)
-        self.crop_overlap_ratio = float(crop_overlap_ratio)
-        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
-        self.min_mask_region_area = min_mask_region_area
-        self.mask_threshold = float(mask_threshold)
-        self.encoder_batch_size = encoder_batch_size
         self.prompt_categories = categories is not None
         self.categories = list(categories) if categories is not None else [OBJECT]
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
 
     # -- preprocess (CPU) --
 
@@ -458,19 +309,19 @@ class SamSegmenter:
     def _crops(self, image: torch.Tensor) -> tuple[list[_Crop], list[torch.Tensor]]:
         """The crops of one (3, H, W) image, their point grids and pixels, from transformers'
         SamImageProcessor.generate_crop_boxes (segment-anything's crop and grid rules)."""
-        processor, layers = self.processor, self.crops_n_layers
+        processor, layers = self.processor, self.options.crops_n_layers
         crop_boxes, points, cropped, _ = processor.generate_crop_boxes(
-            image, self.target_size, layers, self.crop_overlap_ratio, self.points_per_side, 1
+            image, self.target_size, layers, self.options.crop_overlap_ratio, self.options.points_per_side, 1
         )
         per_crop = [points[0, :, c] for c in range(len(crop_boxes))]
-        if layers and self.crop_n_points_downscale_factor != 1:
+        if layers and self.options.crop_n_points_downscale_factor != 1:
             # generate_crop_boxes stacks one grid per crop, which fails when layers' grids
             # differ: take layer l's crops from a call with that layer's points per side.
             first = 1
             for layer in range(1, layers + 1):
-                side = int(self.points_per_side / self.crop_n_points_downscale_factor**layer)
+                side = int(self.options.points_per_side / self.options.crop_n_points_downscale_factor**layer)
                 _, layer_points, _, _ = processor.generate_crop_boxes(
-                    image, self.target_size, layers, self.crop_overlap_ratio, side, 1
+                    image, self.target_size, layers, self.options.crop_overlap_ratio, side, 1
                 )
                 count = 4**layer
                 per_crop[first : first + count] = [layer_points[0, :, c] for c in range(first, first + count)]
@@ -553,14 +404,14 @@ class SamSegmenter:
             return _Masks(empty, torch.zeros(0, device=self.device), [], [])
         boxes = item.boxes.to(self.device)
         masks, scores = [], []
-        for start in range(0, len(boxes), self.points_per_batch):
+        for start in range(0, len(boxes), self.options.points_per_batch):
             output = self.network(
                 image_embeddings=embeddings[item.index : item.index + 1],
-                input_boxes=boxes[None, start : start + self.points_per_batch],
+                input_boxes=boxes[None, start : start + self.options.points_per_batch],
                 multimask_output=False,
             )
             (upscaled,) = self.processor.post_process_masks(
-                output.pred_masks, [item.size], [item.reshaped], mask_threshold=self.mask_threshold, binarize=True
+                output.pred_masks, [item.size], [item.reshaped], mask_threshold=self.options.mask_threshold, binarize=True
             )
             masks.append(upscaled[:, 0])
             scores.append(output.iou_scores[0, :, 0])
@@ -572,13 +423,13 @@ class SamSegmenter:
         height, width = size
         masks, iou_scores = masks.flatten(0, 1), iou_scores.flatten(0, 1)
         keep = torch.ones(len(masks), dtype=torch.bool, device=masks.device)
-        if self.pred_iou_thresh > 0.0:
-            keep &= iou_scores > self.pred_iou_thresh
+        if self.options.pred_iou_thresh > 0.0:
+            keep &= iou_scores > self.options.pred_iou_thresh
         masks, iou_scores = masks[keep], iou_scores[keep]
-        if self.stability_score_thresh > 0.0:
-            stable = _compute_stability_score(masks, self.mask_threshold, self.stability_score_offset) > self.stability_score_thresh
+        if self.options.stability_score_thresh > 0.0:
+            stable = _compute_stability_score(masks, self.options.mask_threshold, self.options.stability_score_offset) > self.options.stability_score_thresh
             masks, iou_scores = masks[stable], iou_scores[stable]
-        masks = masks > self.mask_threshold
+        masks = masks > self.options.mask_threshold
         boxes = _batched_mask_to_box(masks)
         inside = ~_is_box_near_crop_edge(boxes, crop_box, [0, 0, width, height])
         masks, iou_scores, boxes = masks[inside], iou_scores[inside], boxes[inside]
@@ -592,8 +443,8 @@ class SamSegmenter:
         for c, crop in enumerate(item.crops):
             crop_masks, crop_scores, crop_boxes = [], [], []
             points = crop.points.to(self.device)
-            for start in range(0, len(points), self.points_per_batch):
-                chunk = points[start : start + self.points_per_batch]
+            for start in range(0, len(points), self.options.points_per_batch):
+                chunk = points[start : start + self.options.points_per_batch]
                 output = self.network(
                     image_embeddings=embeddings[c : c + 1],
                     input_points=chunk[None, :, None, :],
@@ -601,16 +452,16 @@ class SamSegmenter:
                     multimask_output=True,
                 )
                 (upscaled,) = self.processor.post_process_masks(
-                    output.pred_masks, [crop.size], [crop.reshaped], mask_threshold=self.mask_threshold, binarize=False
+                    output.pred_masks, [crop.size], [crop.reshaped], mask_threshold=self.options.mask_threshold, binarize=False
                 )
                 kept_masks, kept_scores, kept_boxes = self._filter(upscaled, output.iou_scores[0], item.size, crop.box)
-                crop_masks.append(pack_bits(kept_masks))
+                crop_masks.append(pack_bits(kept_masks.flatten(1)))  # held until the NMS: 1 bit a pixel
                 crop_scores.append(kept_scores)
                 crop_boxes.append(kept_boxes)
             crop_scores, crop_boxes = torch.cat(crop_scores), torch.cat(crop_boxes)
             # Duplicates within the crop (segment-anything's box_nms_thresh); indices kept in
             # their original order, so the image-wide NMS sees them as transformers does.
-            keep = batched_nms(crop_boxes.float(), crop_scores, torch.zeros_like(crop_scores), self.box_nms_thresh)
+            keep = batched_nms(crop_boxes.float(), crop_scores, torch.zeros_like(crop_scores), self.options.box_nms_thresh)
             keep = keep.sort().values
             packed.append(torch.cat(crop_masks)[keep])
             scores.append(crop_scores[keep])
@@ -619,13 +470,13 @@ class SamSegmenter:
         scores, boxes, crop_of = torch.cat(scores), torch.cat(boxes), torch.cat(crop_of)
         local = torch.cat([torch.arange(len(p), device=self.device) for p in packed])
         # Duplicates over the whole image (transformers' post_process_for_mask_generation).
-        keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), self.crops_nms_thresh)
+        keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), self.options.crops_nms_thresh)
         masks = torch.zeros((len(keep), height, width), dtype=torch.bool, device=self.device)
         kept_crops = crop_of[keep]
         for c, crop in enumerate(item.crops):
             positions = torch.nonzero(kept_crops == c).flatten()
             if len(positions):
-                crop_masks = unpack_bits(packed[c][local[keep[positions]]], *crop.size)
+                crop_masks = unpack_bits(packed[c][local[keep[positions]]], crop.size[0] * crop.size[1]).unflatten(1, crop.size)
                 masks[positions] = _pad_masks(crop_masks, crop.box, height, width)
         return _Masks(masks, scores[keep].float(), None, None)
 
@@ -644,7 +495,7 @@ class SamSegmenter:
             if tuple(masks.shape[1:]) != tuple(size):
                 raise RuntimeError(f"masks of shape {tuple(masks.shape[1:])} for an image of size {tuple(size)}")
             if output.category_ids is None:
-                if self.min_mask_region_area > 0 and len(masks):
+                if self.options.min_mask_region_area > 0 and len(masks):
                     cleaned, scores = self._remove_small_regions(masks.cpu().numpy(), scores)
                     masks = torch.from_numpy(cleaned)
                 segments = [Segment(OBJECT.id, float(s), None) for s in scores]
@@ -665,26 +516,24 @@ class SamSegmenter:
         min_mask_region_area removed, then NMS again preferring masks that did not change."""
         cleaned, unchanged = [], []
         for mask in masks:
-            mask, holes = remove_small_regions(mask, self.min_mask_region_area, "holes")
-            mask, islands = remove_small_regions(mask, self.min_mask_region_area, "islands")
+            mask, holes = remove_small_regions(mask, self.options.min_mask_region_area, "holes")
+            mask, islands = remove_small_regions(mask, self.options.min_mask_region_area, "islands")
             cleaned.append(mask)
             unchanged.append(float(not (holes or islands)))
         cleaned = np.stack(cleaned)
         boxes = _batched_mask_to_box(torch.from_numpy(cleaned))
         keep = batched_nms(
-            boxes.float(), torch.tensor(unchanged), torch.zeros(len(boxes)), max(self.box_nms_thresh, self.crops_nms_thresh)
+            boxes.float(), torch.tensor(unchanged), torch.zeros(len(boxes)), max(self.options.box_nms_thresh, self.options.crops_nms_thresh)
         )
         keep = keep.sort().values.numpy()  # keep the predicted-IoU order
         return cleaned[keep], scores[keep]
 
 
-def _categories(categories: list | None, category_file: str | None, storage_options: dict | None) -> list[Category] | None:
-    if categories is not None and category_file is not None:
-        raise ValueError("give categories or category_file, not both")
-    if category_file is not None:
-        return load_category_file(category_file, storage_options)
-    if categories is not None:
-        return parse_categories(list(categories))
+def _categories(options: SamOptions, storage_options: dict | None) -> list[Category] | None:
+    if options.category_file is not None:
+        return load_category_file(options.category_file, storage_options)
+    if options.categories is not None:
+        return parse_categories(options.categories)
     return None
 
 
@@ -695,68 +544,22 @@ def build_sam(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    points_per_side: int = 32,
-    points_per_batch: int = 64,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
-    box_nms_thresh: float = 0.7,
-    crops_n_layers: int = 0,
-    crops_nms_thresh: float = 0.7,
-    crop_overlap_ratio: float = 512 / 1500,
-    crop_n_points_downscale_factor: int = 1,
-    min_mask_region_area: int = 0,
-    mask_threshold: float = 0.0,
-    model_type: str | None = None,
-    vit_num_heads: int | None = None,
-    target_size: int | None = None,
-    encoder_batch_size: int | None = None,
-    categories: list | None = None,
-    category_file: str | None = None,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> SamSegmenter:
     """SAM from an HF directory, a segment-anything `.pth` (path or URI) or `random`.
 
-    Automatic mode (segment-anything's / transformers' names and defaults): points_per_side
-    (grid side per crop), points_per_batch (prompts per decoder call; also boxes per call in
-    prompted mode), pred_iou_thresh, stability_score_thresh, stability_score_offset,
-    box_nms_thresh (within a crop), crops_n_layers, crops_nms_thresh (over the image),
-    crop_overlap_ratio, crop_n_points_downscale_factor, min_mask_region_area (0: off).
-    Both modes: mask_threshold (mask logit cut), score_threshold (drop segments whose
-    predicted IoU is below it; default keep all), target_size (longest side images are
-    resized to; default the model's image size), encoder_batch_size (images/crops per
-    image-encoder call; default 4 on CUDA, 1 on the CPU), amp_dtype (auto | fp16 | bf16 |
-    none: the image encoder's autocast; auto is float16 on CUDA, none on the CPU).
-    `.pth` only: model_type (vit_b, vit_l, vit_h; default: read from the shapes),
-    vit_num_heads (only for a checkpoint without relative positions).
-    Prompted mode: categories (list of {"id", "name"} or names) or category_file (COCO json
-    or list) name the prompts' category ids; automatic mode emits `object` (id 1) and
-    refuses a model given categories.
+    options: SamOptions (models/options.py), segment-anything's and transformers' names and
+    defaults. score_threshold: drop segments whose predicted IoU is below it (default keep
+    all). Prompted mode labels masks with `categories` or `category_file`; automatic mode
+    emits `object` (id 1) and refuses a model given categories.
     """
-    check_amp_dtype(amp_dtype)
+    parsed = SamOptions.parse("sam", options)
     network, processor, digest = load_sam(
-        weights, sha256=weights_sha256, storage_options=storage_options, model_type=model_type, vit_num_heads=vit_num_heads
-    )
+        weights, sha256=weights_sha256, storage_options=storage_options,
+        model_type=parsed.model_type, vit_num_heads=parsed.vit_num_heads,
+    )  # fmt: skip
     return SamSegmenter(
-        network,
-        image_processor_for(network, processor, target_size),
-        device=device,
-        score_threshold=score_threshold,
-        points_per_side=points_per_side,
-        points_per_batch=points_per_batch,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=stability_score_thresh,
-        stability_score_offset=stability_score_offset,
-        box_nms_thresh=box_nms_thresh,
-        crops_n_layers=crops_n_layers,
-        crops_nms_thresh=crops_nms_thresh,
-        crop_overlap_ratio=crop_overlap_ratio,
-        crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-        min_mask_region_area=min_mask_region_area,
-        mask_threshold=mask_threshold,
-        encoder_batch_size=encoder_batch_size,
-        categories=_categories(categories, category_file, storage_options),
-        weights=weights,
-        weights_sha256=digest,
-        amp_dtype=amp_dtype,
-    )
+        network, image_processor_for(network, processor, parsed.target_size), parsed,
+        categories=_categories(parsed, storage_options), device=device, score_threshold=score_threshold,
+        weights=weights, weights_sha256=digest,
+    )  # fmt: skip

@@ -11,7 +11,7 @@ import pickle
 import torch
 from torch import nn
 
-from .weights import WeightsError, check_sha256, read_bytes
+from .weights import WeightsError, read_checkpoint
 
 
 def load_state_dict(
@@ -24,8 +24,7 @@ def load_state_dict(
     torchvision's reference scripts write — provided it holds nothing but tensors and plain
     values, because loading is `torch.load(weights_only=True)`: no pickled code runs, ever.
     """
-    data = read_bytes(weights, storage_options)
-    digest = check_sha256(data, sha256, weights)
+    data, digest = read_checkpoint(weights, sha256, storage_options)
     try:
         loaded = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:

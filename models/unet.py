@@ -9,6 +9,7 @@ size is accepted by padding to a multiple of 2**depth and cropping back — the 
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field
@@ -25,19 +26,11 @@ from .base import DeviceSegments, Segment
 from .categories import SHAPES, Category, parse_categories
 from .checkpoint_files import CONFIG_FILE, unet_weights_file
 from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
-from .device import (
-    AMP_AUTO,
-    autocast,
-    check_amp_dtype,
-    host_batch,
-    host_segments,
-    on_host,
-    pins,
-    resolve_amp_dtype,
-    to_device,
-)
-from .unet_instances import DEFAULT_MIN_AREA, check_instance_options, semantic_to_instances
-from .weights import RANDOM, WeightsError, check_sha256, read_bytes, seeded_random_init, warn_random
+from .device import DeviceModel, autocast, host_segments, on_host, pins, to_device
+from .options import UNetOptions
+from .semantic import SizeGroupOutput, class_segments, size_groups
+from .unet_instances import semantic_to_instances
+from .weights import RANDOM, WeightsError, read_bytes, read_checkpoint, random_network, stream_sha256
 
 
 # Inputs are scaled to [0, 1] and normalised with ImageNet statistics, the usual choice.
@@ -164,14 +157,11 @@ def load_unet(weights: str, *, sha256: str | None = None, storage_options: dict 
     config.json beside it — each a local path or an fsspec URI.
     """
     if weights == RANDOM:
-        warn_random("unet")
-        with seeded_random_init():
-            return UNet(UNetConfig()).eval(), None
+        return random_network("unet", lambda: UNet(UNetConfig())).eval(), None
     weights_uri = unet_weights_file(weights)
     config_uri = posixpath.join(posixpath.dirname(weights_uri), CONFIG_FILE)
     config = UNetConfig.from_json(read_bytes(config_uri, storage_options).decode())
-    data = read_bytes(weights_uri, storage_options)
-    digest = check_sha256(data, sha256, weights_uri)
+    data, digest = read_checkpoint(weights_uri, sha256, storage_options)
     try:
         state = load_safetensors(data)
     except Exception as e:  # safetensors raises SafetensorError, which is no ValueError
@@ -194,68 +184,34 @@ def save_unet(model: UNet, directory: str, storage_options: dict | None = None) 
         f.write(data)
     with fs.open(f"{root}/{CONFIG_FILE}", "w") as f:
         f.write(model.config.to_json())
-    return check_sha256(data, None, directory)
+    return stream_sha256(io.BytesIO(data))[0]
 
 
-class UNetSegmenter:
+class UNetSegmenter(DeviceModel):
     """The U-Net behind the model protocol: semantic output, one segment per class present.
 
     A segment's score is the mean softmax probability of its class over its pixels.
-    task="instance": one segment per connected component (≥ min_area pixels) of each
-    thing class instead, scored by its class's mean probability; stuff classes are left
-    out (models/unet_instances.py).
-    amp_dtype: autocast setting (models/device.py); on CUDA the network also runs
-    channels_last, which cuDNN's convolutions prefer under autocast.
+    options.task="instance": one segment per connected component (≥ min_area pixels) of
+    each thing class instead, scored by its class's mean probability; stuff classes are
+    left out (models/unet_instances.py).
     """
 
     name = "unet"
-    task = "semantic"
 
-    def __init__(
-        self,
-        network: UNet,
-        *,
-        device: torch.device | str = "cpu",
-        score_threshold: float = 0.0,
-        weights: str = RANDOM,
-        weights_sha256: str | None = None,
-        task: str = "semantic",
-        min_area: int = DEFAULT_MIN_AREA,
-        amp_dtype: str = AMP_AUTO,
-    ):
-        check_instance_options(task, min_area)
-        self.task = task
-        self.min_area = min_area
-        self.device = torch.device(device)
-        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device)
-        self.network = network.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.network = self.network.to(memory_format=torch.channels_last)
+    def __init__(self, network: UNet, options: UNetOptions = UNetOptions(), **placement):
+        super().__init__(network, options, channels_last=True, **placement)
+        self.task = options.task
+        self.score_threshold = self.score_threshold or 0.0
         self.categories = network.config.categories
-        self.score_threshold = score_threshold
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
         self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def preprocess(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
-        """uint8 (H, W, 3) images → groups of same-size images as uint8 (N, 3, H, W) tensors
-        (NHWC memory, pinned when bound for CUDA).
-
-        Images are grouped by size rather than padded together so an image's prediction
-        never depends on which other images share its batch.
-        """
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            groups.setdefault(image.shape[:2], []).append(index)
-        pin = pins(self.device)
-        return [
-            (indices, host_batch([images[i] for i in indices], pin).permute(0, 3, 1, 2))
-            for indices in groups.values()
-        ]
+        """uint8 (H, W, 3) images → size groups (models/semantic.py)."""
+        return size_groups(images, pins(self.device))
 
     @torch.inference_mode()
-    def forward(self, batch: list[tuple[list[int], torch.Tensor]]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def forward(self, batch: list[tuple[list[int], torch.Tensor]]) -> list[SizeGroupOutput]:
         """Per size group: (indices, labels int64 (N, H, W), max probability float (N, H, W))."""
         outputs = []
         for indices, pixels in batch:
@@ -268,12 +224,12 @@ class UNetSegmenter:
             outputs.append((indices, labels, probabilities))
         return outputs
 
-    def postprocess(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    def postprocess(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
         if self.task == "instance":
             return self._instances(raw, sizes)
         return host_segments(self.postprocess_device(raw, sizes))
 
-    def _instances(self, raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    def _instances(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
         """Connected components of the thing classes, on the host (scipy)."""
         results: list[list[Segment]] = [[] for _ in sizes]
         for indices, labels, probabilities in raw:
@@ -281,38 +237,17 @@ class UNetSegmenter:
             for row, index in enumerate(indices):
                 results[index] = semantic_to_instances(
                     labels_host[row], probabilities_host[row], self.categories,
-                    min_area=self.min_area, score_threshold=self.score_threshold,
+                    min_area=self.options.min_area, score_threshold=self.score_threshold,
                 )  # fmt: skip
         return results
 
     @torch.inference_mode()
-    def postprocess_device(self, raw: list[tuple[list[int], torch.Tensor, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
-        """Per image: one segment per class present (scored at least score_threshold), its
-        mask `labels == class` computed on the device. The instance task's components are
-        found on the host."""
+    def postprocess_device(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+        """Per image: one segment per class present (models/semantic.py). The instance task's
+        components are found on the host."""
         if self.task == "instance":
             return [on_host(segments, size) for segments, size in zip(self._instances(raw, sizes), sizes)]
-        results: list[DeviceSegments | None] = [None] * len(sizes)  # every image is in one size group
-        num_classes = len(self.categories)
-        for indices, labels, probabilities in raw:
-            flat_labels = labels.flatten(1)
-            # Per image and class: pixel count and probability sum, in two scatter-adds.
-            counts = torch.zeros(len(indices), num_classes, device=labels.device).scatter_add_(
-                1, flat_labels, torch.ones_like(flat_labels, dtype=torch.float32)
-            )
-            sums = torch.zeros_like(counts).scatter_add_(1, flat_labels, probabilities.flatten(1))
-            scores = (sums / counts.clamp(min=1)).cpu().numpy()
-            counts = counts.cpu().numpy()
-            # One byte per label makes the per-class comparisons below 8× lighter on memory.
-            compact = labels.to(torch.uint8 if num_classes <= 256 else torch.int32)
-            for row, index in enumerate(indices):
-                channels = [c for c in np.flatnonzero(counts[row]) if float(scores[row, c]) >= self.score_threshold]
-                wanted = torch.tensor(channels, dtype=compact.dtype, device=compact.device)
-                results[index] = DeviceSegments(
-                    [Segment(self.categories[c].id, float(scores[row, c]), None) for c in channels],
-                    compact[row][None] == wanted[:, None, None],
-                )
-        return results
+        return class_segments(raw, len(sizes), [c.id for c in self.categories], self.score_threshold)
 
 
 def build_unet(
@@ -322,23 +257,11 @@ def build_unet(
     device: str = "cpu",
     storage_options: dict | None = None,
     score_threshold: float | None = None,
-    task: str = "semantic",
-    min_area: int = DEFAULT_MIN_AREA,
-    amp_dtype: str = AMP_AUTO,
+    **options,
 ) -> UNetSegmenter:
-    """task: "semantic" (one segment per class present) or "instance" (one per connected
-    component of a thing class with at least min_area pixels); amp_dtype: auto | fp16 |
-    bf16 | none, the network's autocast (auto: float16 on CUDA, none on the CPU)."""
-    check_instance_options(task, min_area)
-    check_amp_dtype(amp_dtype)
+    """The U-Net from `weights` (`load_unet`); options: UNetOptions (models/options.py)."""
+    parsed = UNetOptions.parse("unet", options)
     network, digest = load_unet(weights, sha256=weights_sha256, storage_options=storage_options)
     return UNetSegmenter(
-        network,
-        device=device,
-        score_threshold=0.0 if score_threshold is None else score_threshold,
-        weights=weights,
-        weights_sha256=digest,
-        task=task,
-        min_area=min_area,
-        amp_dtype=amp_dtype,
+        network, parsed, device=device, score_threshold=score_threshold, weights=weights, weights_sha256=digest
     )

@@ -16,24 +16,8 @@ import numpy as np
 from .base import Segment
 from .categories import Category
 
-TASKS = ("semantic", "instance")
-DEFAULT_MIN_AREA = 10
 # 8-connectivity: diagonal neighbours are connected.
 _STRUCTURE = np.ones((3, 3), dtype=bool)
-
-
-def check_instance_options(task: str, min_area: int) -> None:
-    """Refuses an unknown `task` or a negative `min_area` (ValueError names the choices)."""
-    if task not in TASKS:
-        raise ValueError(f"U-Net task must be one of {', '.join(TASKS)}, got {task!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 0:
-        raise ValueError(f"U-Net min_area must be an integer ≥ 0, got {min_area!r}")
-
-
-def check_unet_options(task: str = "semantic", min_area: int = DEFAULT_MIN_AREA, **_other) -> None:
-    """The U-Net's `task` and `min_area` options, checked on their own (the registry's
-    options_check): the driver refuses them before any work."""
-    check_instance_options(task, min_area)
 
 
 def semantic_to_instances(
@@ -41,7 +25,7 @@ def semantic_to_instances(
     probabilities: np.ndarray,
     categories: list[Category],
     *,
-    min_area: int = DEFAULT_MIN_AREA,
+    min_area: int,
     score_threshold: float = 0.0,
 ) -> list[Segment]:
     """One image's (H, W) channel indices and (H, W) probability of each pixel's class → instances.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 import fsspec
 
@@ -22,25 +24,47 @@ class WeightsError(ValueError):
     """A checkpoint that cannot be used: missing, wrong format, wrong hash, wrong shape."""
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole file at `uri` (local path or fsspec URI)."""
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise WeightsError(f"weights not found: {uri}") from e
+# Checkpoints are hashed in 4 MiB reads: whole multi-GB files never sit in memory twice.
+CHUNK_BYTES = 1 << 22
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def stream_sha256(f: IO[bytes]) -> tuple[str, bytes, int]:
+    """(sha256 hex digest, first chunk, size in bytes) of what is left to read in `f`."""
+    digest, head, size = hashlib.sha256(), b"", 0
+    while chunk := f.read(CHUNK_BYTES):
+        digest.update(chunk)
+        head, size = head or chunk, size + len(chunk)
+    return digest.hexdigest(), head, size
 
 
-def check_sha256(data: bytes, expected: str | None, uri: str) -> str:
-    """Returns the sha256 of `data`; raises WeightsError when it differs from `expected`."""
-    actual = sha256_hex(data)
+def check_sha256(actual: str, expected: str | None, uri: str) -> str:
+    """`actual`, the digest of the weights at `uri`; WeightsError when it differs from
+    `expected` (a user's --weights-sha256, or the digest the driver pinned)."""
     if expected is not None and actual != expected.strip().lower():
         raise WeightsError(f"sha256 mismatch for {uri}: expected {expected}, got {actual}")
     return actual
+
+
+def file_sha256(path: str, expected: str | None = None, uri: str | None = None) -> str:
+    """The sha256 of the local file `path`, checked against `expected` (named `uri` in errors)."""
+    with open(path, "rb") as f:
+        return check_sha256(stream_sha256(f)[0], expected, uri or path)
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """The whole file at `uri` (local path or fsspec URI); WeightsError when it is missing."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise WeightsError(f"weights not found: {uri}") from e
+
+
+def read_checkpoint(uri: str, sha256: str | None = None, storage_options: dict | None = None) -> tuple[bytes, str]:
+    """(the whole file at `uri`, its sha256), the digest checked against `sha256`;
+    WeightsError when the file is missing or differs."""
+    data = read_bytes(uri, storage_options)
+    return data, check_sha256(stream_sha256(io.BytesIO(data))[0], sha256, uri)
 
 
 # The seed of every `--weights random` network: each actor, and each restarted one, builds
@@ -59,10 +83,16 @@ def seeded_random_init() -> Iterator[None]:
         yield
 
 
-def warn_random(model_name: str) -> None:
-    """Random initialisation is legitimate (tests, benchmarks) but must never go unnoticed."""
+Network = TypeVar("Network")
+
+
+def random_network(model_name: str, make: Callable[[], Network]) -> Network:
+    """`make()` under RANDOM_SEED, said loudly: random initialisation is legitimate (tests,
+    benchmarks) but must never go unnoticed."""
     log.warning(
         "RANDOM WEIGHTS: model %r is randomly initialised (--weights random); "
         "its predictions are meaningless",
         model_name,
     )
+    with seeded_random_init():
+        return make()

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from ..models.bits import pack_bits
 from .masks import pack_masks
-
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 def pack_masks_on_device(masks: torch.Tensor) -> torch.Tensor:
     """bool (N, H, W) on any device → uint8 (⌈N·H·W/8⌉,) on that device, the bytes of
     `pack_masks(masks.cpu().numpy())`."""
-    bits = masks.transpose(1, 2).reshape(-1).to(torch.uint8)  # column-major per mask
-    padding = (-bits.numel()) % 8
-    if padding:
-        bits = torch.cat([bits, bits.new_zeros(padding)])
-    return (bits.view(-1, 8) << _SHIFTS.to(bits.device)).sum(1, dtype=torch.uint8)
+    return pack_bits(masks.transpose(1, 2).reshape(-1))  # column-major per mask
 
 
 def masks_to_wire(masks: torch.Tensor) -> bytes:

@@ -10,7 +10,6 @@ optional `uri`), e.g. from `ray.data.read_images`.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +21,7 @@ from ..models.categories import load_category_file
 from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, check_score_threshold, get_entry
-from ..models.weights import RANDOM, WeightsError
+from ..models.weights import RANDOM, WeightsError, check_sha256, stream_sha256
 from .actor import MODEL_MAX_PIXELS, SegmentImages
 from .decode import (
     DECODE_TASK_MEMORY,
@@ -44,7 +43,7 @@ from .storage import filesystem, full_uri
 class ModelSpec:
     """Which model, from which weights, with which post-processing options.
 
-    options: the model's own keyword arguments (`rayseg.models.registry.model_options`).
+    options: the model's own options, by name (its family's options class, models/options.py).
     """
 
     name: str
@@ -62,7 +61,7 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     of them load identical weights.
     """
     entry = get_entry(spec.name)
-    check_options(spec.name, spec.options)
+    check_options(spec.name, spec.options, spec.weights)
     check_score_threshold(spec.name, spec.score_threshold)
     if spec.options.get("category_file") is not None:
         load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
@@ -70,14 +69,11 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
         if not entry.random_weights:
             raise WeightsError(f"{spec.name} has no random weights (its weights: {entry.weights})")
         return spec
-    uri = entry.weights_file(spec.weights)
-    digest, head, size = hashlib.sha256(), b"", 0
+    uri = entry.weights_file(spec.weights, storage_options)
     fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-                head, size = head or chunk, size + len(chunk)
+            actual, head, size = stream_sha256(f)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise WeightsError(f"weights not found: {uri}") from None
     if problem := checkpoint_problem(path, head, size, lambda: fs.open(path, "rb")):
@@ -85,10 +81,7 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     # A safetensors/bin checkpoint (ours, HF's) is read with the config.json beside it.
     if path.endswith((".safetensors", ".bin")) and not fs.exists(config := posixpath.join(posixpath.dirname(path), CONFIG_FILE)):
         raise WeightsError(f"weights incomplete: {full_uri(fs, config)} is missing beside {posixpath.basename(path)}")
-    actual = digest.hexdigest()
-    if spec.weights_sha256 is not None and actual != spec.weights_sha256.strip().lower():
-        raise WeightsError(f"sha256 mismatch for {uri}: expected {spec.weights_sha256}, got {actual}")
-    return replace(spec, weights_sha256=actual)
+    return replace(spec, weights_sha256=check_sha256(actual, spec.weights_sha256, uri))
 
 
 def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.categories import SHAPES
+from rayseg.models.options import UNetOptions
 from rayseg.models.registry import REGISTRY
 from rayseg.models.unet import CONFIG_FILE, WEIGHTS_FILE, UNetSegmenter, build_unet, load_unet
 from rayseg.pipeline.evaluation.confusion import iou_from_confusion
@@ -75,7 +76,7 @@ def test_demo_weights_semantic_miou(network, held_out, images):
 
 
 def test_demo_weights_instance_segm_ap(network, held_out, images):
-    model = UNetSegmenter(network, task="instance")
+    model = UNetSegmenter(network, UNetOptions(task="instance"))
     results = []
     segments = model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])
     for index, image_segments in enumerate(segments):

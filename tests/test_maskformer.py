@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from rayseg.models.maskformer import build_mask2former, build_maskformer, random_config
-from rayseg.models.registry import REGISTRY, model_options
+from rayseg.models.registry import REGISTRY
 from rayseg.models.weights import WeightsError
 
 # Labels 0, 1 are things; 2, 3 stuff (fused in panoptic output).
@@ -246,7 +246,15 @@ def test_a_semantic_score_threshold_drops_the_segments_below_it_and_none_drops_n
     assert scores(build_maskformer(checkpoints["maskformer"], task="semantic", score_threshold=cut)) == [
         s for s in all_scores if s >= cut
     ]
-    assert every.semantic_threshold is None and every.score_threshold == 0.5  # the default cuts only the other tasks
+    assert every.given_threshold is None and every.score_threshold == 0.5  # the default cuts only the other tasks
+
+
+@pytest.mark.parametrize("name", ["maskformer", "mask2former"])
+def test_an_image_whose_queries_are_all_below_the_threshold_has_no_panoptic_segments(checkpoints, name):
+    """Mask2Former resized an empty stack of kept masks, which torch refuses: the whole batch failed."""
+    model = BUILDERS[name](checkpoints[name], task="panoptic", score_threshold=1.0)
+    batch = images(SIZES[name])
+    assert model.postprocess(model.forward(model.preprocess(batch)), [i.shape[:2] for i in batch]) == [[]] * len(batch)
 
 
 def test_checkpoint_errors_name_the_missing_file(checkpoints, tmp_path):
@@ -269,7 +277,7 @@ def test_registry_entries():
     for name in ("maskformer", "mask2former", "oneformer"):
         entry = REGISTRY[name]
         assert entry.weights_file("/ckpt/dir") == "/ckpt/dir/model.safetensors"
-        assert {"task", "category_file", "mask_threshold", "overlap_mask_area_threshold"} <= set(model_options(name))
+        assert {"task", "category_file", "mask_threshold", "overlap_mask_area_threshold"} <= set(entry.options.model_fields)
 
 
 def test_through_the_ray_pipeline(checkpoints, ray_cluster, tmp_path):

@@ -25,7 +25,7 @@ from rayseg.models.maskrcnn import (
     label_categories,
     paste_masks,
 )
-from rayseg.models.registry import REGISTRY, model_options
+from rayseg.models.registry import REGISTRY
 from rayseg.models.weights import WeightsError
 
 torch.set_num_threads(2)
@@ -406,7 +406,7 @@ def test_registry_entries():
         entry = REGISTRY[name]
         assert entry.task == "instance" and "torchvision .pth" in entry.weights
         assert entry.weights_file("s3://b/m.pth") == "s3://b/m.pth"
-        assert model_options(name) == ["category_file", "max_detections", "mask_threshold", "min_size", "max_size", "amp_dtype"]
+        assert list(entry.options.model_fields) == ["amp_dtype", "category_file", "max_detections", "mask_threshold", "min_size", "max_size"]
 
 
 def test_state_dict_files_plain_training_checkpoint_or_ddp_prefixed(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import socket
@@ -239,6 +240,34 @@ def test_storage_options_on_the_command_line_reach_every_worker(shapes, tmp_path
     )
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in pq.read_table(output).to_pylist()] == ["ok"] * 4
+
+
+def test_an_hf_checkpoint_with_only_a_bin_file_is_found_on_an_endpoint_given_as_a_storage_option(
+    s3_endpoint, tmp_path, other_s3_endpoint
+):
+    """The weights finder lists the directory with the run's storage options: without them
+    it looked for model.safetensors and the run failed "weights not found"."""
+    from safetensors.torch import load_file
+    from transformers import MaskFormerImageProcessor
+
+    from rayseg.models.maskformer import build_maskformer
+    from rayseg.pipeline.segment import ModelSpec, pin_weights
+
+    from .test_maskformer import save_checkpoint
+
+    local = tmp_path / "maskformer"
+    save_checkpoint(local, "maskformer", MaskFormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}))
+    torch.save(load_file(local / "model.safetensors"), local / "pytorch_model.bin")
+    (local / "model.safetensors").unlink()
+    client = boto3.client("s3", endpoint_url=other_s3_endpoint)
+    client.create_bucket(Bucket="weights")
+    for path in local.iterdir():
+        client.upload_file(str(path), "weights", f"maskformer/{path.name}")
+    storage_options = {"endpoint_url": other_s3_endpoint}
+    pinned = pin_weights(ModelSpec("maskformer", "s3://weights/maskformer"), storage_options)
+    assert pinned.weights_sha256 == hashlib.sha256((local / "pytorch_model.bin").read_bytes()).hexdigest()
+    model = build_maskformer("s3://weights/maskformer", weights_sha256=pinned.weights_sha256, storage_options=storage_options)
+    assert model.weights_sha256 == pinned.weights_sha256
 
 
 def test_credentials_never_reach_outputs_or_logs(uploaded, tmp_path, caplog):

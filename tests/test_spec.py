@@ -137,7 +137,7 @@ def test_secrets_come_from_the_environment_by_reference(monkeypatch):
     [
         ({"max_detections": 5}, "does not take option"),
         ({"amp_dtype": "fp8"}, "amp_dtype"),
-        ({"task": "panoptic"}, "U-Net task must be one of semantic, instance, got 'panoptic'"),
+        ({"task": "panoptic"}, "model 'unet': option task must be one of semantic, instance, got 'panoptic'"),
         ({"min_area": -3}, "model 'unet': option min_area must be at least 0, got -3"),
         ({"min_area": "abc"}, "model 'unet': option min_area must be an integer, got 'abc'"),
     ],

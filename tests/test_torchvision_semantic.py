@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from rayseg.models.base import Segment
 from rayseg.models.categories import VOC, VOC_21_LABELS, Category
-from rayseg.models.registry import REGISTRY, model_options
+from rayseg.models.registry import REGISTRY
 from rayseg.models.torchvision_semantic import (
     BACKGROUND,
     TorchvisionSemanticSegmenter,
@@ -170,7 +170,7 @@ def test_registry_entries():
     for name in ("fcn", "deeplabv3"):
         entry = REGISTRY[name]
         assert entry.task == "semantic" and "torchvision .pth" in entry.weights
-        assert model_options(name) == ["category_file", "resize", "amp_dtype"]
+        assert list(entry.options.model_fields) == ["amp_dtype", "category_file", "resize"]
 
 
 def test_random_weights_default_to_voc():

@@ -15,7 +15,8 @@ import torch
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Segment
 from rayseg.models.categories import SHAPES, Category
-from rayseg.models.registry import model_options
+from rayseg.models.options import UNetOptions
+from rayseg.models.registry import REGISTRY
 from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet, load_unet
 from rayseg.models.unet_instances import semantic_to_instances
 from rayseg.pipeline.evaluation.confusion import iou_from_confusion
@@ -391,7 +392,7 @@ def test_two_blobs_of_one_class_are_two_instances_and_stuff_is_not_an_instance()
 
 
 def test_unet_instance_output_option():
-    assert {"task", "min_area"} <= set(model_options("unet"))
+    assert {"task", "min_area"} <= set(REGISTRY["unet"].options.model_fields)
     with pytest.raises(ValueError, match="task"):
         build_unet("random", task="panoptic")
     torch.manual_seed(3)
@@ -400,7 +401,7 @@ def test_unet_instance_output_option():
         network.head.weight.mul_(30)
     images = [np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8) for i in range(2)]
     semantic = UNetSegmenter(network)
-    instance = UNetSegmenter(network, task="instance", min_area=1)
+    instance = UNetSegmenter(network, UNetOptions(task="instance", min_area=1))
     assert instance.task == "instance" and semantic.task == "semantic"
     raw = semantic.forward(semantic.preprocess(images))
     by_class = semantic.postprocess(raw, [(20, 24)] * 2)
