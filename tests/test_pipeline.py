@@ -241,7 +241,7 @@ def test_a_run_starts_an_actor_per_model_batch_of_its_listing_up_to_the_pool(sha
         (["--model", "unet", "--weights", "/no/such/checkpoint"], "weights not found"),
         (["--model", "unet", "--weights", "random", "--gpus-per-actor", "1"], "cluster has none"),
         (["--model", "unet", "--weights", "random", "--actors", "4", "--cpus-per-actor", "0.5"], "leaves no CPU"),
-        (["--model", "unet", "--weights", "random", "--task", "panoptic"], "U-Net task must be one of semantic, instance"),
+        (["--model", "unet", "--weights", "random", "--task", "panoptic"], "model 'unet': option task must be one of semantic, instance"),
         (["--model", "unet", "--weights", "random", "--model-option", "min_area=-3"], "option min_area must be at least 0"),
         (["--model", "maskrcnn", "--weights", "random", "--model-option", "mask_threshold=abc"], "option mask_threshold must be a number"),
         (["--model", "fcn", "--weights", "random", "--category-file", "/no/such.json"], "category file not found: /no/such.json"),
