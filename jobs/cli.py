@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ..models.registry import REGISTRY
 from ..models.weights import WeightsError
+from ..pipeline.actor import model_build_error
 from ..pipeline.resources import ResourceError
 from ..pipeline.sink import OutputError, RunSummary, new_run_id, staged_files
 from ..pipeline.sources import SourceError
@@ -307,6 +308,9 @@ def execute(spec: SegmentSpec, address: str | None, storage_options: dict | None
     except KeyboardInterrupt:
         raise fail(f"interrupted: {_how_to_finish(spec, storage_options)}", code=130) from None
     except Exception as e:
+        if (build := model_build_error(e)) is not None:
+            log.debug("the model's actors failed", exc_info=True)
+            raise fail(f"run failed: {build}", code=1) from None
         log.exception("run failed")
         raise fail(f"run failed: {type(e).__name__}: {e}\n{_how_to_finish(spec, storage_options)}", code=1) from None
 

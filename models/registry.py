@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoint_files
+from . import checkpoint_checks, checkpoint_files
 from .base import SegmentationModel, Task
+from .checkpoint_checks import CheckpointCheck
 from .options import (
     MaskRCNNOptions,
     ModelOptions,
@@ -109,6 +110,9 @@ class ModelEntry:
     cpu_parallelism: DATA_PARALLEL or THREADED, how its actors use a CPU-only node.
     scores: what its segments' score is and the `--score-threshold` it takes (`Scores`).
     random_weights: whether `--weights random` builds it.
+    checkpoint_check: what the driver can tell of a checkpoint without loading it — its
+    config.json and safetensors header against the family and the run's categories
+    (models/checkpoint_checks.py): a reason it cannot be this family's, or None.
     """
 
     name: str
@@ -121,6 +125,7 @@ class ModelEntry:
     default_weights: str | None = None
     cpu_parallelism: str = DATA_PARALLEL
     random_weights: bool = True
+    checkpoint_check: CheckpointCheck | None = None
 
     def build(self, weights: str, **arguments) -> SegmentationModel:
         """The model from `weights`; `arguments` are the builder's (options included)."""
@@ -154,6 +159,7 @@ OURS: list[ModelEntry] = [
             "keeps segments with score ≥ F; none dropped without F",
         ),
         default_weights=str(BUNDLED_WEIGHTS / "unet-shapes"),
+        checkpoint_check=checkpoint_checks.unet,
     ),
     ModelEntry(
         "fcn", "semantic", _PTH, f"{_MODELS}.torchvision_semantic:build_fcn", TorchvisionSemanticOptions,
@@ -186,6 +192,7 @@ OURS: list[ModelEntry] = [
             high=None,
         ),
         cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.hf_family("sam", labelled=False),
     ),
     ModelEntry(
         "maskformer",
@@ -196,6 +203,7 @@ OURS: list[ModelEntry] = [
         checkpoint_files.hf_weights_file,
         scores=_MASKFORMER,
         cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.hf_family("maskformer"),
     ),
     ModelEntry(
         "mask2former",
@@ -206,6 +214,7 @@ OURS: list[ModelEntry] = [
         checkpoint_files.hf_weights_file,
         scores=_MASKFORMER,
         cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.hf_family("mask2former"),
     ),
     ModelEntry(
         "oneformer",
@@ -222,6 +231,7 @@ OURS: list[ModelEntry] = [
         ),
         cpu_parallelism=THREADED,
         random_weights=False,
+        checkpoint_check=checkpoint_checks.hf_family("oneformer"),
     ),
 ]
 

@@ -10,6 +10,7 @@ optional `uri`), e.g. from `ray.data.read_images`.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field, replace
 
@@ -19,6 +20,7 @@ from ray.data import ActorPoolStrategy
 
 from ..models.categories import load_category_file
 from ..models.checkpoint_files import CONFIG_FILE
+from ..models.checkpoint_checks import CheckpointInfo, safetensors_shapes
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, check_score_threshold, get_entry
 from ..models.weights import RANDOM, WeightsError, check_sha256, stream_sha256
@@ -63,8 +65,9 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     entry = get_entry(spec.name)
     check_options(spec.name, spec.options, spec.weights)
     check_score_threshold(spec.name, spec.score_threshold)
+    categories = None
     if spec.options.get("category_file") is not None:
-        load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
+        categories = load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
     if spec.weights == RANDOM:
         if not entry.random_weights:
             raise WeightsError(f"{spec.name} has no random weights (its weights: {entry.weights})")
@@ -78,10 +81,29 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
         raise WeightsError(f"weights not found: {uri}") from None
     if problem := checkpoint_problem(path, head, size, lambda: fs.open(path, "rb")):
         raise WeightsError(f"weights unusable: {uri}: {problem}")
+    config = None
     # A safetensors/bin checkpoint (ours, HF's) is read with the config.json beside it.
-    if path.endswith((".safetensors", ".bin")) and not fs.exists(config := posixpath.join(posixpath.dirname(path), CONFIG_FILE)):
-        raise WeightsError(f"weights incomplete: {full_uri(fs, config)} is missing beside {posixpath.basename(path)}")
+    if path.endswith((".safetensors", ".bin")):
+        config = _read_config(fs, posixpath.join(posixpath.dirname(path), CONFIG_FILE), posixpath.basename(path))
+    if entry.checkpoint_check is not None:
+        shapes = safetensors_shapes(head) if path.endswith(".safetensors") else None
+        if problem := entry.checkpoint_check(CheckpointInfo(config, shapes, categories)):
+            raise WeightsError(f"model {spec.name!r} cannot run weights {spec.weights}: {problem}")
     return replace(spec, weights_sha256=check_sha256(actual, spec.weights_sha256, uri))
+
+
+def _read_config(fs, path: str, beside: str) -> dict:
+    """The checkpoint's config.json; WeightsError when it is missing or no JSON object."""
+    try:
+        with fs.open(path, "rb") as f:
+            config = json.loads(f.read())
+    except FileNotFoundError:
+        raise WeightsError(f"weights incomplete: {full_uri(fs, path)} is missing beside {beside}") from None
+    except ValueError as e:
+        raise WeightsError(f"weights unusable: {full_uri(fs, path)} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"weights unusable: {full_uri(fs, path)} is not a JSON object")
+    return config
 
 
 def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
