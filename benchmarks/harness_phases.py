@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from rayseg.models.base import Segment, SegmentationModel
+from rayseg.models.base import SegmentationModel
+from rayseg.models.segments import Segments
 from rayseg.models.registry import build_model
 from rayseg.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 
@@ -88,7 +89,7 @@ def decode(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def output_row(path: Path, image: np.ndarray, segments: list[Segment], model: SegmentationModel) -> dict:
+def output_row(path: Path, image: np.ndarray, segments: Segments, model: SegmentationModel) -> dict:
     """One output row (rayseg's schema) with the masks RLE-encoded by pycocotools."""
     labels = {category.id: category.name for category in model.categories}
     encoded = []

@@ -15,13 +15,11 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import numpy as np
 import torch
 
 from .amp import AMP_AUTO, check_amp_dtype
-from .base import DeviceSegments, Segment
 from .options import ModelOptions
 from .weights import RANDOM
 
@@ -109,19 +107,3 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if pins(device) and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
-
-
-def host_segments(results: list[DeviceSegments]) -> list[list[Segment]]:
-    """`postprocess_device` results → `postprocess` results: each mask a bool (H, W) numpy
-    array (a row of one host copy of its image's masks)."""
-    return [
-        [dataclasses.replace(segment, mask=mask) for segment, mask in zip(result.segments, result.masks.cpu().numpy())]
-        for result in results
-    ]
-
-
-def on_host(segments: list[Segment], size: tuple[int, int]) -> DeviceSegments:
-    """Segments whose masks were made on the host (bool (H, W) arrays) → DeviceSegments
-    holding them as one bool (N, H, W) CPU tensor of an image of `size` (H, W)."""
-    masks = np.stack([segment.mask for segment in segments]) if segments else np.zeros((0, *size), dtype=bool)
-    return DeviceSegments([dataclasses.replace(segment, mask=None) for segment in segments], torch.from_numpy(masks))

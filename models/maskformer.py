@@ -15,7 +15,7 @@ output then fuses nothing; a warning says so).
 `task` option (semantic | instance | panoptic) chooses the post-processing, which
 re-implements the image processors' post_process_{semantic,instance,panoptic}_segmentation
 with torch ops on the model's device, without their Python loop over queries (and its
-device syncs), and moves only the final bool masks to the host. Semantic and instance
+device syncs), and leaves the final bool masks on the device. Semantic and instance
 output run batched over the images of a batch that share a size; panoptic runs per image
 (each keeps its own queries), its per-query work batched. Argmaxes and threshold counts at
 the image size are exact but interpolate only along low-resolution boundaries
@@ -54,11 +54,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Segment
 from .categories import Category, load_category_file
 from .device import DeviceModel, autocast, to_device
 from .hf_checkpoint import load_pretrained, open_checkpoint, required_processor_settings
 from .options import UniversalOptions
+from .segments import Segments
 from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
 from .weights import RANDOM, WeightsError, random_network
 
@@ -154,7 +154,7 @@ def class_argmax(classes: torch.Tensor, probs: torch.Tensor, size: tuple[int, in
 
 def semantic_segments(
     class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int], label_ids: torch.Tensor
-) -> list[list[Segment]]:
+) -> list[Segments]:
     """class_logits (B, Q, C+1), mask_logits (B, Q, h, w) of images of one size → per image,
     one segment per class present, scored by the mean over its pixels of its normalised
     class score (its score / the sum of all classes' scores)."""
@@ -175,10 +175,9 @@ def semantic_segments(
     results = []
     for b in range(batch):
         ids = [c for c in range(num_classes) if present[b][c]]
-        index = torch.tensor(ids, device=labels.device)
-        masks = (labels[b][None] == index[:, None, None]).cpu().numpy()
-        label_list = label_ids[index].tolist()
-        results.append([Segment(int(label_list[n]), float(means[b][c]), masks[n]) for n, c in enumerate(ids)])
+        index = torch.tensor(ids, dtype=torch.int64, device=labels.device)
+        masks = labels[b][None] == index[:, None, None]
+        results.append(Segments.of(masks, label_ids[index].tolist(), [means[b][c] for c in ids]))
     return results
 
 
@@ -188,7 +187,7 @@ def instance_segments(
     size: tuple[int, int],
     threshold: float,
     label_ids: torch.Tensor,
-) -> list[Segment]:
+) -> Segments:
     """Mask(2)Former instance output for one image: scored, possibly overlapping masks.
 
     class_logits (Q, C+1); mask_logits(queries) → those queries' mask logits (K, h, w).
@@ -202,7 +201,7 @@ def instance_segments(
     possible = values >= threshold
     values, pairs = values[possible], pairs[possible]
     if not len(pairs):
-        return []
+        return _no_segments(size, label_ids.device)
     queries, inverse = torch.div(pairs, num_classes, rounding_mode="floor").unique(return_inverse=True)
     logits = mask_logits(queries)[inverse]  # (K, h, w)
     binary = (logits > 0).float()
@@ -210,12 +209,11 @@ def instance_segments(
     scores = values * mask_scores
     keep = scores >= threshold
     if not keep.any():
-        return []
+        return _no_segments(size, label_ids.device)
     masks = _resize(binary[keep][None], size, mode="nearest")[0] > 0.5
     nonempty = masks.flatten(1).any(1)
     ids = label_ids[(pairs % num_classes)[keep][nonempty]].tolist()
-    kept_scores = scores[keep][nonempty].tolist()
-    return [Segment(int(i), float(score), mask) for i, score, mask in zip(ids, kept_scores, masks[nonempty].cpu().numpy())]
+    return Segments.of(masks[nonempty], ids, scores[keep][nonempty].tolist())
 
 
 def panoptic_segments(
@@ -229,14 +227,14 @@ def panoptic_segments(
     fuse: torch.Tensor,
     label_ids: torch.Tensor,
     segment_ids: bool = True,
-) -> list[Segment]:
+) -> Segments:
     """transformers' compute_segments without its per-query loop.
 
     probs (K, h, w): the candidate queries' mask probabilities (OneFormer's instance
     output passes logits, as transformers does); scores, labels (K,); fuse: bool per label.
     """
     if not len(labels):
-        return []
+        return _no_segments(size, probs.device)
     weighted = probs * scores[:, None, None]
     owner = upsampled_argmax(weighted, size)
     original = count_at_least(weighted, size, mask_threshold)
@@ -258,16 +256,18 @@ def panoptic_segments(
         if fuse_list[k]:
             fused[label] = table[k]
     if not infos:
-        return []
+        return _no_segments(size, owner.device)
     lookup = torch.tensor(table, device=owner.device)
     segment_map = lookup[owner]
     masks = segment_map[None] == torch.arange(len(infos), device=owner.device)[:, None, None]
     ids = label_ids[torch.tensor([label for label, _ in infos], device=label_ids.device)].tolist()
     values = scores[torch.tensor([k for _, k in infos], device=scores.device)].tolist()
-    return [
-        Segment(int(i), float(s), m, segment_id=(n + 1) if segment_ids else None)
-        for n, (i, s, m) in enumerate(zip(ids, values, masks.cpu().numpy()))
-    ]
+    numbers = list(range(1, len(infos) + 1)) if segment_ids else None
+    return Segments.of(masks, ids, values, segment_ids=numbers)
+
+
+def _no_segments(size: tuple[int, int], device: torch.device) -> Segments:
+    return Segments.of(torch.zeros((0, *size), dtype=torch.bool, device=device), [], [])
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ class MaskFormerSegmenter(DeviceModel):
 
     preprocess: the checkpoint's image processor (resize, normalise, pad the batch), CPU;
     forward: the network on the device, under autocast `amp_dtype` (models/device.py);
-    postprocess: the chosen task's post-processing on the device in float32, bool masks to
-    the host at the end.
+    postprocess: the chosen task's post-processing on the device in float32, its bool masks
+    left there.
     """
 
     def __init__(
@@ -371,16 +371,16 @@ class MaskFormerSegmenter(DeviceModel):
         )
 
     @torch.inference_mode()
-    def postprocess(self, raw: list[tuple[list[int], Raw]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        results: list[list[Segment]] = [[] for _ in sizes]
+    def postprocess(self, raw: list[tuple[list[int], Raw]], sizes: list[tuple[int, int]]) -> list[Segments]:
+        results: list[Segments | None] = [None] * len(sizes)  # every image is in one group
         for indices, group in raw:
             for index, segments in zip(indices, self._postprocess_group(group, [sizes[i] for i in indices])):
                 results[index] = segments
         return results
 
-    def _postprocess_group(self, raw: Raw, sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    def _postprocess_group(self, raw: Raw, sizes: list[tuple[int, int]]) -> list[Segments]:
         """The chosen task's segments of one group's images (sizes in the group's order)."""
-        results: list[list[Segment]] = [[] for _ in sizes]
+        results: list[Segments | None] = [None] * len(sizes)
         if self.task == "panoptic":  # the kept queries differ per image
             for index, size in enumerate(sizes):
                 results[index] = self._panoptic(raw, index, (int(size[0]), int(size[1])))
@@ -395,9 +395,7 @@ class MaskFormerSegmenter(DeviceModel):
         # Semantic: images of one size (and extent in the input) as one batch.
         for indices, logits, size in self._groups(raw, sizes):
             for index, segments in zip(indices, semantic_segments(raw.class_logits[indices], logits, size, self.label_ids)):
-                if self.given_threshold is not None:
-                    segments = [segment for segment in segments if segment.score >= self.given_threshold]
-                results[index] = segments
+                results[index] = segments.above(self.given_threshold)
         return results
 
     def _groups(self, raw: Raw, sizes: list[tuple[int, int]]):
@@ -410,7 +408,7 @@ class MaskFormerSegmenter(DeviceModel):
             logits = torch.stack([mask_logits_for(raw, i, self.upsample_first) for i in indices])
             yield indices, logits, (height, width)
 
-    def _panoptic(self, raw: Raw, index: int, size: tuple[int, int]) -> list[Segment]:
+    def _panoptic(self, raw: Raw, index: int, size: tuple[int, int]) -> Segments:
         classes = raw.class_logits[index]
         scores, labels = classes.softmax(-1).max(-1)
         keep = (labels != classes.shape[-1] - 1) & (scores > self.score_threshold)

@@ -36,11 +36,11 @@ from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNN_ResNet50_F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from .base import DeviceSegments, Segment
 from .categories import COCO, Category, load_category_file
-from .device import DeviceModel, autocast, host_segments, host_tensor, pins, to_device
+from .device import DeviceModel, autocast, host_tensor, pins, to_device
 from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .options import MaskRCNNOptions
+from .segments import Segments
 from .weights import RANDOM, WeightsError, random_network
 
 ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
@@ -140,8 +140,8 @@ class MaskRCNNSegmenter(DeviceModel):
     images through the network (torchvision resizes each image to min_size/max_size and pads
     the list), one call per padded shape, under autocast `amp_dtype` (models/device.py),
     detections with boxes in original-image pixels;
-    postprocess: masks pasted and thresholded on the device, then bool masks to the host
-    (`postprocess_device` leaves them there). One segment per detection, an empty mask
+    postprocess: masks pasted and thresholded on the device, and left there. One segment per
+    detection, an empty mask
     included; its score is the detection's class probability, its box the detector's box. The network keeps torch's default (NCHW) memory layout: channels_last is
     kept to the plain convnets (U-Net, FCN, DeepLabV3).
     """
@@ -217,11 +217,8 @@ class MaskRCNNSegmenter(DeviceModel):
                     outputs[index] = detections
         return outputs
 
-    def postprocess(self, raw: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        return host_segments(self.postprocess_device(raw, sizes))
-
     @torch.inference_mode()
-    def postprocess_device(self, raw: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+    def postprocess(self, raw: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[Segments]:
         """Per image: its kept detections, masks pasted at the image's size and thresholded
         on the device (mask probabilities in float32, also under autocast)."""
         results = []
@@ -231,13 +228,14 @@ class MaskRCNNSegmenter(DeviceModel):
             # Only labels with a category. A detection whose pasted mask is empty is kept (its
             # box and score are still the detector's), as torchvision returns it.
             keep = self._emitted[detections["labels"]]
-            labels = detections["labels"][keep].tolist()
-            scores = detections["scores"][keep].float().tolist()
-            boxes = detections["boxes"][keep].float().tolist()
-            segments = [
-                Segment(self.labels[label].id, score, None, box=tuple(box)) for label, score, box in zip(labels, scores, boxes)
-            ]
-            results.append(DeviceSegments(segments, masks[keep]))
+            results.append(
+                Segments.of(
+                    masks[keep],
+                    [self.labels[label].id for label in detections["labels"][keep].tolist()],
+                    detections["scores"][keep].float().tolist(),
+                    boxes=detections["boxes"][keep].float().tolist(),
+                )
+            )
         return results
 
 

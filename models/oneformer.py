@@ -36,12 +36,12 @@ import posixpath
 import numpy as np
 import torch
 
-from .base import Segment
 from .categories import Category
 from .device import to_device
 from .hf_checkpoint import HFCheckpoint, load_pretrained, open_checkpoint, processor_arguments, required_processor_settings
 from .maskformer import MaskFormerSegmenter, categories_from_config, mask_logits_for, panoptic_segments
 from .options import UniversalOptions
+from .segments import Segments
 from .weights import RANDOM, WeightsError
 
 TOKENIZER_FILES = ("tokenizer.json",)
@@ -128,7 +128,7 @@ class OneFormerSegmenter(MaskFormerSegmenter):
             results.append(self._instance(raw, index, (int(size[0]), int(size[1]))))
         return results
 
-    def _instance(self, raw, index: int, size: tuple[int, int]) -> list[Segment]:
+    def _instance(self, raw, index: int, size: tuple[int, int]) -> Segments:
         classes = raw.class_logits[index]
         num_queries, num_classes = classes.shape[0], classes.shape[1] - 1
         scores, pairs = classes.softmax(-1)[:, :-1].flatten().topk(num_queries, sorted=False)

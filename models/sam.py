@@ -29,7 +29,7 @@ mode) on the model's device, in stacks of encoder_batch_size; the mask decoder i
 of points_per_batch prompts; upsampling, thresholding, filtering and NMS on the device.
 Kept masks wait for the NMS bit-packed (1 bit per pixel), and only the final ones are
 unpacked to bool masks at the original image size (left on the device by
-`postprocess_device`, for the pipeline to bit-pack there). The image encoder runs under
+`postprocess`, for the pipeline to bit-pack there). The image encoder runs under
 autocast `amp_dtype` (models/device.py; auto: float16 on CUDA); the prompt encoder, mask
 decoder and every threshold stay in float32. Preprocessing (resize to
 target_size on the longest side, ImageNet normalisation, padding to the model's image
@@ -56,13 +56,14 @@ from transformers.models.sam.image_processing_sam import (
     _pad_masks,
 )
 
-from .base import DeviceSegments, Prompts, Segment
+from .base import Prompts
 from .categories import Category, load_category_file, parse_categories
 from .bits import pack_bits, unpack_bits
 from .checkpoint_files import is_segment_anything_file
-from .device import DeviceModel, autocast, host_segments, to_device
+from .device import DeviceModel, autocast, to_device
 from .hf_checkpoint import PREPROCESSOR_FILE, load_pretrained, open_checkpoint
 from .options import SamOptions
+from .segments import NO_ANNOTATION, Segments
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .torchvision_checkpoint import load_state_dict
 from .weights import RANDOM, WeightsError, random_network
@@ -222,7 +223,7 @@ class _PromptedImage:
     index: int | None  # its row in pixel_values; None when it has no prompts
     boxes: torch.Tensor | None  # float64 (K, 4), in resized pixels (as SamProcessor scales them)
     category_ids: list[int]
-    annotation_ids: list[int | None]
+    annotation_ids: list[int]
     size: tuple[int, int]
     reshaped: tuple[int, int] | None
 
@@ -239,11 +240,11 @@ class _Masks:
     masks: torch.Tensor  # bool (K, H, W)
     scores: torch.Tensor  # float (K,)
     category_ids: list[int] | None  # None: automatic (OBJECT)
-    annotation_ids: list[int | None] | None
+    annotation_ids: list[int] | None
 
 
-def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int | None]]:
-    """(boxes float64 (K, 4), category ids, annotation ids or None for -1) of valid prompts;
+def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int]]:
+    """(boxes float64 (K, 4), category ids, annotation ids (NO_ANNOTATION for none)) of valid prompts;
     ValueError naming the first invalid box's annotation otherwise."""
     boxes = np.asarray(prompts.boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -262,7 +263,7 @@ def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int | N
             f"invalid box prompt for {owner}: {boxes[first].tolist()} "
             f"(a box is 4 finite numbers x0, y0, x1, y1 with x0 < x1 and y0 < y1; {int(invalid.sum())} invalid)"
         )
-    return boxes, [int(c) for c in categories], [int(a) if a >= 0 else None for a in annotations]
+    return boxes, [int(c) for c in categories], [int(a) if a >= 0 else NO_ANNOTATION for a in annotations]
 
 
 class SamSegmenter(DeviceModel):
@@ -482,11 +483,8 @@ class SamSegmenter(DeviceModel):
 
     # -- postprocess (device → host) --
 
-    def postprocess(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        return host_segments(self.postprocess_device(raw, sizes))
-
     @torch.inference_mode()
-    def postprocess_device(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
+    def postprocess(self, raw: list[_Masks], sizes: list[tuple[int, int]]) -> list[Segments]:
         """Per image: its masks (still on the device, except after the small-region clean-up,
         which is scipy's on the host) with their scores, minus those below score_threshold."""
         results = []
@@ -498,17 +496,10 @@ class SamSegmenter(DeviceModel):
                 if self.options.min_mask_region_area > 0 and len(masks):
                     cleaned, scores = self._remove_small_regions(masks.cpu().numpy(), scores)
                     masks = torch.from_numpy(cleaned)
-                segments = [Segment(OBJECT.id, float(s), None) for s in scores]
+                segments = Segments.of(masks, [OBJECT.id] * len(scores), scores)
             else:
-                segments = [
-                    Segment(category_id, float(s), None, annotation_id=annotation_id)
-                    for s, category_id, annotation_id in zip(scores, output.category_ids, output.annotation_ids)
-                ]
-            if self.score_threshold is not None:
-                keep = [i for i, segment in enumerate(segments) if segment.score >= self.score_threshold]
-                segments = [segments[i] for i in keep]
-                masks = masks[torch.tensor(keep, dtype=torch.int64, device=masks.device)]
-            results.append(DeviceSegments(segments, masks))
+                segments = Segments.of(masks, output.category_ids, scores, annotation_ids=output.annotation_ids)
+            results.append(segments.above(self.score_threshold))
         return results
 
     def _remove_small_regions(self, masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

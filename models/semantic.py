@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import DeviceSegments, Segment
 from .device import host_batch
+from .segments import Segments
 
 # Per size group: (indices into the batch, labels int64 (N, H, W), the probability the
 # label's pixels carry, float (N, H, W)).
@@ -31,11 +31,11 @@ def size_groups(images: list[np.ndarray], pin: bool) -> list[tuple[list[int], to
 
 def class_segments(
     raw: list[SizeGroupOutput], count: int, category_ids: list[int], score_threshold: float
-) -> list[DeviceSegments]:
+) -> list[Segments]:
     """Per image of `count`: one segment per class present whose score — the mean of the
     probabilities over the class's pixels — is at least `score_threshold`, its mask
     `labels == class` computed on the labels' device. category_ids[c]: channel c's id."""
-    results: list[DeviceSegments | None] = [None] * count  # every image is in one size group
+    results: list[Segments | None] = [None] * count  # every image is in one size group
     num_classes = len(category_ids)
     for indices, labels, probabilities in raw:
         flat_labels = labels.flatten(1)
@@ -51,8 +51,7 @@ def class_segments(
         for row, index in enumerate(indices):
             channels = [c for c in np.flatnonzero(counts[row]) if float(scores[row, c]) >= score_threshold]
             wanted = torch.tensor(channels, dtype=compact.dtype, device=compact.device)
-            results[index] = DeviceSegments(
-                [Segment(category_ids[c], float(scores[row, c]), None) for c in channels],
-                compact[row][None] == wanted[:, None, None],
+            results[index] = Segments.of(
+                compact[row][None] == wanted[:, None, None], [category_ids[c] for c in channels], scores[row, channels]
             )
     return results

@@ -32,10 +32,10 @@ from torchvision.transforms import functional as TF
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
 
-from .base import DeviceSegments, Segment
 from .categories import VOC, Category, load_category_file
-from .device import DeviceModel, autocast, host_segments, pins, to_device
+from .device import DeviceModel, autocast, pins, to_device
 from .options import TorchvisionSemanticOptions
+from .segments import Segments
 from .semantic import SizeGroupOutput, class_segments, size_groups
 from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .weights import RANDOM, WeightsError, random_network
@@ -142,12 +142,9 @@ class TorchvisionSemanticSegmenter(DeviceModel):
             outputs.append((indices, labels, probabilities))
         return outputs
 
-    def postprocess(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        return host_segments(self.postprocess_device(raw, sizes))
-
     @torch.inference_mode()
-    def postprocess_device(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
-        """Per image: one segment per class present (models/semantic.py)."""
+    def postprocess(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[Segments]:
+        """Per image: one segment per class present (models/semantic.py), its mask made on the device."""
         return class_segments(raw, len(sizes), [c.id for c in self.categories], self.score_threshold)
 
 

@@ -22,12 +22,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .base import DeviceSegments, Segment
 from .categories import SHAPES, Category, parse_categories
 from .checkpoint_files import CONFIG_FILE, unet_weights_file
 from .checkpoint_files import SAFETENSORS_FILE as WEIGHTS_FILE
-from .device import DeviceModel, autocast, host_segments, on_host, pins, to_device
+from .device import DeviceModel, autocast, pins, to_device
 from .options import UNetOptions
+from .segments import Segments
 from .semantic import SizeGroupOutput, class_segments, size_groups
 from .unet_instances import semantic_to_instances
 from .weights import RANDOM, WeightsError, read_bytes, read_checkpoint, random_network, stream_sha256
@@ -224,14 +224,17 @@ class UNetSegmenter(DeviceModel):
             outputs.append((indices, labels, probabilities))
         return outputs
 
-    def postprocess(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    @torch.inference_mode()
+    def postprocess(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[Segments]:
+        """Per image: one segment per class present (models/semantic.py), its mask made on
+        the device; the instance task's components are found on the host."""
         if self.task == "instance":
             return self._instances(raw, sizes)
-        return host_segments(self.postprocess_device(raw, sizes))
+        return class_segments(raw, len(sizes), [c.id for c in self.categories], self.score_threshold)
 
-    def _instances(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
+    def _instances(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[Segments]:
         """Connected components of the thing classes, on the host (scipy)."""
-        results: list[list[Segment]] = [[] for _ in sizes]
+        results: list[Segments] = [Segments.empty(size) for size in sizes]
         for indices, labels, probabilities in raw:
             labels_host, probabilities_host = labels.cpu().numpy(), probabilities.float().cpu().numpy()
             for row, index in enumerate(indices):
@@ -240,14 +243,6 @@ class UNetSegmenter(DeviceModel):
                     min_area=self.options.min_area, score_threshold=self.score_threshold,
                 )  # fmt: skip
         return results
-
-    @torch.inference_mode()
-    def postprocess_device(self, raw: list[SizeGroupOutput], sizes: list[tuple[int, int]]) -> list[DeviceSegments]:
-        """Per image: one segment per class present (models/semantic.py). The instance task's
-        components are found on the host."""
-        if self.task == "instance":
-            return [on_host(segments, size) for segments, size in zip(self._instances(raw, sizes), sizes)]
-        return class_segments(raw, len(sizes), [c.id for c in self.categories], self.score_threshold)
 
 
 def build_unet(

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Segment
 from .categories import Category
+from .segments import Segments
 
 # 8-connectivity: diagonal neighbours are connected.
 _STRUCTURE = np.ones((3, 3), dtype=bool)
@@ -27,7 +27,7 @@ def semantic_to_instances(
     *,
     min_area: int,
     score_threshold: float = 0.0,
-) -> list[Segment]:
+) -> Segments:
     """One image's (H, W) channel indices and (H, W) probability of each pixel's class → instances.
 
     labels: int (H, W), index into `categories` (the network's argmax).
@@ -41,7 +41,7 @@ def semantic_to_instances(
 
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    segments: list[Segment] = []
+    masks, ids, scores = [], [], []
     present = np.unique(labels)
     for channel, category in enumerate(categories):
         if not category.isthing or channel not in present:
@@ -58,5 +58,9 @@ def semantic_to_instances(
             score = float(sums[component] / areas[component])
             if score < score_threshold:
                 continue
-            segments.append(Segment(category.id, score, components == component))
-    return segments
+            masks.append(components == component)
+            ids.append(category.id)
+            scores.append(score)
+    if not masks:
+        return Segments.empty(labels.shape)
+    return Segments.of(np.stack(masks), ids, scores)

@@ -7,12 +7,13 @@ Two callers: the encode stage beside GPU actors, over rows whose masks arrive bi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
+from ..models.segments import METADATA_FIELDS
 from .masks import masks_per_chunk, unpack_masks
 from .schema import OUTPUT_SCHEMA, SEGMENT_TYPE
 
@@ -70,26 +71,18 @@ def output_bboxes(boxes: Sequence, mask_bboxes: np.ndarray) -> np.ndarray:
     return bboxes
 
 
-def segment_structs(
-    category_ids: Sequence,
-    labels: Sequence,
-    scores: Sequence,
-    segment_ids: Sequence,
-    iscrowd: Sequence,
-    annotation_ids: Sequence,
-    boxes: Sequence,
-    encoded: tuple[list[str], np.ndarray, np.ndarray],
-) -> list[dict]:
-    """One image's segments as SEGMENT_TYPE values: its per-segment metadata, in mask order
-    (`boxes`: the model's own (x0, y0, x1, y1) or None, see `output_bboxes`), and
-    `encode_masks`'s result for its masks."""
+def segment_structs(metadata: Mapping[str, Sequence], encoded: tuple[list[str], np.ndarray, np.ndarray]) -> list[dict]:
+    """One image's segments as SEGMENT_TYPE values: their metadata (`Segments.metadata`'s
+    columns, in mask order; `boxes`: the model's own (x0, y0, x1, y1) or None, see
+    `output_bboxes`) and `encode_masks`'s result for their masks."""
     counts, areas, mask_bboxes = encoded
-    bboxes = output_bboxes(boxes, mask_bboxes)
+    bboxes = output_bboxes(metadata["boxes"], mask_bboxes)
     return [
         dict(zip(_SEGMENT_FIELDS, values))
         for values in zip(
-            category_ids, labels, scores, bboxes.tolist(), areas.tolist(), counts, segment_ids, iscrowd, annotation_ids
-        )
+            metadata["category_ids"], metadata["labels"], metadata["scores"], bboxes.tolist(), areas.tolist(), counts,
+            metadata["segment_ids"], metadata["iscrowd"], metadata["annotation_ids"],
+        )  # fmt: skip
     ]
 
 
@@ -111,16 +104,5 @@ def encode_batch(batch: pa.Table) -> pa.Table:
             segments.append([])
             continue
         encoded = encode_packed_masks(columns["masks"][row], len(category_ids), columns["height"][row], columns["width"][row])
-        segments.append(
-            segment_structs(
-                category_ids,
-                columns["labels"][row],
-                columns["scores"][row],
-                columns["segment_ids"][row],
-                columns["iscrowd"][row],
-                columns["annotation_ids"][row],
-                columns["boxes"][row],
-                encoded,
-            )
-        )
+        segments.append(segment_structs({name: columns[name][row] for name in METADATA_FIELDS}, encoded))
     return output_table({name: batch[name] for name in batch.column_names}, segments)

@@ -1,7 +1,7 @@
 """Infer: the model run as a Ray Data actor pool, built once per actor.
 
-Per batch: model.preprocess → model.forward → model.postprocess (`postprocess_device` where
-the model has it: masks stay on the device and are bit-packed there), then masks leave the
+Per batch: model.preprocess → model.forward → model.postprocess (Segments whose masks stay
+where the model made them: on its device they are bit-packed there), then masks leave the
 actor bit-packed (pipeline/masks.py) with their metadata; pycocotools encoding happens in
 the CPU stage after it, not on the accelerator's actor. Actors on CPUs (`encode=True`) are
 that CPU stage: they encode the model's masks themselves, never packing them.
@@ -20,9 +20,9 @@ import ray
 import torch
 from PIL import Image
 
-from ..models.base import Prompts, Segment, SegmentationModel
-from ..models.device import on_host
+from ..models.base import Prompts, SegmentationModel
 from ..models.registry import build_model
+from ..models.segments import METADATA_FIELDS, Segments
 from .actor import MODEL_MAX_PIXELS
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
@@ -30,35 +30,9 @@ from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, joined_encodi
 from .in_flight import Deaths, InFlightRecord
 from .masks import masks_per_chunk
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
-from .schema import STATUS_ERROR, STATUS_OK
+from .schema import INFERENCE_SCHEMA, STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger("rayseg.pipeline")
-
-# What crosses from the inference actor to the encode stage: the row's identity and
-# status, segment metadata as lists, and all of a row's masks as one packed binary value.
-INFERENCE_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("model", pa.string()),
-        pa.field("category_ids", pa.list_(pa.int32())),
-        pa.field("labels", pa.list_(pa.string())),
-        pa.field("scores", pa.list_(pa.float32())),
-        pa.field("segment_ids", pa.list_(pa.int32())),
-        pa.field("iscrowd", pa.list_(pa.bool_())),
-        pa.field("annotation_ids", pa.list_(pa.int64())),
-        pa.field("boxes", pa.list_(pa.list_(pa.float32()))),  # per segment (x0, y0, x1, y1) or null
-        pa.field("masks", pa.binary()),
-    ]
-)
-# INFERENCE_SCHEMA's per-segment columns, in `ImageSegmenter._metadata`'s order.
-METADATA_COLUMNS = ("category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids", "boxes")
-
-
 
 def prompts_of(batch: dict[str, np.ndarray], rows: list[int]) -> list[Prompts | None] | None:
     """The box prompts of `rows`, when the dataset carries prompt columns; else None.
@@ -127,17 +101,11 @@ def scale_prompts(prompts: Prompts | None, image: np.ndarray, shown: np.ndarray)
     return dataclasses.replace(prompts, boxes=prompts.boxes * factors)
 
 
-def scale_boxes(segments: list[Segment], image: np.ndarray, shown: np.ndarray) -> list[Segment]:
+def scale_boxes(segments: Segments, image: np.ndarray, shown: np.ndarray) -> Segments:
     """Segments with boxes in the pixels of `shown` (`image` downscaled) → boxes in `image` pixels."""
     if shown is image:
         return segments
-    x_factor, y_factor = image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0]
-    return [
-        segment
-        if segment.box is None
-        else dataclasses.replace(segment, box=tuple(v * f for v, f in zip(segment.box, (x_factor, y_factor) * 2)))
-        for segment in segments
-    ]
+    return segments.with_scaled_boxes(image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0])
 
 
 def select_device() -> torch.device:
@@ -210,11 +178,13 @@ class ImageSegmenter:
         self.in_flight = in_flight
         log.info("built %s on %s", model_name, self.device)
 
-    def _masks_out(self, masks: torch.Tensor, size: tuple[int, int]) -> bytes | tuple:
-        """bool (N, h, w) masks as the model left them → what leaves this actor for them at the
-        image's full `size` (H, W): with `encode`, `encode_masks`'s (RLE counts, areas, bboxes);
-        else `pack_masks` bytes, packed on the model's device when it post-processes there.
-        Brought to full size `masks_per_chunk` at a time, so that their memory stays bounded."""
+    def _masks_out(self, masks: torch.Tensor | np.ndarray, size: tuple[int, int]) -> bytes | tuple:
+        """bool (N, h, w) masks as the model left them (a tensor on its device, or a host
+        array) → what leaves this actor for them at the image's full `size` (H, W): with
+        `encode`, `encode_masks`'s (RLE counts, areas, bboxes); else `pack_masks` bytes,
+        packed on the model's device when it post-processes there. Brought to full size
+        `masks_per_chunk` at a time, so that their memory stays bounded."""
+        masks = torch.from_numpy(masks) if isinstance(masks, np.ndarray) else masks
         step = masks_per_chunk(*size)
         chunks = [masks[first : first + step] for first in range(0, masks.shape[0], step)] or [masks]
         parts = []
@@ -225,22 +195,18 @@ class ImageSegmenter:
         return joined_encodings(parts) if self.encode else b"".join(parts)
 
     @torch.inference_mode()
-    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[list[Segment], bytes | tuple]]:
-        """Per image: its segments (masks None) and `_masks_out` of their masks at the image's
-        full size."""
+    def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[dict, bytes | tuple]]:
+        """Per image: its segments' metadata (`Segments.metadata`) and `_masks_out` of their
+        masks at the image's full size."""
         shown = [fit_for_model(image, self.model_max_pixels) for image in images]
         if prompts is not None:
             prompts = [scale_prompts(p, image, small) for p, image, small in zip(prompts, images, shown)]
         sizes = [image.shape[:2] for image in shown]
         batch = self.model.preprocess(shown) if prompts is None else self.model.preprocess(shown, prompts=prompts)
-        raw = self.model.forward(batch)
-        if hasattr(self.model, "postprocess_device"):
-            results = self.model.postprocess_device(raw, sizes)
-        else:
-            results = [on_host(segments, size) for segments, size in zip(self.model.postprocess(raw, sizes), sizes)]
+        results = self.model.postprocess(self.model.forward(batch), sizes)
         return [
-            (scale_boxes(result.segments, image, small), self._masks_out(result.masks, image.shape[:2]))
-            for result, image, small in zip(results, images, shown)
+            (scale_boxes(segments, image, small).metadata(self.labels), self._masks_out(segments.masks, image.shape[:2]))
+            for segments, image, small in zip(results, images, shown)
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
@@ -300,7 +266,7 @@ class ImageSegmenter:
         for index, reason in enumerate(batch.get(PROMPT_ERROR, ())):
             if isinstance(reason, str) and statuses[index] == STATUS_OK:
                 statuses[index], errors[index] = STATUS_ERROR, f"bad prompts: {reason}"
-        results: list[tuple[list[Segment], bytes | tuple]] = [self._no_masks] * count
+        results: list[tuple[dict, bytes | tuple]] = [self._no_masks] * count
         ready = [i for i in range(count) if statuses[i] == STATUS_OK]
         images = [batch["image"][i] for i in ready]
         prompts = prompts_of(batch, ready)
@@ -319,18 +285,23 @@ class ImageSegmenter:
         return self._table(self._image_columns(batch, statuses, errors), results)
 
     @property
-    def _no_masks(self) -> tuple[list[Segment], bytes | tuple]:
+    def _no_masks(self) -> tuple[dict, bytes | tuple]:
         """An image's result when it has no segments (or no result: an error row)."""
-        return [], NO_MASKS_ENCODED if self.encode else b""
+        return {name: [] for name in METADATA_FIELDS}, NO_MASKS_ENCODED if self.encode else b""
 
-    def _table(self, image_columns: dict, results: list[tuple[list[Segment], bytes | tuple]]) -> pa.Table:
+    def _table(self, image_columns: dict, results: list[tuple[dict, bytes | tuple]]) -> pa.Table:
         """Rows of `_image_columns` and per-image results: output rows with `encode`, else
-        rows for the encode stage."""
+        rows for the encode stage (INFERENCE_SCHEMA)."""
         if self.encode:
-            return output_table(
-                image_columns, [segment_structs(*self._metadata(segments), encoded) for segments, encoded in results]
-            )
-        return self._inference_rows(image_columns, results)
+            return output_table(image_columns, [segment_structs(metadata, encoded) for metadata, encoded in results])
+        return pa.table(
+            {
+                **image_columns,
+                **{name: [metadata[name] for metadata, _ in results] for name in METADATA_FIELDS},
+                "masks": [packed for _, packed in results],
+            },
+            schema=INFERENCE_SCHEMA,
+        )
 
     def _image_columns(self, batch: dict[str, np.ndarray], statuses: list[str], errors: list[str | None]) -> dict:
         """The image_id, uri, width, height, status, error and model columns of a batch's rows."""
@@ -343,28 +314,3 @@ class ImageSegmenter:
             "error": errors,
             "model": [self.model.name] * len(statuses),
         }
-
-    def _metadata(self, segments: list[Segment]) -> tuple[list, list, list, list, list, list, list]:
-        """An image's segments' category_ids, labels, scores, segment_ids, iscrowd,
-        annotation_ids and boxes."""
-        return (
-            [s.category_id for s in segments],
-            [self.labels.get(s.category_id) for s in segments],
-            [s.score for s in segments],
-            [s.segment_id for s in segments],
-            [s.iscrowd for s in segments],
-            [s.annotation_id for s in segments],
-            [s.box for s in segments],
-        )
-
-    def _inference_rows(self, image_columns: dict, results: list[tuple[list[Segment], bytes]]) -> pa.Table:
-        """Rows with their segments' metadata and packed masks (INFERENCE_SCHEMA), for the encode stage."""
-        metadata = [self._metadata(segments) for segments, _ in results]
-        return pa.table(
-            {
-                **image_columns,
-                **{name: [row[index] for row in metadata] for index, name in enumerate(METADATA_COLUMNS)},
-                "masks": [packed for _, packed in results],
-            },
-            schema=INFERENCE_SCHEMA,
-        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ..models.segments import METADATA_FIELDS
+
 SEGMENT_TYPE = pa.struct(
     [
         pa.field("category_id", pa.int32(), nullable=False),
@@ -33,3 +35,23 @@ OUTPUT_SCHEMA = pa.schema(
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+# What crosses from a GPU inference actor to the encode stage: the row's identity and
+# status, each segment's metadata as lists (`Segments.metadata`, in its order), and all of
+# a row's masks as one packed binary value (pipeline/masks.py).
+_METADATA_TYPES = {
+    "category_ids": pa.list_(pa.int32()),
+    "labels": pa.list_(pa.string()),
+    "scores": pa.list_(pa.float32()),
+    "segment_ids": pa.list_(pa.int32()),
+    "iscrowd": pa.list_(pa.bool_()),
+    "annotation_ids": pa.list_(pa.int64()),
+    "boxes": pa.list_(pa.list_(pa.float32())),  # per segment (x0, y0, x1, y1) or null
+}
+INFERENCE_SCHEMA = pa.schema(
+    [
+        *(field for field in OUTPUT_SCHEMA if field.name != "segments"),
+        *(pa.field(name, _METADATA_TYPES[name]) for name in METADATA_FIELDS),
+        pa.field("masks", pa.binary()),
+    ]
+)

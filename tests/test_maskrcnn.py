@@ -16,7 +16,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
-from rayseg.models.base import Segment
+from rayseg.models.segments import Segment
 from rayseg.models.categories import COCO, COCO_91_LABELS, Category
 from rayseg.models.maskrcnn import (
     MaskRCNNSegmenter,
@@ -126,7 +126,8 @@ def run_reference(network, images: list[np.ndarray]) -> list[dict[str, torch.Ten
 
 
 def segment(model: MaskRCNNSegmenter, images: list[np.ndarray]) -> list[list[Segment]]:
-    return model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])
+    """Each image's segments as rows (masks on the host)."""
+    return [list(segments) for segments in model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])]
 
 
 def expected_segments(detections: dict[str, torch.Tensor], labels: list[Category | None]) -> list[tuple]:

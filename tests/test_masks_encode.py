@@ -10,7 +10,9 @@ import torch
 from rayseg.pipeline import masks as masks_module
 from rayseg.pipeline.device_masks import full_size_masks
 from rayseg.pipeline.encode import encode_batch, encode_masks, encode_packed_masks, fortran_masks, output_table, segment_structs
-from rayseg.pipeline.inference import INFERENCE_SCHEMA, ImageSegmenter
+from rayseg.models.segments import METADATA_FIELDS
+from rayseg.pipeline.inference import ImageSegmenter
+from rayseg.pipeline.schema import INFERENCE_SCHEMA
 from rayseg.pipeline.masks import pack_masks, unpack_masks
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 
@@ -120,12 +122,12 @@ def test_fortran_masks_are_the_masks_as_uint8_in_pycocotools_layout(count, heigh
 def test_masks_encoded_where_the_model_left_them_give_the_rows_of_masks_sent_packed():
     masks = np.random.default_rng(7).random((3, 9, 11)) > 0.6
     boxes = [None, (0.5, 1.25, 7.75, 8.5), None]
-    metadata = ([1, 2, 3], ["a", "b", None], [0.5, 0.25, 1.0], [None, None, None], [False, True, False], [None, 4, None], boxes)
+    columns = ([1, 2, 3], ["a", "b", None], [0.5, 0.25, 1.0], [None, None, None], [False, True, False], [None, 4, None], boxes)
+    metadata = dict(zip(METADATA_FIELDS, columns))
     image = {"image_id": ["x"], "uri": ["/x.png"], "width": [11], "height": [9], "status": ["ok"], "error": [None], "model": ["m"]}
-    direct = output_table(image, [segment_structs(*metadata, encode_masks(fortran_masks(masks)))])
-    names = ["category_ids", "labels", "scores", "segment_ids", "iscrowd", "annotation_ids", "boxes"]
+    direct = output_table(image, [segment_structs(metadata, encode_masks(fortran_masks(masks)))])
     packed = pa.table(
-        {**image, **{name: [values] for name, values in zip(names, metadata)}, "masks": [pack_masks(masks)]},
+        {**image, **{name: [values] for name, values in metadata.items()}, "masks": [pack_masks(masks)]},
         schema=INFERENCE_SCHEMA,
     )
     assert direct.equals(encode_batch(packed))
@@ -135,7 +137,7 @@ def test_masks_encoded_where_the_model_left_them_give_the_rows_of_masks_sent_pac
 def test_no_masks_encode_to_no_segments():
     counts, areas, bboxes = encode_masks(fortran_masks(np.zeros((0, 4, 5), dtype=bool)))
     assert counts == [] and areas.shape == (0,) and bboxes.shape == (0, 4)
-    assert segment_structs([], [], [], [], [], [], [], (counts, areas, bboxes)) == []
+    assert segment_structs({name: [] for name in METADATA_FIELDS}, (counts, areas, bboxes)) == []
 
 
 def test_a_segment_with_its_own_box_keeps_it_and_one_without_gets_its_masks_box():
@@ -144,9 +146,8 @@ def test_a_segment_with_its_own_box_keeps_it_and_one_without_gets_its_masks_box(
     masks[1, 4:6, 0:2] = True
     # masks[2] is empty: a detection whose pasted mask kept no pixel is still a segment
     boxes = [None, (0.25, 3.5, 2.75, 5.125), (1.5, 1.5, 2.0, 2.0)]
-    structs = segment_structs(
-        [1, 1, 1], ["a"] * 3, [0.9, 0.8, 0.7], [None] * 3, [False] * 3, [None] * 3, boxes, encode_masks(fortran_masks(masks))
-    )
+    columns = ([1, 1, 1], ["a"] * 3, [0.9, 0.8, 0.7], [None] * 3, [False] * 3, [None] * 3, boxes)
+    structs = segment_structs(dict(zip(METADATA_FIELDS, columns)), encode_masks(fortran_masks(masks)))
     assert [s["bbox"] for s in structs] == [[2.0, 1.0, 3.0, 2.0], [0.25, 3.5, 2.5, 1.625], [1.5, 1.5, 0.5, 0.5]]
     assert [s["area"] for s in structs] == [6, 4, 0]  # the area stays the mask's
     assert mask_utils.decode({"size": [6, 8], "counts": structs[2]["rle"]}).sum() == 0

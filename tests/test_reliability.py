@@ -39,7 +39,7 @@ from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app
 from rayseg.jobs.fixtures import make_fixtures
-from rayseg.models.base import Segment
+from rayseg.models.segments import Segments
 from rayseg.pipeline import inference
 from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
 from rayseg.pipeline.inference import ImageSegmenter
@@ -198,7 +198,7 @@ class FailsOnMarkedImages:
         return batch
 
     def postprocess(self, raw, sizes):
-        return [[Segment(1, 1.0, np.ones(size, dtype=bool))] for size in sizes]
+        return [Segments.of(np.ones((1, *size), dtype=bool), [1], [1.0]) for size in sizes]
 
 
 def decoded_rows(first_pixels: list[int]) -> dict[str, np.ndarray]:

@@ -139,7 +139,7 @@ def automatic(checkpoints):
 
 def run(model, images, prompts=None):
     batch = model.preprocess(images) if prompts is None else model.preprocess(images, prompts=prompts)
-    return model.postprocess(model.forward(batch), [image.shape[:2] for image in images])
+    return [list(segments) for segments in model.postprocess(model.forward(batch), [image.shape[:2] for image in images])]
 
 
 def assert_same_masks(segments, masks, scores) -> None:

@@ -20,7 +20,7 @@ from torchvision.models.segmentation import (
 from torchvision.transforms._presets import SemanticSegmentation
 from typer.testing import CliRunner
 
-from rayseg.models.base import Segment
+from rayseg.models.segments import Segment
 from rayseg.models.categories import VOC, VOC_21_LABELS, Category
 from rayseg.models.registry import REGISTRY
 from rayseg.models.torchvision_semantic import (
@@ -75,7 +75,8 @@ def setup(request, tmp_path_factory, category_file):
 
 
 def segment(model: TorchvisionSemanticSegmenter, images: list[np.ndarray]) -> list[list[Segment]]:
-    return model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])
+    """Each image's segments as rows (masks on the host)."""
+    return [list(segments) for segments in model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])]
 
 
 def reference_logits(network, image: np.ndarray, resize: int | None = None) -> torch.Tensor:

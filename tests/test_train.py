@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rayseg.jobs.fixtures import make_fixtures
-from rayseg.models.base import Segment
+from rayseg.models.segments import Segment
 from rayseg.models.categories import SHAPES, Category
 from rayseg.models.options import UNetOptions
 from rayseg.models.registry import REGISTRY

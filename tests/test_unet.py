@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rayseg.models.base import Segment
+from rayseg.models.segments import Segment
 from rayseg.models.categories import SHAPES, Category
 from rayseg.models.unet import (
     UNet,
@@ -50,7 +50,8 @@ def random_image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def segment(model: UNetSegmenter, images: list[np.ndarray]) -> list[list[Segment]]:
-    return model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])
+    """Each image's segments as rows (masks on the host)."""
+    return [list(segments) for segments in model.postprocess(model.forward(model.preprocess(images)), [image.shape[:2] for image in images])]
 
 
 # --- size arithmetic -------------------------------------------------------------------------

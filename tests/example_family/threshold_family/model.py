@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayseg.models.base import Segment
 from rayseg.models.categories import Category
+from rayseg.models.segments import Segments
 from rayseg.models.weights import RANDOM, WeightsError
 
 from . import ThresholdOptions
@@ -33,9 +33,10 @@ class ThresholdModel:
         """bool (H, W, 3) per image."""
         return [image > self.level for image in images]
 
-    def postprocess(self, raw: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[list[Segment]]:
-        keep = self.score_threshold is None or self.score_threshold <= 1.0
-        return [[Segment(c.id, 1.0, above[..., i]) for i, c in enumerate(CATEGORIES) if keep] for above in raw]
+    def postprocess(self, raw: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Segments]:
+        """Per image: its three channel masks, bool (3, H, W) on the host, each scored 1."""
+        ids = [c.id for c in CATEGORIES]
+        return [Segments.of(above.transpose(2, 0, 1), ids, [1.0] * 3).above(self.score_threshold) for above in raw]
 
 
 def build_threshold(
