@@ -25,6 +25,7 @@ demo: $(INSTALLED)
 	$(BIN)/rayseg demo build/demo
 
 test: $(INSTALLED)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: $(INSTALLED)

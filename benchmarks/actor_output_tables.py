@@ -24,7 +24,6 @@ from ray.data import ActorPoolStrategy
 
 from rayseg.pipeline.inference import ImageSegmenter
 
-
 ROWS = 256
 MODEL_BATCH = 8
 CALL_ROWS = 100_000
@@ -63,8 +62,8 @@ def main() -> None:
     contiguous = chunked.combine_chunks()
     print(f"{chunked.num_rows} output rows, {chunked['segments'].num_chunks} chunks vs 1:")
     for name, table in (("chunked", chunked), ("contiguous", contiguous)):
-        ray_ms = seconds_per_call(lambda: context.serialize(table)) * 1e3
-        pickle_ms = seconds_per_call(lambda: pickle.dumps(table, protocol=5, buffer_callback=lambda _: None)) * 1e3
+        ray_ms = seconds_per_call(lambda table=table: context.serialize(table)) * 1e3
+        pickle_ms = seconds_per_call(lambda table=table: pickle.dumps(table, protocol=5, buffer_callback=lambda _: None)) * 1e3
         print(f"  {name:10s}: Ray serialisation {ray_ms:.2f} ms, pickle 5 {pickle_ms:.2f} ms")
     print(f"  making it contiguous: {seconds_per_call(lambda: pa.concat_tables(batches).combine_chunks()) * 1e3:.2f} ms")
 

@@ -44,8 +44,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from rayseg.models.base import SegmentationModel
-from rayseg.models.segments import Segments
 from rayseg.models.registry import build_model
+from rayseg.models.segments import Segments
 from rayseg.pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 
 from .common import ProcessTreeSampler, TreeMeasurement
@@ -175,7 +175,7 @@ def _forward_share(config: dict, paths: list[Path], ready, go, done) -> None:
     ready.put(True)
     go.wait()
     with torch.inference_mode():
-        for batch, count in prepared:
+        for batch, _count in prepared:
             model.forward(batch)
     done.put(sum(count for _, count in prepared))
 

@@ -45,8 +45,9 @@ DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "stability_
 
 
 def checkpoint(workdir: Path) -> Path:
-    from rayseg.models.sam import RANDOM_CONFIG
     from transformers import SamConfig, SamImageProcessor, SamModel
+
+    from rayseg.models.sam import RANDOM_CONFIG
 
     directory = workdir / "sam-random-widened"
     if (directory / "model.safetensors").exists():
@@ -79,8 +80,9 @@ def timed(function) -> tuple[float, float, object]:
 
 
 def model_level(directory: Path, images: list[np.ndarray], parameters: dict, points: int, rounds: int) -> dict:
-    from rayseg.models.sam import build_sam
     from transformers import SamImageProcessor, SamModel, pipeline
+
+    from rayseg.models.sam import build_sam
 
     ours = build_sam(str(directory), points_per_side=points, points_per_batch=64, **parameters)
     network = SamModel.from_pretrained(directory, local_files_only=True).eval()
@@ -125,6 +127,7 @@ def model_level(directory: Path, images: list[np.ndarray], parameters: dict, poi
 
 def ray_pipeline(directory: Path, images_dir: Path, output: Path, parameters: dict, points: int) -> dict:
     import ray
+
     from rayseg.pipeline.resources import plan_resources
     from rayseg.pipeline.segment import ModelSpec, segment
     from rayseg.pipeline.sink import write_run
@@ -152,6 +155,7 @@ def ray_pipeline(directory: Path, images_dir: Path, output: Path, parameters: di
 def attach(rows: int) -> dict:
     import pyarrow as pa
     import ray
+
     from rayseg.pipeline.prompts import attach_prompts
 
     ids = [f"{i:07d}.png" for i in range(rows)]

@@ -89,6 +89,7 @@ def main() -> None:
     # A local head without token authentication, as the other benchmarks start it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray.data
+
     from rayseg.jobs import cluster
     from rayseg.jobs.runner import run_segment_spec
     from rayseg.jobs.spec import parse_spec

@@ -24,10 +24,10 @@ from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
 from .relabel import VERSIONS_DIR, has_versions_dir, list_versions, relabel
 from .runner import run_segment_spec
-from .terminal import console, fail
-from .train_commands import register as register_training
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
 from .submit import submit_spec, wait_for
+from .terminal import console, fail
+from .train_commands import register as register_training
 
 app = typer.Typer(
     name="rayseg",

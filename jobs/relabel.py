@@ -37,8 +37,20 @@ from .. import __version__
 from ..pipeline.export import export_coco_dataset
 from ..pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from ..pipeline.segment import pin_weights, segment
-from ..pipeline.sink import RUN_FILE, committed_files, read_attempt, staged_files, write_run
-from ..pipeline.sources import SourceError, dataset_from_table, list_images, manifest_table, source_kind
+from ..pipeline.sink import (
+    RUN_FILE,
+    committed_files,
+    read_attempt,
+    staged_files,
+    write_run,
+)
+from ..pipeline.sources import (
+    SourceError,
+    dataset_from_table,
+    list_images,
+    manifest_table,
+    source_kind,
+)
 from ..pipeline.storage import arrow_filesystem, filesystem, full_uri, remove
 from . import cluster
 from .runner import model_spec, plan_on_cluster

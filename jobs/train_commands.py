@@ -12,7 +12,13 @@ from rich.table import Table
 from ..models.weights import WeightsError
 from ..pipeline.resources import ResourceError
 from ..pipeline.storage import parse_storage_options
-from ..pipeline.training import DEFAULT_DEPTH, DEFAULT_WIDTH, TrainingError, parse_size, train_unet
+from ..pipeline.training import (
+    DEFAULT_DEPTH,
+    DEFAULT_WIDTH,
+    TrainingError,
+    parse_size,
+    train_unet,
+)
 from . import cluster
 from .terminal import fail
 

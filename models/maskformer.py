@@ -59,7 +59,12 @@ from .device import DeviceModel, autocast, to_device
 from .hf_checkpoint import load_pretrained, open_checkpoint, required_processor_settings
 from .options import UniversalOptions
 from .segments import Segments
-from .upsampling import count_at_least, upsampled_argmax, upsampled_gather, upsampled_sum
+from .upsampling import (
+    count_at_least,
+    upsampled_argmax,
+    upsampled_gather,
+    upsampled_sum,
+)
 from .weights import RANDOM, WeightsError, random_network
 
 log = logging.getLogger("rayseg.models")
@@ -287,15 +292,15 @@ class MaskFormerSegmenter(DeviceModel):
         network,
         processor,
         categories: list[Category],
-        options: UniversalOptions = UniversalOptions(),
+        options: UniversalOptions | None = None,
         *,
         name: str,
         upsample_first: bool = False,
         **placement,
     ):
-        super().__init__(network, options, **placement)
+        super().__init__(network, options or UniversalOptions(), **placement)
         self.name = name
-        self.task = options.task
+        self.task = self.options.task
         self.processor = processor
         self.categories = categories
         # Semantic output (and OneFormer's instance output) is cut only at a threshold given.

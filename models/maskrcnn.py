@@ -32,15 +32,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
-from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection.mask_rcnn import (
+    MaskRCNN,
+    MaskRCNN_ResNet50_FPN_Weights,
+)
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    resize_boxes,
+)
 
 from .categories import COCO, Category, load_category_file
 from .device import DeviceModel, autocast, host_tensor, pins, to_device
-from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .options import MaskRCNNOptions
 from .segments import Segments
+from .torchvision_checkpoint import load_into, load_state_dict, tensor_shape
 from .weights import RANDOM, WeightsError, random_network
 
 ARCHITECTURES: dict[str, Callable[..., MaskRCNN]] = {
@@ -152,7 +158,7 @@ class MaskRCNNSegmenter(DeviceModel):
         self,
         network: MaskRCNN,
         labels: list[Category | None],
-        options: MaskRCNNOptions = MaskRCNNOptions(),
+        options: MaskRCNNOptions | None = None,
         *,
         name: str = "maskrcnn",
         **placement,
@@ -165,7 +171,7 @@ class MaskRCNNSegmenter(DeviceModel):
             size_divisible=transform.size_divisible, fixed_size=transform.fixed_size,
             _skip_resize=transform._skip_resize,
         )  # fmt: skip
-        super().__init__(network, options, **placement)
+        super().__init__(network, options or MaskRCNNOptions(), **placement)
         self.name = name
         self.labels = labels
         self.categories = [category for category in labels if category is not None]

@@ -38,8 +38,19 @@ import torch
 
 from .categories import Category
 from .device import to_device
-from .hf_checkpoint import HFCheckpoint, load_pretrained, open_checkpoint, processor_arguments, required_processor_settings
-from .maskformer import MaskFormerSegmenter, categories_from_config, mask_logits_for, panoptic_segments
+from .hf_checkpoint import (
+    HFCheckpoint,
+    load_pretrained,
+    open_checkpoint,
+    processor_arguments,
+    required_processor_settings,
+)
+from .maskformer import (
+    MaskFormerSegmenter,
+    categories_from_config,
+    mask_logits_for,
+    panoptic_segments,
+)
 from .options import UniversalOptions
 from .segments import Segments
 from .weights import RANDOM, WeightsError
@@ -106,7 +117,7 @@ class OneFormerSegmenter(MaskFormerSegmenter):
         processor,
         task_tokens: torch.Tensor,
         categories: list[Category],
-        options: UniversalOptions = UniversalOptions(),
+        options: UniversalOptions | None = None,
         **placement,
     ):
         super().__init__(network, processor, categories, options, **placement)

@@ -26,8 +26,8 @@ from .options import (
     ModelOptions,
     SamOptions,
     TorchvisionSemanticOptions,
-    UniversalOptions,
     UNetOptions,
+    UniversalOptions,
 )
 
 log = logging.getLogger(__name__)

@@ -57,14 +57,14 @@ from transformers.models.sam.image_processing_sam import (
 )
 
 from .base import Prompts
-from .categories import Category, load_category_file, parse_categories
 from .bits import pack_bits, unpack_bits
+from .categories import Category, load_category_file, parse_categories
 from .checkpoint_files import is_segment_anything_file
 from .device import DeviceModel, autocast, to_device
 from .hf_checkpoint import PREPROCESSOR_FILE, load_pretrained, open_checkpoint
 from .options import SamOptions
-from .segments import NO_ANNOTATION, Segments
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
+from .segments import NO_ANNOTATION, Segments
 from .torchvision_checkpoint import load_state_dict
 from .weights import RANDOM, WeightsError, random_network
 
@@ -276,17 +276,17 @@ class SamSegmenter(DeviceModel):
         self,
         network: SamModel,
         processor: SamImageProcessor,
-        options: SamOptions = SamOptions(),
+        options: SamOptions | None = None,
         *,
         categories: list[Category] | None = None,
         **placement,
     ):
         """categories: what prompted mode labels its masks with (None: automatic mode only)."""
-        super().__init__(network, options, **placement)
+        super().__init__(network, options or SamOptions(), **placement)
         # On the CPU one image per call: nothing to gain from stacking, and an image's masks
         # then never depend on its batch neighbours (bit for bit).
         default_batch = ENCODER_BATCH_CUDA if self.device.type == "cuda" else 1
-        self.encoder_batch_size = options.encoder_batch_size or default_batch
+        self.encoder_batch_size = self.options.encoder_batch_size or default_batch
         self.processor = processor
         self.target_size = int(processor.size["longest_edge"])
         self.prompt_categories = categories is not None

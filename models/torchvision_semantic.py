@@ -27,10 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from .categories import VOC, Category, load_category_file
 from .device import DeviceModel, autocast, pins, to_device
@@ -100,13 +100,13 @@ class TorchvisionSemanticSegmenter(DeviceModel):
         self,
         network: nn.Module,
         categories: list[Category],
-        options: TorchvisionSemanticOptions = TorchvisionSemanticOptions(),
+        options: TorchvisionSemanticOptions | None = None,
         *,
         name: str,
         **placement,
     ):
         network.aux_classifier = None  # a training-only head: never computed at inference
-        super().__init__(network, options, channels_last=True, **placement)
+        super().__init__(network, options or TorchvisionSemanticOptions(), channels_last=True, **placement)
         self.name = name
         self.categories = categories
         self.score_threshold = self.score_threshold or 0.0

@@ -30,8 +30,14 @@ from .options import UNetOptions
 from .segments import Segments
 from .semantic import SizeGroupOutput, class_segments, size_groups
 from .unet_instances import semantic_to_instances
-from .weights import RANDOM, WeightsError, read_bytes, read_checkpoint, random_network, stream_sha256
-
+from .weights import (
+    RANDOM,
+    WeightsError,
+    random_network,
+    read_bytes,
+    read_checkpoint,
+    stream_sha256,
+)
 
 # Inputs are scaled to [0, 1] and normalised with ImageNet statistics, the usual choice.
 _MEAN = (0.485, 0.456, 0.406)
@@ -198,9 +204,9 @@ class UNetSegmenter(DeviceModel):
 
     name = "unet"
 
-    def __init__(self, network: UNet, options: UNetOptions = UNetOptions(), **placement):
-        super().__init__(network, options, channels_last=True, **placement)
-        self.task = options.task
+    def __init__(self, network: UNet, options: UNetOptions | None = None, **placement):
+        super().__init__(network, options or UNetOptions(), channels_last=True, **placement)
+        self.task = self.options.task
         self.score_threshold = self.score_threshold or 0.0
         self.categories = network.config.categories
         self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1) * 255

@@ -30,7 +30,14 @@ from typing import Iterator
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .run_reader import PREDICTION_COLUMNS, Prediction, prediction_files, predictions_from_table, read_run_info, uri_tails
+from .run_reader import (
+    PREDICTION_COLUMNS,
+    Prediction,
+    prediction_files,
+    predictions_from_table,
+    read_run_info,
+    uri_tails,
+)
 from .storage import filesystem, full_uri, move, remove
 
 

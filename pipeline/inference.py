@@ -26,7 +26,14 @@ from ..models.segments import METADATA_FIELDS, Segments
 from .actor import MODEL_MAX_PIXELS
 from .decode import decode_batch
 from .device_masks import full_size_masks, masks_to_wire
-from .encode import NO_MASKS_ENCODED, encode_masks, fortran_masks, joined_encodings, output_table, segment_structs
+from .encode import (
+    NO_MASKS_ENCODED,
+    encode_masks,
+    fortran_masks,
+    joined_encodings,
+    output_table,
+    segment_structs,
+)
 from .in_flight import Deaths, InFlightRecord
 from .masks import masks_per_chunk
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR

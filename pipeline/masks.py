@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # An image's masks are brought to full size, packed or encoded about this many bytes at a
 # time: all of them at once, up to 64 MP × every detection, could take gigabytes.
 MASK_CHUNK_BYTES = 256 * 1024 * 1024

@@ -47,7 +47,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..models.categories import load_category_file
-from .run_reader import PREDICTION_COLUMNS, Prediction, prediction_files, predictions_from_table, read_run_info, run_task
+from .run_reader import (
+    PREDICTION_COLUMNS,
+    Prediction,
+    prediction_files,
+    predictions_from_table,
+    read_run_info,
+    run_task,
+)
 from .sink import RUN_FILE, committed_files
 from .storage import filesystem
 

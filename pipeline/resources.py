@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 
 from ..models.registry import DATA_PARALLEL
 
-
 # CPU clusters run one single-threaded actor per core for data-parallel models, up to this
 # many per node: each holds its own copy of the model. Threaded models get one actor per
 # this many cores.

@@ -19,8 +19,8 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from ..models.categories import load_category_file
-from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_checks import CheckpointInfo, safetensors_shapes
+from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, check_score_threshold, get_entry
 from ..models.weights import RANDOM, WeightsError, check_sha256, stream_sha256

@@ -9,7 +9,6 @@ import pytest
 
 from rayseg.jobs.fixtures import make_fixtures
 
-
 # A credential the tests plant to prove it never reaches an output file or a log.
 PLANTED_SECRET = "rayseg-test-secret-7f3a9c1e"
 BUCKET = "rayseg-test"

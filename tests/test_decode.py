@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rayseg.pipeline.decode import DecodeError, as_rgb, decode_batch, decode_image, decode_images
+from rayseg.pipeline.decode import (
+    DecodeError,
+    as_rgb,
+    decode_batch,
+    decode_image,
+    decode_images,
+)
 from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
 
 

@@ -19,7 +19,13 @@ from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.categories import SHAPES
 from rayseg.models.options import UNetOptions
 from rayseg.models.registry import REGISTRY
-from rayseg.models.unet import CONFIG_FILE, WEIGHTS_FILE, UNetSegmenter, build_unet, load_unet
+from rayseg.models.unet import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    UNetSegmenter,
+    build_unet,
+    load_unet,
+)
 from rayseg.pipeline.evaluation.confusion import iou_from_confusion
 from rayseg.pipeline.training.data import label_lookup, map_label_ids
 

@@ -20,7 +20,6 @@ from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.evaluation.instance import STAT_NAMES
 from rayseg.pipeline.export import export_coco_results
 
-
 # --- the reference: pycocotools run directly ---------------------------------------------------
 
 

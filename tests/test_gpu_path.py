@@ -9,13 +9,24 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rayseg.models.device import autocast, check_amp_dtype, host_batch, host_tensor, resolve_amp_dtype, to_device
+from rayseg.models.device import (
+    autocast,
+    check_amp_dtype,
+    host_batch,
+    host_tensor,
+    resolve_amp_dtype,
+    to_device,
+)
 from rayseg.models.maskformer import build_maskformer
 from rayseg.models.maskrcnn import build_maskrcnn
 from rayseg.models.registry import check_options
 from rayseg.models.sam import build_sam
 from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet
-from rayseg.pipeline.device_masks import full_size_masks, masks_to_wire, pack_masks_on_device
+from rayseg.pipeline.device_masks import (
+    full_size_masks,
+    masks_to_wire,
+    pack_masks_on_device,
+)
 from rayseg.pipeline.inference import ImageSegmenter, fit_for_model
 from rayseg.pipeline.masks import pack_masks, unpack_masks
 from rayseg.pipeline.schema import STATUS_OK

@@ -521,7 +521,7 @@ SECRETISH = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIV
 def test_no_inline_secrets_anywhere():
     for path, doc in KUBE_DOCS:
         assert doc["kind"] != "Secret", f"{path.name}: Secrets are created by the operator, never committed"
-        for where, key, value in walk(doc):
+        for _where, key, value in walk(doc):
             if key == "env":
                 for entry in value:
                     if SECRETISH.search(entry["name"]):

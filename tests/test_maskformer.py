@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from rayseg.models.maskformer import build_mask2former, build_maskformer, random_config
 from rayseg.models.registry import REGISTRY
 from rayseg.models.weights import WeightsError
@@ -284,6 +285,7 @@ def test_through_the_ray_pipeline(checkpoints, ray_cluster, tmp_path):
     import pyarrow.parquet as pq
     import ray
     from pycocotools import mask as mask_utils
+
     from rayseg.pipeline.resources import plan_resources
     from rayseg.pipeline.segment import ModelSpec, segment
     from rayseg.pipeline.sink import write_run
@@ -315,6 +317,7 @@ def test_through_the_ray_pipeline(checkpoints, ray_cluster, tmp_path):
 
     # And the run exports to COCO panoptic: the PNG ids decode to the rows' segments.
     from PIL import Image
+
     from rayseg.pipeline.panoptic_export import decode_ids, export_panoptic
 
     summary = export_panoptic(str(tmp_path / "out"), str(tmp_path / "pan"), category_file=checkpoints["category_file"])

@@ -16,7 +16,6 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet5
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
-from rayseg.models.segments import Segment
 from rayseg.models.categories import COCO, COCO_91_LABELS, Category
 from rayseg.models.maskrcnn import (
     MaskRCNNSegmenter,
@@ -26,6 +25,7 @@ from rayseg.models.maskrcnn import (
     paste_masks,
 )
 from rayseg.models.registry import REGISTRY
+from rayseg.models.segments import Segment
 from rayseg.models.weights import WeightsError
 
 torch.set_num_threads(2)
@@ -276,7 +276,10 @@ def test_paste_masks_equals_torchvision_paste_then_threshold():
 
 
 def test_coco_labels_match_torchvision_and_label_index_is_the_category_id():
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+    from torchvision.models.detection import (
+        MaskRCNN_ResNet50_FPN_V2_Weights,
+        MaskRCNN_ResNet50_FPN_Weights,
+    )
 
     assert COCO_91_LABELS == MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
     assert COCO_91_LABELS == MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"]

@@ -3,18 +3,23 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
-import torch
-
+from rayseg.models.segments import METADATA_FIELDS
 from rayseg.pipeline import masks as masks_module
 from rayseg.pipeline.device_masks import full_size_masks
-from rayseg.pipeline.encode import encode_batch, encode_masks, encode_packed_masks, fortran_masks, output_table, segment_structs
-from rayseg.models.segments import METADATA_FIELDS
+from rayseg.pipeline.encode import (
+    encode_batch,
+    encode_masks,
+    encode_packed_masks,
+    fortran_masks,
+    output_table,
+    segment_structs,
+)
 from rayseg.pipeline.inference import ImageSegmenter
-from rayseg.pipeline.schema import INFERENCE_SCHEMA
 from rayseg.pipeline.masks import pack_masks, unpack_masks
-from rayseg.pipeline.schema import OUTPUT_SCHEMA
+from rayseg.pipeline.schema import INFERENCE_SCHEMA, OUTPUT_SCHEMA
 
 
 @pytest.mark.parametrize("count,height,width", [(1, 1, 1), (3, 7, 13), (2, 64, 48), (5, 33, 1)])

@@ -26,7 +26,13 @@ from typer.testing import CliRunner
 from rayseg.jobs.cli import app
 from rayseg.models.unet import UNet, UNetConfig, save_unet
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
-from rayseg.pipeline.sources import check_manifest, dataset_from_table, manifest_table, normalise_manifest, source_kind
+from rayseg.pipeline.sources import (
+    check_manifest,
+    dataset_from_table,
+    manifest_table,
+    normalise_manifest,
+    source_kind,
+)
 from rayseg.pipeline.storage import join_uri, move, parse_storage_options, remove
 
 from .conftest import BUCKET, PLANTED_SECRET

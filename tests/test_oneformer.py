@@ -10,6 +10,7 @@ import string
 
 import pytest
 import torch
+
 from rayseg.models.oneformer import build_oneformer
 from rayseg.models.weights import WeightsError
 

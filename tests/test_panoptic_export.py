@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
 from rayseg.pipeline.panoptic_export import (
     decode_ids,
     encode_ids,
@@ -18,7 +20,6 @@ from rayseg.pipeline.panoptic_export import (
     png_name,
 )
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
-from typer.testing import CliRunner
 
 H, W = 20, 30
 

@@ -23,8 +23,14 @@ from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
+from rayseg.pipeline.sink import (
+    RUN_FILE,
+    STAGING_DIR,
+    OutputError,
+    committed_files,
+    write_run,
+)
 from rayseg.pipeline.sources import SourceError, read_source
-from rayseg.pipeline.sink import RUN_FILE, STAGING_DIR, OutputError, committed_files, write_run
 
 from .conftest import same_segments
 

@@ -14,6 +14,10 @@ import pytest
 import ray
 from PIL import Image
 from pycocotools import mask as mask_utils
+from transformers import SamImageProcessor
+from typer.testing import CliRunner
+
+from rayseg.jobs.cli import app
 from rayseg.models.base import Prompts
 from rayseg.models.sam import build_sam
 from rayseg.pipeline.prompts import (
@@ -28,9 +32,6 @@ from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
 from rayseg.pipeline.sources import read_source
-from rayseg.jobs.cli import app
-from transformers import SamImageProcessor
-from typer.testing import CliRunner
 
 from .test_sam import tiny_network  # the same tiny SAM
 

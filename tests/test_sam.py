@@ -21,11 +21,13 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor, pipeline
+
 from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.base import Prompts
-from rayseg.models.registry import get_entry
 from rayseg.models.bits import pack_bits, unpack_bits
 from rayseg.models.checkpoint_files import sam_weights_file
+from rayseg.models.registry import get_entry
 from rayseg.models.sam import OBJECT, RANDOM_CONFIG, build_sam, remove_small_regions
 from rayseg.models.sam_convert import convert_state_dict, infer_config
 from rayseg.models.weights import WeightsError
@@ -33,7 +35,6 @@ from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import write_run
 from rayseg.pipeline.sources import read_source
-from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor, pipeline
 
 TINY = {
     "vision_config": {

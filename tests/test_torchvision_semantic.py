@@ -20,9 +20,9 @@ from torchvision.models.segmentation import (
 from torchvision.transforms._presets import SemanticSegmentation
 from typer.testing import CliRunner
 
-from rayseg.models.segments import Segment
 from rayseg.models.categories import VOC, VOC_21_LABELS, Category
 from rayseg.models.registry import REGISTRY
+from rayseg.models.segments import Segment
 from rayseg.models.torchvision_semantic import (
     BACKGROUND,
     TorchvisionSemanticSegmenter,

@@ -13,18 +13,28 @@ import pytest
 import torch
 
 from rayseg.jobs.fixtures import make_fixtures
-from rayseg.models.segments import Segment
 from rayseg.models.categories import SHAPES, Category
 from rayseg.models.options import UNetOptions
 from rayseg.models.registry import REGISTRY
+from rayseg.models.segments import Segment
 from rayseg.models.unet import UNet, UNetConfig, UNetSegmenter, build_unet, load_unet
 from rayseg.models.unet_instances import semantic_to_instances
 from rayseg.pipeline.evaluation.confusion import iou_from_confusion
 from rayseg.pipeline.resources import ResourceError
 from rayseg.pipeline.training import TrainingError, train_unet
 from rayseg.pipeline.training.augment import augment, normalise
-from rayseg.pipeline.training.checkpoints import load_history, load_training_state, save_checkpoint
-from rayseg.pipeline.training.data import IGNORE, find_training_data, label_lookup, map_label_ids, split_items
+from rayseg.pipeline.training.checkpoints import (
+    load_history,
+    load_training_state,
+    save_checkpoint,
+)
+from rayseg.pipeline.training.data import (
+    IGNORE,
+    find_training_data,
+    label_lookup,
+    map_label_ids,
+    split_items,
+)
 from rayseg.pipeline.training.loss import segmentation_loss
 from rayseg.pipeline.training.pairs import DecodePairs
 from rayseg.pipeline.training.resources import plan_train_resources
@@ -89,8 +99,9 @@ def test_instances_json_adds_a_background_class_and_rasterises_like_the_label_pn
 
 
 def test_background_category_of_the_json_is_used_and_crowds_are_ignored(tmp_path):
-    from rayseg.pipeline.training.pairs import rasterise_instances
     from pycocotools import mask as mask_utils
+
+    from rayseg.pipeline.training.pairs import rasterise_instances
 
     categories = [Category(7, "background", False), Category(3, "cat", True)]
     mask = np.zeros((6, 6), dtype=np.uint8)

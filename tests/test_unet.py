@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rayseg.models.segments import Segment
 from rayseg.models.categories import SHAPES, Category
+from rayseg.models.segments import Segment
 from rayseg.models.unet import (
     UNet,
     UNetConfig,

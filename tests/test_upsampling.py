@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayseg.models.upsampling import count_at_least, source_corners, upsampled_argmax, upsampled_gather, upsampled_sum
+from rayseg.models.upsampling import (
+    count_at_least,
+    source_corners,
+    upsampled_argmax,
+    upsampled_gather,
+    upsampled_sum,
+)
 
 
 def smooth_channels(channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

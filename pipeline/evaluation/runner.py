@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from ..run_reader import prediction_files, read_predictions, read_run_info
 from ..storage import filesystem
 from .base import DatasetEvaluator, EvaluationError
-from .data import TASKS, Coverage, GroundTruth, Shard, infer_task, load_ground_truth, plan_shards
+from .data import (
+    TASKS,
+    Coverage,
+    GroundTruth,
+    Shard,
+    infer_task,
+    load_ground_truth,
+    plan_shards,
+)
 
 DEFAULT_IGNORE_LABELS = (0, 255)
 # Rows per task: enough work to amortise a task's start, small enough to spread the work.
