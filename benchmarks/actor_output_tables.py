@@ -22,7 +22,9 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from rayseg.pipeline.inference import ImageSegmenter
+from rayseg.pipeline.decode import decode_batch
+from rayseg.pipeline.inference import EncodedMasks, ImageSegmenter
+from rayseg.pipeline.model_spec import ModelSpec
 
 ROWS = 256
 MODEL_BATCH = 8
@@ -32,7 +34,7 @@ CALL_ROWS = 100_000
 def output_batches(fixtures: Path) -> list[pa.Table]:
     """Output rows (OUTPUT_SCHEMA) of the first ROWS images, one table per model batch."""
     paths = sorted(str(p) for p in (fixtures / "images").glob("*.png"))[:ROWS]
-    actor = ImageSegmenter("threshold", "random", decode_options={}, encode=True, batch_size=MODEL_BATCH)
+    actor = ImageSegmenter(ModelSpec("threshold"), EncodedMasks(), decode=decode_batch, batch_size=MODEL_BATCH)
     batch = {"image_id": np.array([Path(p).name for p in paths], dtype=object), "uri": np.array(paths, dtype=object)}
     return [table for start in range(0, len(paths), MODEL_BATCH) for table in actor({k: v[start : start + MODEL_BATCH] for k, v in batch.items()})]
 

@@ -32,13 +32,14 @@ import ray.data
 from ray.data._internal.execution.operators import actor_pool_map_operator
 marks.append(("import Ray Data and its actor pool", *clock()))
 from rayseg.pipeline import inference
-from rayseg.pipeline.actor import MODEL_MAX_PIXELS, SegmentImages
+from rayseg.pipeline.actor import SegmentImagesAndEncode
+from rayseg.pipeline.decode import MODEL_MAX_PIXELS
+from rayseg.pipeline.model_spec import ModelSpec
 marks.append(("import rayseg's inference (torch, PIL, pycocotools)", *clock()))
 import numpy as np
-actor = SegmentImages(
-    "unet", WEIGHTS, weights_sha256=None, storage_options=None, score_threshold=0.5, torch_threads=1,
-    model_options={}, model_max_pixels=MODEL_MAX_PIXELS,
-    decode_options={"storage_options": None, "max_pixels": 10**9}, encode=True, batch_size=8,
+actor = SegmentImagesAndEncode(
+    ModelSpec("unet", WEIGHTS, score_threshold=0.5), storage_options=None, torch_threads=1,
+    model_max_pixels=MODEL_MAX_PIXELS, decode_options={"storage_options": None, "max_pixels": 10**9}, batch_size=8,
 )
 marks.append(("build the model", *clock()))
 uris = sorted(glob.glob(os.path.join(IMAGES, "*.png")))[:BLOCK]

@@ -17,13 +17,14 @@ import time
 import torch
 
 from rayseg.pipeline import masks as masks_module
-from rayseg.pipeline.inference import ImageSegmenter
+from rayseg.pipeline.inference import EncodedMasks, ImageSegmenter
+from rayseg.pipeline.model_spec import ModelSpec
 
 
 def main(mode: str) -> None:
     if mode == "whole":
         masks_module.MASK_CHUNK_BYTES = 1 << 60
-    segmenter = ImageSegmenter("unet", "random", torch_threads=1, encode=True)
+    segmenter = ImageSegmenter(ModelSpec("unet"), EncodedMasks(), torch_threads=1)
     small = torch.zeros((100, 1633, 2449), dtype=torch.bool)
     for i in range(100):
         small[i, (i * 13) % 1500 : (i * 13) % 1500 + 120, (i * 23) % 2300 : (i * 23) % 2300 + 140] = True

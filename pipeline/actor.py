@@ -1,4 +1,4 @@
-"""The inference actors' class as the driver hands it to Ray Data: importable without torch.
+"""The inference actors' classes as the driver hands them to Ray Data: importable without torch.
 
 Ray Data takes the actor's class from the driver, and pipeline/inference.py imports torch,
 about 1.2 s of CPU. The driver would pay it before every run, on the cores where the actors
@@ -7,6 +7,7 @@ start, to plan work it never runs. This class imports the model code only in the
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -14,13 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from .model_spec import ModelSpec
+
 log = logging.getLogger("rayseg.pipeline")
-
-# Images beyond this many pixels are shown to the model downscaled (aspect kept) and their
-# masks scaled back to full size: models work at far lower resolutions, and a forward pass
-# at tens of megapixels would exhaust an accelerator's (or a CPU worker's) memory.
-MODEL_MAX_PIXELS = 4 * 1024 * 1024
-
 
 class ModelBuildError(RuntimeError):
     """The run's model cannot be built in its actors (a checkpoint of another architecture,
@@ -36,25 +33,39 @@ class ModelBuildError(RuntimeError):
 
 
 class SegmentImages:
-    """Ray Data callable class: a `pipeline.inference.ImageSegmenter`, built in the actor
-    from the same arguments and recording its images in hand (`pipeline/in_flight.py`);
-    each call yields its tables.
+    """Ray Data callable class of GPU actors: decoded rows → rows with packed masks for the
+    encode stage (INFERENCE_SCHEMA). A `pipeline.inference.ImageSegmenter`, built in the
+    actor and recording its images in hand (`pipeline/in_flight.py`); each call yields its
+    tables.
 
     A model that cannot be built does not fail the actor's construction, which Ray retries
     and reports as tracebacks from every process on the way; the actor's first call raises
     ModelBuildError instead, which fails the run with its message alone.
     """
 
-    def __init__(self, model_name: str, weights: str, **kwargs):
+    def __init__(self, model: ModelSpec, **options):
         from .in_flight import InFlightRecord
         from .inference import ImageSegmenter
 
         self.failure: ModelBuildError | None = None
         try:
-            self.segmenter = ImageSegmenter(model_name, weights, in_flight=InFlightRecord.for_current_actor(), **kwargs)
+            self.segmenter = ImageSegmenter(
+                model, self._masks_out(), in_flight=InFlightRecord.for_current_actor(), **self._stages(options)
+            )
         except Exception as e:  # any builder's error: the run's to report, once
-            self.failure = ModelBuildError(model_name, weights, str(e) or type(e).__name__)
-            log.debug("building %s failed", model_name, exc_info=True)
+            self.failure = ModelBuildError(model.name, model.weights, str(e) or type(e).__name__)
+            log.debug("building %s failed", model.name, exc_info=True)
+
+    @staticmethod
+    def _masks_out():
+        from .inference import PackedMasks
+
+        return PackedMasks()
+
+    @staticmethod
+    def _stages(options: dict) -> dict:
+        """ImageSegmenter's keyword arguments from the actor's."""
+        return options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         # Raised by the call itself, not by the iterator it returns: Ray Data reports
@@ -62,6 +73,28 @@ class SegmentImages:
         if self.failure is not None:
             raise self.failure
         return self.segmenter(batch)
+
+
+class SegmentImagesAndEncode(SegmentImages):
+    """Ray Data callable class of CPU actors: rows → output rows (OUTPUT_SCHEMA), as one
+    chain in the actor: decode (with `decode_options`, `decode_batch`'s keyword arguments,
+    for {image_id, uri} rows: each model batch just before its forward pass), infer, and
+    encode the masks where the model left them."""
+
+    @staticmethod
+    def _masks_out():
+        from .inference import EncodedMasks
+
+        return EncodedMasks()
+
+    @staticmethod
+    def _stages(options: dict) -> dict:
+        from .decode import decode_batch
+
+        decode_options = options.pop("decode_options", None)
+        if decode_options is None:  # rows that arrive decoded
+            return options
+        return {**options, "decode": functools.partial(decode_batch, **decode_options)}
 
 
 def model_build_error(error: BaseException) -> str | None:

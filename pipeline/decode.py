@@ -22,6 +22,10 @@ from .storage import filesystem
 # Images above this many pixels are refused before their pixels are allocated (a 30000 ×
 # 30000 "decompression bomb" would need 2.7 GB). 64 MP covers photographs and scans.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# Images beyond this many pixels are shown to the model downscaled (aspect kept) and their
+# masks scaled back to full size: models work at far lower resolutions, and a forward pass
+# at tens of megapixels would exhaust an accelerator's (or a CPU worker's) memory.
+MODEL_MAX_PIXELS = 4 * 1024 * 1024
 
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 

@@ -1,10 +1,12 @@
 """Infer: the model run as a Ray Data actor pool, built once per actor.
 
-Per batch: model.preprocess → model.forward → model.postprocess (Segments whose masks stay
-where the model made them: on its device they are bit-packed there), then masks leave the
-actor bit-packed (pipeline/masks.py) with their metadata; pycocotools encoding happens in
-the CPU stage after it, not on the accelerator's actor. Actors on CPUs (`encode=True`) are
-that CPU stage: they encode the model's masks themselves, never packing them.
+Per model batch: model.preprocess → model.forward → model.postprocess (Segments whose masks
+stay where the model made them), then the masks leave by one of two stages (`MasksOut`):
+`PackedMasks`, bit-packed on the model's device for the encode stage after the actor
+(GPU actors: pycocotools encoding is CPU work, not the accelerator's), or `EncodedMasks`,
+RLE-encoded in the actor itself (CPU actors, which are that CPU stage: their masks are
+never packed). A CPU actor also decodes its rows first (`ImageSegmenter`'s `decode`), one
+model batch at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +25,7 @@ from PIL import Image
 from ..models.base import Prompts, SegmentationModel
 from ..models.registry import build_model
 from ..models.segments import METADATA_FIELDS, Segments
-from .actor import MODEL_MAX_PIXELS
-from .decode import decode_batch
+from .decode import MODEL_MAX_PIXELS
 from .device_masks import full_size_masks, masks_to_wire
 from .encode import (
     NO_MASKS_ENCODED,
@@ -36,8 +37,9 @@ from .encode import (
 )
 from .in_flight import Deaths, InFlightRecord
 from .masks import masks_per_chunk
+from .model_spec import ModelSpec
 from .prompts import PROMPT_COLUMNS, PROMPT_ERROR
-from .schema import INFERENCE_SCHEMA, STATUS_ERROR, STATUS_OK
+from .schema import INFERENCE_SCHEMA, OUTPUT_SCHEMA, STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger("rayseg.pipeline")
 
@@ -130,11 +132,53 @@ def select_device() -> torch.device:
     return torch.device("cpu")
 
 
+class PackedMasks:
+    """Masks leave as `pack_masks` bytes (packed on the model's device when they are there),
+    in rows for the encode stage (INFERENCE_SCHEMA)."""
+
+    schema = INFERENCE_SCHEMA
+    none = b""
+
+    def chunk(self, masks: torch.Tensor) -> bytes:
+        return masks_to_wire(masks)
+
+    def join(self, parts: list[bytes]) -> bytes:
+        return b"".join(parts)
+
+    def table(self, image_columns: dict, results: list[tuple[dict, bytes]]) -> pa.Table:
+        return pa.table(
+            {
+                **image_columns,
+                **{name: [metadata[name] for metadata, _ in results] for name in METADATA_FIELDS},
+                "masks": [packed for _, packed in results],
+            },
+            schema=INFERENCE_SCHEMA,
+        )
+
+
+class EncodedMasks:
+    """Masks leave as COCO RLE, encoded where the model left them, in output rows (OUTPUT_SCHEMA)."""
+
+    schema = OUTPUT_SCHEMA
+    none = NO_MASKS_ENCODED
+
+    def chunk(self, masks: torch.Tensor) -> tuple:
+        return encode_masks(fortran_masks(masks.cpu().numpy()))
+
+    def join(self, parts: list[tuple]) -> tuple:
+        return joined_encodings(parts)
+
+    def table(self, image_columns: dict, results: list[tuple[dict, tuple]]) -> pa.Table:
+        return output_table(image_columns, [segment_structs(metadata, encoded) for metadata, encoded in results])
+
+
+MasksOut = PackedMasks | EncodedMasks
+
+
 class ImageSegmenter:
-    """An inference actor's work (`pipeline.actor.SegmentImages` builds it in the actor):
-    decoded rows (or, with `decode_options`, {image_id, uri} rows) → tables of rows of
-    segments with packed masks (INFERENCE_SCHEMA), or with `encode` output rows, each table
-    up to ROWS_PER_OUTPUT rows.
+    """An inference actor's work (`pipeline/actor.py` builds it in the actor): decoded rows
+    (or, with `decode`, {image_id, uri} rows) → tables of `masks_out.schema`, each up to
+    ROWS_PER_OUTPUT rows.
 
     A call takes any number of rows and puts them through the model `batch_size` at a time,
     decoding each model batch just before its forward pass: a call over a whole block of
@@ -145,52 +189,47 @@ class ImageSegmenter:
 
     def __init__(
         self,
-        model_name: str,
-        weights: str,
+        model: ModelSpec,
+        masks_out: MasksOut,
         *,
-        weights_sha256: str | None = None,
+        decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
         storage_options: dict | None = None,
-        score_threshold: float | None = None,
         torch_threads: int | None = None,
-        model_options: dict | None = None,
         model_max_pixels: int = MODEL_MAX_PIXELS,
-        decode_options: dict | None = None,
-        encode: bool = False,
         batch_size: int | None = None,
         in_flight: InFlightRecord | None = None,
     ):
-        """batch_size: images per forward pass (default: a call's rows all at once).
-        decode_options: when rows arrive undecoded ({image_id, uri}), `decode_batch`'s
-        keyword arguments (storage_options, max_pixels): the actor reads and decodes them.
-        encode: return output rows (OUTPUT_SCHEMA, masks as COCO RLE), encoded here.
+        """masks_out: how masks leave (`PackedMasks` or `EncodedMasks`), and so the rows' schema.
+        decode: the stage before the model for rows that arrive undecoded ({image_id, uri}):
+        `decode_batch` with its options, run on each model batch just before its forward pass.
+        batch_size: images per forward pass (default: a call's rows all at once).
         in_flight: where the images in hand are recorded, so that one which kills the process
         is found and given up on (`pipeline/in_flight.py`); None: not recorded."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = select_device()
         self.model: SegmentationModel = build_model(
-            model_name,
-            weights,
-            weights_sha256=weights_sha256,
+            model.name,
+            model.weights,
+            weights_sha256=model.weights_sha256,
             device=str(self.device),
             storage_options=storage_options,
-            score_threshold=score_threshold,
-            **(model_options or {}),
+            score_threshold=model.score_threshold,
+            **model.options,
         )
         self.labels = {category.id: category.name for category in self.model.categories}
+        self.masks_out = masks_out
+        self.decode = decode
         self.model_max_pixels = model_max_pixels
-        self.decode_options = decode_options
-        self.encode = encode
         self.batch_size = batch_size
         self.in_flight = in_flight
-        log.info("built %s on %s", model_name, self.device)
+        log.info("built %s on %s", model.name, self.device)
 
     def _masks_out(self, masks: torch.Tensor | np.ndarray, size: tuple[int, int]) -> bytes | tuple:
         """bool (N, h, w) masks as the model left them (a tensor on its device, or a host
-        array) → what leaves this actor for them at the image's full `size` (H, W): with
-        `encode`, `encode_masks`'s (RLE counts, areas, bboxes); else `pack_masks` bytes,
-        packed on the model's device when it post-processes there. Brought to full size
-        `masks_per_chunk` at a time, so that their memory stays bounded."""
+        array) → what leaves this actor for them at the image's full `size` (H, W), by
+        `masks_out`. Brought to full size `masks_per_chunk` at a time, so that their memory
+        stays bounded."""
         masks = torch.from_numpy(masks) if isinstance(masks, np.ndarray) else masks
         step = masks_per_chunk(*size)
         chunks = [masks[first : first + step] for first in range(0, masks.shape[0], step)] or [masks]
@@ -198,8 +237,8 @@ class ImageSegmenter:
         for chunk in chunks:
             if tuple(chunk.shape[1:]) != tuple(size):
                 chunk = full_size_masks(chunk, size)
-            parts.append(encode_masks(fortran_masks(chunk.cpu().numpy())) if self.encode else masks_to_wire(chunk))
-        return joined_encodings(parts) if self.encode else b"".join(parts)
+            parts.append(self.masks_out.chunk(chunk))
+        return self.masks_out.join(parts)
 
     @torch.inference_mode()
     def _segment(self, images: list[np.ndarray], prompts: list[Prompts | None] | None) -> list[tuple[dict, bytes | tuple]]:
@@ -263,8 +302,8 @@ class ImageSegmenter:
 
     def _model_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """One model batch of rows → their table."""
-        if self.decode_options is not None:
-            batch = decode_batch(batch, **self.decode_options)
+        if self.decode is not None:
+            batch = self.decode(batch)
         count = len(batch["image_id"])
         statuses = list(batch["status"])
         # An all-null string column reaches numpy as floats (NaN): keep only real reasons.
@@ -294,21 +333,11 @@ class ImageSegmenter:
     @property
     def _no_masks(self) -> tuple[dict, bytes | tuple]:
         """An image's result when it has no segments (or no result: an error row)."""
-        return {name: [] for name in METADATA_FIELDS}, NO_MASKS_ENCODED if self.encode else b""
+        return {name: [] for name in METADATA_FIELDS}, self.masks_out.none
 
     def _table(self, image_columns: dict, results: list[tuple[dict, bytes | tuple]]) -> pa.Table:
-        """Rows of `_image_columns` and per-image results: output rows with `encode`, else
-        rows for the encode stage (INFERENCE_SCHEMA)."""
-        if self.encode:
-            return output_table(image_columns, [segment_structs(metadata, encoded) for metadata, encoded in results])
-        return pa.table(
-            {
-                **image_columns,
-                **{name: [metadata[name] for metadata, _ in results] for name in METADATA_FIELDS},
-                "masks": [packed for _, packed in results],
-            },
-            schema=INFERENCE_SCHEMA,
-        )
+        """Rows of `_image_columns` and per-image results, in `masks_out`'s schema."""
+        return self.masks_out.table(image_columns, results)
 
     def _image_columns(self, batch: dict[str, np.ndarray], statuses: list[str], errors: list[str | None]) -> dict:
         """The image_id, uri, width, height, status, error and model columns of a batch's rows."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -24,35 +24,23 @@ from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, check_score_threshold, get_entry
 from ..models.weights import RANDOM, WeightsError, check_sha256, stream_sha256
-from .actor import MODEL_MAX_PIXELS, SegmentImages
+from .actor import SegmentImages, SegmentImagesAndEncode
 from .decode import (
     DECODE_TASK_MEMORY,
     DEFAULT_MAX_PIXELS,
     EMPTY_IMAGE,
+    MODEL_MAX_PIXELS,
     DecodeError,
     as_rgb,
     decode_images_in_task,
     object_array,
 )
 from .encode import encode_batch
+from .model_spec import ModelSpec
 from .resources import Resources
 from .schema import STATUS_ERROR, STATUS_OK
 from .sources import SourceError
 from .storage import filesystem, full_uri
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model, from which weights, with which post-processing options.
-
-    options: the model's own options, by name (its family's options class, models/options.py).
-    """
-
-    name: str
-    weights: str = RANDOM
-    weights_sha256: str | None = None
-    score_threshold: float | None = None
-    options: dict = field(default_factory=dict)
 
 
 def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSpec:
@@ -189,20 +177,19 @@ def segment(
             memory=DECODE_TASK_MEMORY,
             udf_modifying_row_count=False,
         )
+    actor_options = {
+        "storage_options": storage_options,
+        "torch_threads": resources.torch_threads,
+        "model_max_pixels": model_max_pixels,
+        "batch_size": resources.batch_size,
+    }
+    if actors_decode:
+        actor_options["decode_options"] = decode_options
     inferred = rows.map_batches(
-        SegmentImages,
-        fn_constructor_args=(model.name, model.weights),
-        fn_constructor_kwargs={
-            "weights_sha256": model.weights_sha256,
-            "storage_options": storage_options,
-            "score_threshold": model.score_threshold,
-            "torch_threads": resources.torch_threads,
-            "model_options": model.options,
-            "model_max_pixels": model_max_pixels,
-            "decode_options": decode_options if actors_decode else None,
-            "encode": resources.cpu_stages_in_actors,
-            "batch_size": resources.batch_size,
-        },
+        # CPU actors are the whole chain (decode, infer, encode); GPU actors infer only.
+        SegmentImagesAndEncode if resources.cpu_stages_in_actors else SegmentImages,
+        fn_constructor_args=(model,),
+        fn_constructor_kwargs=actor_options,
         compute=ActorPoolStrategy(
             min_size=resources.min_actors, max_size=resources.max_actors, initial_size=resources.initial_actors
         ),

@@ -36,3 +36,54 @@ def test_checking_every_model_s_options_and_pinning_weights_imports_no_model_cod
 def test_exporting_predictions_imports_no_evaluation_module():
     code = "import rayseg.pipeline.export, rayseg.pipeline.panoptic_export\n"
     assert driver_modules_after(code, EVALUATION) == "[]"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """rayseg module → the rayseg modules it imports, at its top level or deferred into a
+    function (a deferred import is still a dependency)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if relative.parts[0] not in ("models", "pipeline", "jobs"):
+            continue
+        parts = ["rayseg", *relative.with_suffix("").parts]
+        package = parts if parts[-1] == "__init__" else parts[:-1]
+        name = ".".join(p for p in parts if p != "__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                base = [p for p in base if p != "__init__"]
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                imported.add(target)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rayseg."):
+                imported.add(node.module)
+        graph[name] = imported
+    return graph
+
+
+def test_the_layers_import_downwards_only_and_without_cycles():
+    graph = _module_imports()
+    for module, imported in graph.items():
+        if module.startswith("rayseg.models"):
+            assert not {m for m in imported if m.startswith(("rayseg.pipeline", "rayseg.jobs"))}, module
+        if module.startswith("rayseg.pipeline"):
+            assert not {m for m in imported if m.startswith("rayseg.jobs")}, module
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                raise AssertionError("import cycle: " + " → ".join([*path, module, target]))
+            if target in graph and target not in state:
+                visit(target, [*path, module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -27,8 +27,14 @@ from rayseg.pipeline.device_masks import (
     masks_to_wire,
     pack_masks_on_device,
 )
-from rayseg.pipeline.inference import ImageSegmenter, fit_for_model
+from rayseg.pipeline.inference import (
+    EncodedMasks,
+    ImageSegmenter,
+    PackedMasks,
+    fit_for_model,
+)
 from rayseg.pipeline.masks import pack_masks, unpack_masks
+from rayseg.pipeline.model_spec import ModelSpec
 from rayseg.pipeline.schema import STATUS_OK
 
 # --- bit-packing where the masks are ----------------------------------------------------------
@@ -127,7 +133,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
     options = dict(options)
     score_threshold = options.pop("score_threshold", None)
     weights = str(unet_weights) if name == "unet" else "random"
-    actor = ImageSegmenter(name, weights, score_threshold=score_threshold, torch_threads=1, model_options=options)
+    actor = ImageSegmenter(ModelSpec(name, weights, score_threshold=score_threshold, options=options), PackedMasks(), torch_threads=1)
     assert all(isinstance(s.masks, torch.Tensor) for s in actor.model.postprocess(actor.model.forward(actor.model.preprocess(images(1, 40, 56))), [(40, 56)]))
     batch = images(2, 40, 56)
     table = pa.concat_tables(actor(rows(batch)))
@@ -137,7 +143,7 @@ def test_pipeline_packs_device_masks_into_the_bytes_of_the_host_masks(name, opti
 
 
 def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_weights):
-    actor = ImageSegmenter("unet", str(unet_weights), torch_threads=1, model_max_pixels=20 * 28)
+    actor = ImageSegmenter(ModelSpec("unet", str(unet_weights)), PackedMasks(), torch_threads=1, model_max_pixels=20 * 28)
     batch = images(2, 40, 56)  # shown to the model at 20×28
     table = pa.concat_tables(actor(rows(batch)))
     shown = [fit_for_model(image, 20 * 28) for image in batch]
@@ -153,8 +159,9 @@ def test_downscaled_images_get_device_masks_scaled_back_like_host_masks(unet_wei
 @pytest.mark.parametrize("encode", [False, True])
 def test_a_downscaled_images_detector_boxes_come_back_in_its_full_size_pixels(encode):
     options = {"min_size": 48, "max_size": 64}
-    actor = ImageSegmenter("maskrcnn", "random", score_threshold=0.0, torch_threads=1, model_options=options, encode=encode)
-    small = ImageSegmenter("maskrcnn", "random", score_threshold=0.0, torch_threads=1, model_options=options)
+    spec = ModelSpec("maskrcnn", score_threshold=0.0, options=options)
+    actor = ImageSegmenter(spec, EncodedMasks() if encode else PackedMasks(), torch_threads=1)
+    small = ImageSegmenter(spec, PackedMasks(), torch_threads=1)
     actor.model_max_pixels = 20 * 28
     batch = images(1, 40, 56)  # shown to the model at 20×28: boxes ×2
     (row,) = pa.concat_tables(actor(rows(batch))).to_pylist()
@@ -177,7 +184,7 @@ def test_a_very_thin_image_is_shown_small_enough_once_padded_and_its_masks_come_
     assert shown.shape[0] == 1 and 0.9 * 2500 < shown.shape[1] <= 2500
     ordinary = images(1, 150, 250)[0]
     assert fit_for_model(ordinary, 40000) is ordinary  # padded 160 × 256 stays within twice the budget
-    actor = ImageSegmenter("unet", str(unet_weights), torch_threads=1, model_max_pixels=40000)
+    actor = ImageSegmenter(ModelSpec("unet", str(unet_weights)), PackedMasks(), torch_threads=1, model_max_pixels=40000)
     table = pa.concat_tables(actor(rows(thin)))
     (row,) = table.to_pylist()
     assert row["status"] == STATUS_OK

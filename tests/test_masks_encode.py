@@ -17,8 +17,9 @@ from rayseg.pipeline.encode import (
     output_table,
     segment_structs,
 )
-from rayseg.pipeline.inference import ImageSegmenter
+from rayseg.pipeline.inference import EncodedMasks, ImageSegmenter, PackedMasks
 from rayseg.pipeline.masks import pack_masks, unpack_masks
+from rayseg.pipeline.model_spec import ModelSpec
 from rayseg.pipeline.schema import INFERENCE_SCHEMA, OUTPUT_SCHEMA
 
 
@@ -54,7 +55,7 @@ def test_packed_masks_encode_alike_a_chunk_at_a_time(monkeypatch):
 
 @pytest.mark.parametrize("encode", [True, False])
 def test_an_actor_brings_masks_to_full_size_a_chunk_at_a_time_alike(monkeypatch, encode):
-    segmenter = ImageSegmenter("unet", "random", torch_threads=1, encode=encode)
+    segmenter = ImageSegmenter(ModelSpec("unet"), EncodedMasks() if encode else PackedMasks(), torch_threads=1)
     masks = torch.from_numpy(np.random.default_rng(5).random((20, 5, 7)) > 0.5)  # as the model saw the image
     whole = segmenter._masks_out(masks, (11, 13))
     monkeypatch.setattr(masks_module, "MASK_CHUNK_BYTES", 1)  # chunks of 8 masks

@@ -42,7 +42,7 @@ from rayseg.jobs.fixtures import make_fixtures
 from rayseg.models.segments import Segments
 from rayseg.pipeline import inference
 from rayseg.pipeline.in_flight import MAX_DEATHS_ALONE, InFlightRecord
-from rayseg.pipeline.inference import ImageSegmenter
+from rayseg.pipeline.inference import ImageSegmenter, PackedMasks
 from rayseg.pipeline.resources import plan_resources
 from rayseg.pipeline.segment import ModelSpec, segment
 from rayseg.pipeline.sink import RUN_FILE, write_run
@@ -218,7 +218,7 @@ def decoded_rows(first_pixels: list[int]) -> dict[str, np.ndarray]:
 
 
 def actor_with(model, **kwargs) -> ImageSegmenter:
-    actor = ImageSegmenter("unet", "random", torch_threads=1, **kwargs)
+    actor = ImageSegmenter(ModelSpec("unet"), PackedMasks(), torch_threads=1, **kwargs)
     actor.model = model
     actor.labels = {1: "thing"}
     return actor
@@ -277,7 +277,7 @@ def test_images_a_dead_process_held_go_through_alone_and_one_that_keeps_killing_
 def inference_actor_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
-        if "MapBatches(SegmentImages)" in " ".join(process.info["cmdline"] or []):
+        if "MapBatches(SegmentImages" in " ".join(process.info["cmdline"] or []):
             found.append(process)
     return found
 
