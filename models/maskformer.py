@@ -45,9 +45,9 @@ input first (the processor does, to 384×384, the input size of its published ch
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -393,7 +393,7 @@ class MaskFormerSegmenter(DeviceModel):
         if self.task == "instance":  # each image keeps its own queries
             for index, size in enumerate(sizes):
                 results[index] = instance_segments(
-                    raw.class_logits[index], partial(mask_logits_for, raw, index, self.upsample_first),
+                    raw.class_logits[index], functools.partial(mask_logits_for, raw, index, self.upsample_first),
                     (int(size[0]), int(size[1])), self.score_threshold, self.label_ids,
                 )  # fmt: skip
             return results
@@ -453,16 +453,23 @@ def random_config(name: str):
     )  # fmt: skip
 
 
-def _build(
+def build_universal(
     name: str,
-    weights: str,
+    weights: str = RANDOM,
     *,
-    weights_sha256: str | None,
-    device: str,
-    storage_options: dict | None,
-    score_threshold: float | None,
-    options: dict,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    **options,
 ) -> MaskFormerSegmenter:
+    """`name` (maskformer: MaskFormerForInstanceSegmentation, mask2former:
+    Mask2FormerForUniversalSegmentation) from an HF directory (path or URI) or `random`.
+
+    score_threshold: instance score kept at ≥ it, panoptic queries kept at class probability
+    > it (default 0.5, transformers' `threshold`), semantic segments kept at score ≥ it
+    (default: none dropped); options: UniversalOptions (models/options.py).
+    """
     import transformers
 
     parsed = UniversalOptions.parse(name, options)
@@ -490,39 +497,6 @@ def _build(
     )  # fmt: skip
 
 
-def build_maskformer(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> MaskFormerSegmenter:
-    """MaskFormerForInstanceSegmentation from an HF directory (path or URI) or `random`.
-
-    score_threshold: instance score kept at ≥ it, panoptic queries kept at class probability
-    > it (default 0.5, transformers' `threshold`), semantic segments kept at score ≥ it
-    (default: none dropped); options: UniversalOptions (models/options.py).
-    """
-    return _build(
-        "maskformer", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
-
-
-def build_mask2former(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> MaskFormerSegmenter:
-    """Mask2FormerForUniversalSegmentation from an HF directory (path or URI) or `random`;
-    arguments as for `build_maskformer`."""
-    return _build(
-        "mask2former", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
+# The registry's builders, one per architecture.
+build_maskformer = functools.partial(build_universal, "maskformer")
+build_mask2former = functools.partial(build_universal, "mask2former")

@@ -25,6 +25,7 @@ included, and label 0 = background, never emitted):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -256,16 +257,24 @@ def network_options(options: MaskRCNNOptions, score_threshold: float | None) -> 
     )
 
 
-def _build(
+def build_maskrcnn_family(
     architecture: str,
-    weights: str,
+    weights: str = RANDOM,
     *,
-    weights_sha256: str | None,
-    device: str,
-    storage_options: dict | None,
-    score_threshold: float | None,
-    options: dict,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    **options,
 ) -> MaskRCNNSegmenter:
+    """torchvision's `architecture` (maskrcnn: maskrcnn_resnet50_fpn, maskrcnn_v2:
+    maskrcnn_resnet50_fpn_v2) from a `.pth` state dict (path or URI) or `random`.
+
+    score_threshold: keep detections whose class probability exceeds it (default 0.05,
+    torchvision's box_score_thresh); options: MaskRCNNOptions (models/options.py); how
+    labels map to a category file's categories is the module docstring's (default COCO's
+    80, 91 labels).
+    """
     parsed = MaskRCNNOptions.parse(architecture, options)
     categories = None if parsed.category_file is None else load_category_file(parsed.category_file, storage_options)
     arguments = network_options(parsed, score_threshold)
@@ -291,39 +300,6 @@ def _build(
     )
 
 
-def build_maskrcnn(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> MaskRCNNSegmenter:
-    """torchvision's maskrcnn_resnet50_fpn from a `.pth` state dict (path or URI) or `random`.
-
-    score_threshold: keep detections whose class probability exceeds it (default 0.05,
-    torchvision's box_score_thresh); options: MaskRCNNOptions (models/options.py); how
-    labels map to a category file's categories is the module docstring's (default COCO's
-    80, 91 labels).
-    """
-    return _build(
-        "maskrcnn", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
-
-
-def build_maskrcnn_v2(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> MaskRCNNSegmenter:
-    """torchvision's maskrcnn_resnet50_fpn_v2; arguments as for `build_maskrcnn`."""
-    return _build(
-        "maskrcnn_v2", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
+# The registry's builders, one per architecture.
+build_maskrcnn = functools.partial(build_maskrcnn_family, "maskrcnn")
+build_maskrcnn_v2 = functools.partial(build_maskrcnn_family, "maskrcnn_v2")

@@ -194,27 +194,19 @@ OURS: list[ModelEntry] = [
         cpu_parallelism=THREADED,
         checkpoint_check=checkpoint_checks.hf_family("sam", labelled=False),
     ),
-    ModelEntry(
-        "maskformer",
-        "panoptic",
-        "HF MaskFormer checkpoint directory (path or URI); random",
-        f"{_MODELS}.maskformer:build_maskformer",
-        UniversalOptions,
-        checkpoint_files.hf_weights_file,
-        scores=_MASKFORMER,
-        cpu_parallelism=THREADED,
-        checkpoint_check=checkpoint_checks.hf_family("maskformer"),
-    ),
-    ModelEntry(
-        "mask2former",
-        "panoptic",
-        "HF Mask2Former checkpoint directory (path or URI); random",
-        f"{_MODELS}.maskformer:build_mask2former",
-        UniversalOptions,
-        checkpoint_files.hf_weights_file,
-        scores=_MASKFORMER,
-        cpu_parallelism=THREADED,
-        checkpoint_check=checkpoint_checks.hf_family("mask2former"),
+    *(
+        ModelEntry(
+            name,
+            "panoptic",
+            f"HF {title} checkpoint directory (path or URI); random",
+            f"{_MODELS}.maskformer:build_{name}",
+            UniversalOptions,
+            checkpoint_files.hf_weights_file,
+            scores=_MASKFORMER,
+            cpu_parallelism=THREADED,
+            checkpoint_check=checkpoint_checks.hf_family(name),
+        )
+        for name, title in (("maskformer", "MaskFormer"), ("mask2former", "Mask2Former"))
     ),
     ModelEntry(
         "oneformer",

@@ -22,6 +22,7 @@ of the maximum softmax probability over the class's pixels, computed on the devi
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -148,16 +149,23 @@ class TorchvisionSemanticSegmenter(DeviceModel):
         return class_segments(raw, len(sizes), [c.id for c in self.categories], self.score_threshold)
 
 
-def _build(
+def build_torchvision_semantic(
     architecture: str,
-    weights: str,
+    weights: str = RANDOM,
     *,
-    weights_sha256: str | None,
-    device: str,
-    storage_options: dict | None,
-    score_threshold: float | None,
-    options: dict,
+    weights_sha256: str | None = None,
+    device: str = "cpu",
+    storage_options: dict | None = None,
+    score_threshold: float | None = None,
+    **options,
 ) -> TorchvisionSemanticSegmenter:
+    """torchvision's `architecture` (fcn: fcn_resnet50, deeplabv3: deeplabv3_resnet50) from a
+    `.pth` state dict (path or URI) or `random`.
+
+    score_threshold: drop a class's segment when its score is below it (default 0);
+    options: TorchvisionSemanticOptions (models/options.py); the category file's rule is
+    the module docstring's.
+    """
     parsed = TorchvisionSemanticOptions.parse(architecture, options)
     categories = None if parsed.category_file is None else load_category_file(parsed.category_file, storage_options)
     build = ARCHITECTURES[architecture]
@@ -180,38 +188,6 @@ def _build(
     )  # fmt: skip
 
 
-def build_fcn(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> TorchvisionSemanticSegmenter:
-    """torchvision's fcn_resnet50 from a `.pth` state dict (path or URI) or `random`.
-
-    score_threshold: drop a class's segment when its score is below it (default 0);
-    options: TorchvisionSemanticOptions (models/options.py); the category file's rule is
-    the module docstring's.
-    """
-    return _build(
-        "fcn", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
-
-
-def build_deeplabv3(
-    weights: str = RANDOM,
-    *,
-    weights_sha256: str | None = None,
-    device: str = "cpu",
-    storage_options: dict | None = None,
-    score_threshold: float | None = None,
-    **options,
-) -> TorchvisionSemanticSegmenter:
-    """torchvision's deeplabv3_resnet50; arguments as for `build_fcn`."""
-    return _build(
-        "deeplabv3", weights, weights_sha256=weights_sha256, device=device, storage_options=storage_options,
-        score_threshold=score_threshold, options=options,
-    )  # fmt: skip
+# The registry's builders, one per architecture.
+build_fcn = functools.partial(build_torchvision_semantic, "fcn")
+build_deeplabv3 = functools.partial(build_torchvision_semantic, "deeplabv3")
