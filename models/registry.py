@@ -209,6 +209,22 @@ OURS: list[ModelEntry] = [
         for name, title in (("maskformer", "MaskFormer"), ("mask2former", "Mask2Former"))
     ),
     ModelEntry(
+        "eomt",
+        "panoptic",
+        "HF EoMT checkpoint directory (path or URI); random",
+        f"{_MODELS}.eomt:build_eomt",
+        UniversalOptions,
+        checkpoint_files.hf_weights_file,
+        scores=Scores(
+            "semantic: the mean normalised class score over the segment's pixels; instance: class probability × "
+            "mean mask probability inside the mask; panoptic: the query's class probability",
+            "semantic keeps score ≥ F (none dropped without F); instance keeps score ≥ F, panoptic keeps queries "
+            "with score > F (both default 0.8, transformers' threshold)",
+        ),
+        cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.hf_family("eomt"),
+    ),
+    ModelEntry(
         "oneformer",
         "panoptic",
         "HF OneFormer checkpoint directory with tokenizer and class info (path or URI)",
