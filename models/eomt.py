@@ -66,16 +66,19 @@ class EomtSegmenter(DeviceModel):
 
     def preprocess(self, images: list[np.ndarray]) -> list[EomtBatch]:
         """uint8 (H, W, 3) images → groups of images whose processed inputs share a shape."""
-        groups: dict[tuple, EomtBatch] = {}
+        groups: dict[tuple, list[tuple[int, dict]]] = {}
         for index, image in enumerate(images):
             encoded = self.processor(images=[image], return_tensors="pt")
-            pixels = encoded["pixel_values"]
-            group = groups.setdefault(tuple(pixels.shape[1:]), EomtBatch([], [], []))
-            position = len(group.indices)
-            group.indices.append(index)
-            group.pixel_values.append(pixels)
-            group.patch_offsets += [[position, start, end] for _, start, end in encoded.get("patch_offsets") or []]
-        return [EomtBatch(g.indices, torch.cat(g.pixel_values), g.patch_offsets) for g in groups.values()]
+            groups.setdefault(tuple(encoded["pixel_values"].shape[1:]), []).append((index, encoded))
+        return [
+            EomtBatch(
+                [index for index, _ in members],
+                torch.cat([encoded["pixel_values"] for _, encoded in members]),
+                # The image's patches, renumbered from the image alone to its place in the group.
+                [[position, start, end] for position, (_, encoded) in enumerate(members) for _, start, end in encoded.get("patch_offsets") or []],
+            )
+            for members in groups.values()
+        ]
 
     @torch.inference_mode()
     def forward(self, batch: list[EomtBatch]) -> list[tuple[EomtBatch, SimpleNamespace]]:

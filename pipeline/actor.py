@@ -19,6 +19,7 @@ from .model_spec import ModelSpec
 
 log = logging.getLogger("rayseg.pipeline")
 
+
 class ModelBuildError(RuntimeError):
     """The run's model cannot be built in its actors (a checkpoint of another architecture,
     a class count that disagrees with the categories, …): the run fails with this one
