@@ -28,11 +28,11 @@ import torch
 
 from .categories import Category
 from .device import DeviceModel, autocast, to_device
-from .hf_checkpoint import load_pretrained, open_checkpoint, required_processor_settings
+from .hf_checkpoint import load_with_processor
 from .maskformer import categories_from_config
 from .options import UniversalOptions
 from .segments import Segments
-from .weights import RANDOM, WeightsError, random_network
+from .weights import RANDOM, random_network
 
 # transformers' defaults for the instance and panoptic `threshold`.
 DEFAULT_SCORE_THRESHOLD = 0.8
@@ -182,14 +182,9 @@ def build_eomt(
         processor = EomtImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}, do_pad=True)
         config, digest = network.config.to_dict(), None
     else:
-        with open_checkpoint(weights, ("eomt",), weights_sha256, storage_options) as checkpoint:
-            required_processor_settings(checkpoint)  # present and readable, else a WeightsError naming it
-            try:
-                processor = EomtImageProcessor.from_pretrained(checkpoint.local, local_files_only=True)
-            except (OSError, TypeError, ValueError) as e:
-                raise WeightsError(f"{checkpoint.uri}: cannot build EomtImageProcessor from its settings: {e}") from e
-            network = load_pretrained(EomtForUniversalSegmentation, checkpoint)
-        config, digest = checkpoint.config, checkpoint.digest
+        network, processor, config, digest = load_with_processor(
+            EomtForUniversalSegmentation, EomtImageProcessor, weights, ("eomt",), weights_sha256, storage_options
+        )
     categories = categories_from_config(
         network.config.id2label, config.get("thing_ids"), parsed.category_file, storage_options, weights
     )

@@ -16,6 +16,7 @@ import posixpath
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -134,6 +135,21 @@ def load_pretrained(cls, checkpoint: HFCheckpoint, tied_keys: tuple[str, ...] = 
     if missing or mismatched:
         raise WeightsError(f"{checkpoint.uri} does not match its config: missing {missing[:5]}, mismatched {mismatched[:5]}")
     return network.float().eval()
+
+
+def load_with_processor(
+    network_cls, processor_cls, weights: str, model_types: tuple[str, ...], sha256: str | None, storage_options: dict | None
+) -> tuple[Any, Any, dict, str]:
+    """(network, image processor, config.json, weights digest) of a checkpoint directory that
+    must hold its processor's settings (`load_pretrained`, `processor_cls.from_pretrained`)."""
+    with open_checkpoint(weights, model_types, sha256, storage_options) as checkpoint:
+        required_processor_settings(checkpoint)  # present and readable, else a WeightsError naming it
+        try:
+            processor = processor_cls.from_pretrained(checkpoint.local, local_files_only=True)
+        except (OSError, TypeError, ValueError) as e:
+            raise WeightsError(f"{checkpoint.uri}: cannot build {processor_cls.__name__} from its settings: {e}") from e
+        network = load_pretrained(network_cls, checkpoint)
+    return network, processor, checkpoint.config, checkpoint.digest
 
 
 def processor_settings(checkpoint: HFCheckpoint) -> dict | None:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from .categories import Category, load_category_file
 from .device import DeviceModel, autocast, to_device
-from .hf_checkpoint import load_pretrained, open_checkpoint, required_processor_settings
+from .hf_checkpoint import load_with_processor
 from .options import UniversalOptions
 from .segments import Segments
 from .upsampling import (
@@ -480,14 +480,9 @@ def build_universal(
         processor = processor_cls(size={"shortest_edge": 256, "longest_edge": 512})
         config, digest = network.config.to_dict(), None
     else:
-        with open_checkpoint(weights, (model_type,), weights_sha256, storage_options) as checkpoint:
-            required_processor_settings(checkpoint)  # present and readable, else a WeightsError naming it
-            try:
-                processor = processor_cls.from_pretrained(checkpoint.local, local_files_only=True)
-            except (OSError, TypeError, ValueError) as e:
-                raise WeightsError(f"{checkpoint.uri}: cannot build {processor_class} from its settings: {e}") from e
-            network = load_pretrained(network_cls, checkpoint)
-        config, digest = checkpoint.config, checkpoint.digest
+        network, processor, config, digest = load_with_processor(
+            network_cls, processor_cls, weights, (model_type,), weights_sha256, storage_options
+        )
     categories = categories_from_config(
         network.config.id2label, config.get("thing_ids"), parsed.category_file, storage_options, weights
     )
