@@ -61,8 +61,13 @@ from .bits import pack_bits, unpack_bits
 from .categories import Category, load_category_file, parse_categories
 from .checkpoint_files import is_segment_anything_file
 from .device import DeviceModel, autocast, to_device
-from .hf_checkpoint import PREPROCESSOR_FILE, load_pretrained, open_checkpoint
-from .options import SamOptions
+from .hf_checkpoint import (
+    load_pretrained,
+    open_checkpoint,
+    processor_arguments,
+    processor_settings,
+)
+from .options import SamOptions, SegmentAnythingOptions
 from .sam_convert import convert_state_dict, infer_config, is_segment_anything
 from .segments import NO_ANNOTATION, Segments
 from .torchvision_checkpoint import load_state_dict
@@ -98,17 +103,22 @@ ENCODER_BATCH_CUDA = 4
 _TIED_KEYS = ("shared_embedding.positional_embedding",)
 
 
-def _load_hf_directory(
-    weights: str, sha256: str | None, storage_options: dict | None
-) -> tuple[SamModel, SamImageProcessor | None, str]:
-    with open_checkpoint(weights, ("sam",), sha256, storage_options) as checkpoint:
-        network = load_pretrained(SamModel, checkpoint, _TIED_KEYS)
+def load_hf_directory(
+    network_cls, processor_cls, model_type: str, weights: str, sha256: str | None, storage_options: dict | None,
+    tied_keys: tuple[str, ...] = (),
+) -> tuple:
+    """(network, the checkpoint's own image processor or None, weights sha256) of a SAM-family
+    HF directory: config.json's model_type must be `model_type`; the processor is read from
+    preprocessor_config.json or processor_config.json's image_processor, when there is one."""
+    with open_checkpoint(weights, (model_type,), sha256, storage_options) as checkpoint:
+        network = load_pretrained(network_cls, checkpoint, tied_keys)
+        settings = processor_settings(checkpoint)
         processor = None
-        if checkpoint.has(PREPROCESSOR_FILE):
+        if settings is not None:
             try:
-                processor = SamImageProcessor.from_pretrained(checkpoint.local, local_files_only=True)
-            except (OSError, ValueError, TypeError) as e:
-                raise WeightsError(f"{checkpoint.uri}: cannot read {PREPROCESSOR_FILE}: {e}") from e
+                processor = processor_cls(**processor_arguments(settings))
+            except (ValueError, TypeError) as e:
+                raise WeightsError(f"{checkpoint.uri}: cannot build {processor_cls.__name__} from its settings: {e}") from e
     return network, processor, checkpoint.digest
 
 
@@ -153,7 +163,7 @@ def load_sam(
         return network.eval(), None, digest
     if model_type is not None or vit_num_heads is not None:
         raise WeightsError("model_type and vit_num_heads apply to segment-anything .pth checkpoints, not to HF directories")
-    return _load_hf_directory(weights, sha256, storage_options)
+    return load_hf_directory(SamModel, SamImageProcessor, "sam", weights, sha256, storage_options, _TIED_KEYS)
 
 
 def image_processor_for(network: SamModel, processor: SamImageProcessor | None, target_size: int | None) -> SamImageProcessor:
@@ -266,31 +276,92 @@ def check_prompts(prompts: Prompts) -> tuple[np.ndarray, list[int], list[int]]:
     return boxes, [int(c) for c in categories], [int(a) if a >= 0 else NO_ANNOTATION for a in annotations]
 
 
+def crop_layers(crops_n_layers: int) -> list[int]:
+    """The crop layer of each crop generate_crop_boxes makes: the image (0), then 4**l crops per layer l."""
+    return [layer for layer in range(crops_n_layers + 1) for _ in range(4**layer)]
+
+
 class SamSegmenter(DeviceModel):
-    """SAM behind the model protocol; see the module docstring for the two modes."""
+    """SAM behind the model protocol; see the module docstring for the two modes.
+
+    What SAM 2 (models/sam2.py) does differently is in the methods marked "hook": its
+    preprocessing, point and box coordinates, image embeddings and mask upscaling."""
 
     name = "sam"
     task = "promptable"
+    options_class: type[SegmentAnythingOptions] = SamOptions
 
     def __init__(
         self,
         network: SamModel,
         processor: SamImageProcessor,
-        options: SamOptions | None = None,
+        options: SegmentAnythingOptions | None = None,
         *,
         categories: list[Category] | None = None,
         **placement,
     ):
         """categories: what prompted mode labels its masks with (None: automatic mode only)."""
-        super().__init__(network, options or SamOptions(), **placement)
+        super().__init__(network, options or self.options_class(), **placement)
         # On the CPU one image per call: nothing to gain from stacking, and an image's masks
         # then never depend on its batch neighbours (bit for bit).
         default_batch = ENCODER_BATCH_CUDA if self.device.type == "cuda" else 1
         self.encoder_batch_size = self.options.encoder_batch_size or default_batch
         self.processor = processor
-        self.target_size = int(processor.size["longest_edge"])
+        self.target_size = self._target_size()
         self.prompt_categories = categories is not None
         self.categories = list(categories) if categories is not None else [OBJECT]
+
+    # -- hooks: SAM's own ways (SAM 2 overrides them) --
+
+    def _target_size(self) -> int:
+        """The longest side images are resized to (the point grid's frame)."""
+        return int(self.processor.size["longest_edge"])
+
+    def _crop_points(self, image: torch.Tensor, points: torch.Tensor, cropped: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Float (N, 2) point prompts per crop, in the resized crop's pixels, given the points
+        (1, N, crops, 2) and crops generate_crop_boxes made for `image`."""
+        per_crop = [points[0, :, c] for c in range(points.shape[2])]
+        layers = self.options.crops_n_layers
+        if layers and self.options.crop_n_points_downscale_factor != 1:
+            # generate_crop_boxes stacks one grid per crop, which fails when layers' grids
+            # differ: take layer l's crops from a call with that layer's points per side.
+            of_crop = crop_layers(layers)
+            for layer in range(1, layers + 1):
+                _, layer_points, _, _ = self.processor.generate_crop_boxes(
+                    image, self.target_size, layers, self.options.crop_overlap_ratio, self._points_per_side(layer), 1
+                )
+                per_crop = [layer_points[0, :, c] if of_crop[c] == layer else p for c, p in enumerate(per_crop)]
+        return per_crop
+
+    def _points_per_side(self, layer: int) -> int:
+        """The point grid's side in crop layer `layer` (segment-anything's build_all_layer_point_grids)."""
+        return int(self.options.points_per_side / self.options.crop_n_points_downscale_factor**layer)
+
+    def _pixel_values(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """uint8 (3, H, W) images → (pixel_values float (N, 3, S, S), each one's size once resized)."""
+        inputs = self.processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
+        return inputs["pixel_values"].float(), [tuple(size) for size in inputs["reshaped_input_sizes"].tolist()]
+
+    def _scale_boxes(self, boxes: torch.Tensor, size: tuple[int, int], reshaped: tuple[int, int]) -> torch.Tensor:
+        """Float64 (K, 4) boxes in the image's pixels → in the resized image's."""
+        (old_h, old_w), (new_h, new_w) = size, reshaped
+        # SamProcessor._normalize_coordinates: original pixels → resized pixels, in float64.
+        return boxes * torch.tensor([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h], dtype=torch.float64)
+
+    def _image_embeddings(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's output for a stack of images: its feature levels, each (N, C, h, w)."""
+        return [self.network.get_image_embeddings(pixel_values)]
+
+    def _decoder_embeddings(self, levels: list[torch.Tensor], index: int):
+        """The network's `image_embeddings` argument for image (crop) `index` of the batch."""
+        return levels[0][index : index + 1]
+
+    def _upscale(self, pred_masks: torch.Tensor, size: tuple[int, int], reshaped: tuple[int, int], binarize: bool) -> torch.Tensor:
+        """The decoder's low-resolution masks (1, P, M, h, w) at the image's (crop's) `size`: (P, M, H, W)."""
+        (upscaled,) = self.processor.post_process_masks(
+            pred_masks, [size], [reshaped], mask_threshold=self.options.mask_threshold, binarize=binarize
+        )
+        return upscaled
 
     # -- preprocess (CPU) --
 
@@ -310,23 +381,10 @@ class SamSegmenter(DeviceModel):
     def _crops(self, image: torch.Tensor) -> tuple[list[_Crop], list[torch.Tensor]]:
         """The crops of one (3, H, W) image, their point grids and pixels, from transformers'
         SamImageProcessor.generate_crop_boxes (segment-anything's crop and grid rules)."""
-        processor, layers = self.processor, self.options.crops_n_layers
-        crop_boxes, points, cropped, _ = processor.generate_crop_boxes(
-            image, self.target_size, layers, self.options.crop_overlap_ratio, self.options.points_per_side, 1
+        crop_boxes, points, cropped, _ = self.processor.generate_crop_boxes(
+            image, self.target_size, self.options.crops_n_layers, self.options.crop_overlap_ratio, self.options.points_per_side, 1
         )
-        per_crop = [points[0, :, c] for c in range(len(crop_boxes))]
-        if layers and self.options.crop_n_points_downscale_factor != 1:
-            # generate_crop_boxes stacks one grid per crop, which fails when layers' grids
-            # differ: take layer l's crops from a call with that layer's points per side.
-            first = 1
-            for layer in range(1, layers + 1):
-                side = int(self.options.points_per_side / self.options.crop_n_points_downscale_factor**layer)
-                _, layer_points, _, _ = processor.generate_crop_boxes(
-                    image, self.target_size, layers, self.options.crop_overlap_ratio, side, 1
-                )
-                count = 4**layer
-                per_crop[first : first + count] = [layer_points[0, :, c] for c in range(first, first + count)]
-                first += count
+        per_crop = self._crop_points(image, points, cropped)
         crops = [
             _Crop(
                 box=[int(v) for v in box.tolist()],
@@ -347,12 +405,11 @@ class SamSegmenter(DeviceModel):
             pixels.extend(cropped)
         if not pixels:
             return SamBatch(None, [], prompted=False)
-        inputs = self.processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
-        reshaped = inputs["reshaped_input_sizes"].tolist()
+        pixel_values, reshaped = self._pixel_values(pixels)
         for item in items:
             for offset, crop in enumerate(item.crops):
-                crop.reshaped = tuple(reshaped[item.first + offset])
-        return SamBatch(inputs["pixel_values"].float(), items, prompted=False)
+                crop.reshaped = reshaped[item.first + offset]
+        return SamBatch(pixel_values, items, prompted=False)
 
     def _preprocess_prompted(self, images: list[np.ndarray], prompts: list[Prompts | None]) -> SamBatch:
         items: list[_PromptedImage] = []
@@ -367,38 +424,33 @@ class SamSegmenter(DeviceModel):
             to_encode.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
         if not to_encode:
             return SamBatch(None, items, prompted=True)
-        inputs = self.processor(images=to_encode, input_data_format="channels_first", return_tensors="pt")
-        reshaped = inputs["reshaped_input_sizes"].tolist()
+        pixel_values, reshaped = self._pixel_values(to_encode)
         for item in items:
-            if item.index is None:
-                continue
-            item.reshaped = (new_h, new_w) = tuple(reshaped[item.index])
-            old_h, old_w = item.size
-            # SamProcessor._normalize_coordinates: original pixels → resized pixels, in float64.
-            item.boxes = item.boxes * torch.tensor([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h], dtype=torch.float64)
-        return SamBatch(inputs["pixel_values"].float(), items, prompted=True)
+            if item.index is not None:
+                item.reshaped = reshaped[item.index]
+                item.boxes = self._scale_boxes(item.boxes, item.size, item.reshaped)
+        return SamBatch(pixel_values, items, prompted=True)
 
     # -- forward (device) --
 
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image embeddings (N, C, h, w), float, on the device: the encoder once per image/crop."""
-        embeddings = []
+    def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Image embeddings, per feature level (N, C, h, w), float, on the device: the encoder
+        once per image/crop, in stacks of encoder_batch_size."""
+        chunks = []
         for start in range(0, len(pixel_values), self.encoder_batch_size):
             chunk = to_device(pixel_values[start : start + self.encoder_batch_size], self.device)
             with autocast(self.device, self.amp_dtype):
-                embeddings.append(self.network.get_image_embeddings(chunk).float())
-        return torch.cat(embeddings)
+                chunks.append([level.float() for level in self._image_embeddings(chunk)])
+        return [torch.cat(level) for level in zip(*chunks)]
 
     @torch.inference_mode()
     def forward(self, batch: SamBatch) -> list[_Masks]:
         embeddings = self._encode(batch.pixel_values) if batch.pixel_values is not None else None
         if batch.prompted:
             return [self._decode_boxes(embeddings, item) for item in batch.images]
-        return [
-            self._generate(embeddings[item.first : item.first + len(item.crops)], item) for item in batch.images
-        ]
+        return [self._generate(embeddings, item) for item in batch.images]
 
-    def _decode_boxes(self, embeddings: torch.Tensor | None, item: _PromptedImage) -> _Masks:
+    def _decode_boxes(self, embeddings: list[torch.Tensor] | None, item: _PromptedImage) -> _Masks:
         height, width = item.size
         if item.index is None:
             empty = torch.zeros((0, height, width), dtype=torch.bool, device=self.device)
@@ -407,14 +459,11 @@ class SamSegmenter(DeviceModel):
         masks, scores = [], []
         for start in range(0, len(boxes), self.options.points_per_batch):
             output = self.network(
-                image_embeddings=embeddings[item.index : item.index + 1],
+                image_embeddings=self._decoder_embeddings(embeddings, item.index),
                 input_boxes=boxes[None, start : start + self.options.points_per_batch],
                 multimask_output=False,
             )
-            (upscaled,) = self.processor.post_process_masks(
-                output.pred_masks, [item.size], [item.reshaped], mask_threshold=self.options.mask_threshold, binarize=True
-            )
-            masks.append(upscaled[:, 0])
+            masks.append(self._upscale(output.pred_masks, item.size, item.reshaped, binarize=True)[:, 0])
             scores.append(output.iou_scores[0, :, 0])
         return _Masks(torch.cat(masks), torch.cat(scores).float(), item.category_ids, item.annotation_ids)
 
@@ -438,7 +487,7 @@ class SamSegmenter(DeviceModel):
         boxes = boxes + torch.tensor([left, top, left, top], device=boxes.device)
         return masks, iou_scores, boxes
 
-    def _generate(self, embeddings: torch.Tensor, item: _AutomaticImage) -> _Masks:
+    def _generate(self, embeddings: list[torch.Tensor], item: _AutomaticImage) -> _Masks:
         height, width = item.size
         packed, boxes, scores, crop_of = [], [], [], []
         for c, crop in enumerate(item.crops):
@@ -447,14 +496,12 @@ class SamSegmenter(DeviceModel):
             for start in range(0, len(points), self.options.points_per_batch):
                 chunk = points[start : start + self.options.points_per_batch]
                 output = self.network(
-                    image_embeddings=embeddings[c : c + 1],
+                    image_embeddings=self._decoder_embeddings(embeddings, item.first + c),
                     input_points=chunk[None, :, None, :],
                     input_labels=torch.ones((1, len(chunk), 1), dtype=torch.int64, device=self.device),
                     multimask_output=True,
                 )
-                (upscaled,) = self.processor.post_process_masks(
-                    output.pred_masks, [crop.size], [crop.reshaped], mask_threshold=self.options.mask_threshold, binarize=False
-                )
+                upscaled = self._upscale(output.pred_masks, crop.size, crop.reshaped, binarize=False)
                 kept_masks, kept_scores, kept_boxes = self._filter(upscaled, output.iou_scores[0], item.size, crop.box)
                 crop_masks.append(pack_bits(kept_masks.flatten(1)))  # held until the NMS: 1 bit a pixel
                 crop_scores.append(kept_scores)
@@ -520,7 +567,8 @@ class SamSegmenter(DeviceModel):
         return cleaned[keep], scores[keep]
 
 
-def _categories(options: SamOptions, storage_options: dict | None) -> list[Category] | None:
+def prompt_categories(options: SegmentAnythingOptions, storage_options: dict | None) -> list[Category] | None:
+    """What prompted mode labels masks with: `category_file`'s or `categories`, else None."""
     if options.category_file is not None:
         return load_category_file(options.category_file, storage_options)
     if options.categories is not None:
@@ -551,6 +599,6 @@ def build_sam(
     )  # fmt: skip
     return SamSegmenter(
         network, image_processor_for(network, processor, parsed.target_size), parsed,
-        categories=_categories(parsed, storage_options), device=device, score_threshold=score_threshold,
+        categories=prompt_categories(parsed, storage_options), device=device, score_threshold=score_threshold,
         weights=weights, weights_sha256=digest,
     )  # fmt: skip
