@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
+import fsspec
 import typer
 from ray.job_submission import JobStatus
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ..models.registry import REGISTRY
+from ..models.text_prompts import read_text_file, split_text
 from ..models.weights import WeightsError
 from ..pipeline.actor import model_build_error
 from ..pipeline.resources import ResourceError
@@ -121,6 +123,8 @@ def segment(
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
     task: Annotated[Optional[str], typer.Option(help="semantic | instance | panoptic, for models that do several.")] = None,
+    text: Annotated[Optional[str], typer.Option(help="Phrases to find, comma-separated, each a category (sam3, grounded-sam).")] = None,
+    text_file: Annotated[Optional[str], typer.Option(help="Phrases to find, one per line (path or URI).")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Box prompts for SAM: a COCO json (keyed like --image-root's images) or a committed run's OUTPUT.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
@@ -137,7 +141,13 @@ def segment(
     """
     try:
         options = parse_storage_options(model_option, flag="--model-option")
-        for flag, key, value in (("--category-file", "category_file", category_file), ("--task", "task", task)):
+        # Typed on the command line, storage options are the user's own to pass inline
+        # (a spec file may only reference secrets); they are used, never stored.
+        storage_options = parse_storage_options(storage_option)
+        phrases = read_phrases(text, text_file, storage_options)
+        for flag, key, value in (
+            ("--category-file", "category_file", category_file), ("--task", "task", task), ("--text", "text", phrases)
+        ):
             if value is not None and options.setdefault(key, value) != value:
                 raise ValueError(f"{flag} {value} and --model-option {key}={options[key]} disagree: give one")
         spec = parse_spec(
@@ -166,14 +176,24 @@ def segment(
             },
             source="arguments",
         )
-        # Typed on the command line, storage options are the user's own to pass inline
-        # (a spec file may only reference secrets); they are used, never stored.
-        storage_options = parse_storage_options(storage_option)
     except SpecError as e:
         raise fail("\n".join(e.errors)) from None
     except ValueError as e:
         raise fail(str(e)) from None
     print_summary(execute(spec, address, storage_options))
+
+
+def read_phrases(text: str | None, text_file: str | None, storage_options: dict) -> list[str] | None:
+    """The phrases of `--text` (comma-separated) or `--text-file` (one per line, path or URI)."""
+    if text is not None and text_file is not None:
+        raise ValueError("give --text or --text-file, not both")
+    if text_file is None:
+        return None if text is None else split_text(text)
+    try:
+        with fsspec.open(text_file, "rt", **storage_options) as f:
+            return read_text_file(f.read(), text_file)
+    except FileNotFoundError:
+        raise ValueError(f"text file not found: {text_file}") from None
 
 
 @app.command()

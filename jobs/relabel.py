@@ -36,7 +36,7 @@ import ray
 from .. import __version__
 from ..pipeline.export import export_coco_dataset
 from ..pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
-from ..pipeline.segment import pin_weights, segment
+from ..pipeline.segment import declared_categories, pin_weights, segment
 from ..pipeline.sink import (
     RUN_FILE,
     committed_files,
@@ -454,6 +454,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         "retried": len(retried),
         "relabelled": len(relabelled),
         "ray_init_seconds": round(ray_seconds, 3),
+        **declared_categories(model, storage_options),
     }
     version_uri = full_uri(fs, version_path)
     predictions = _predictions(version_uri)

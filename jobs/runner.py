@@ -15,7 +15,13 @@ from ..models.weights import RANDOM
 from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.repeated_ids import RepeatedIds
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
-from ..pipeline.segment import ModelSpec, pin_weights, segment, without_done
+from ..pipeline.segment import (
+    ModelSpec,
+    declared_categories,
+    pin_weights,
+    segment,
+    without_done,
+)
 from ..pipeline.sink import (
     STAGING_DIR,
     OutputError,
@@ -152,7 +158,8 @@ def run_segment_spec(
         check_attempt(spec.output, spec.run_id, attempt, storage_options)
     # Read and checked before any cluster work: a malformed source is a PromptError (exit 2).
     prompts, prompt_categories = load_prompts(spec.prompts, storage_options) if spec.prompts else (None, [])
-    if prompt_categories and not {"categories", "category_file"} & set(model.options):
+    takes_categories = "categories" in get_entry(model.name).options.model_fields
+    if prompt_categories and takes_categories and not {"categories", "category_file"} & set(model.options):
         # Re-labelled masks keep their box's category: name them as the prompt source does.
         model = dataclasses.replace(model, options={**model.options, "categories": [c.to_dict() for c in prompt_categories]})
     # Listed, or its columns checked, before any cluster work: a bad INPUT is a SourceError (exit 2).
@@ -195,6 +202,7 @@ def run_segment_spec(
             "task_cpus": resources.task_cpus,
         },
         "ray_init_seconds": round(ray_seconds, 3),
+        **declared_categories(model, storage_options),
     }
     if prompt_report is not None:
         # The report names the table it was given; the run names the source the table was read from.

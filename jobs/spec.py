@@ -11,6 +11,7 @@
       weights_sha256: null
       score_threshold: null
       options: {}                       # the model's own options (`rayseg models`)
+      text: "car, person"               # text-prompted models (sam3, grounded-sam): options.text
     resources: {actors: "1:4", gpus_per_actor: 1, cpus_per_actor: 1, batch_size: 16}
     storage:
       options: {endpoint_url: "https://minio.internal:9000"}   # never secrets
@@ -38,6 +39,7 @@ from pydantic import (
 )
 
 from ..models.registry import REGISTRY, check_options, check_score_threshold, get_entry
+from ..models.text_prompts import split_text
 from ..models.weights import RANDOM
 from ..pipeline.resources import parse_actors
 from .cron import parse_cron
@@ -82,6 +84,20 @@ class ModelSection(Strict):
                 )
             data = {**data, "weights": default}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def text_is_an_option(cls, data: Any) -> Any:
+        """`text:` (a list of phrases, or one string "car, person") is the model's `text` option."""
+        if not isinstance(data, dict) or data.get("text") is None:
+            return data
+        data = dict(data)
+        text = data.pop("text")
+        phrases = split_text(text) if isinstance(text, str) else text
+        options = dict(data.get("options") or {})
+        if options.setdefault("text", phrases) != phrases:
+            raise ValueError(f"text {phrases} and options.text {options['text']} disagree: give one")
+        return {**data, "options": options}
 
     @field_validator("name")
     @classmethod

@@ -15,17 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .categories import Category
+from .text_prompts import TOKENIZER_FILE, joined_prompt, too_long
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     """config: the checkpoint's config.json (None: it has none); shapes: tensor name →
     shape from a safetensors header (None: not a safetensors file); categories: those the
-    run names (a category file), None when it names none."""
+    run names (a category file), None when it names none; text: a text-prompted run's
+    phrases and tokenizer: its tokenizer.json (None: the checkpoint has none)."""
 
     config: dict | None
     shapes: dict[str, tuple[int, ...]] | None
     categories: list[Category] | None
+    text: list[str] | None = None
+    tokenizer: str | None = None
 
 
 CheckpointCheck = Callable[[CheckpointInfo], "str | None"]
@@ -86,3 +90,22 @@ def unet(info: CheckpointInfo) -> str | None:
         if channels != count:
             return f"its config lists {count} categories, its head predicts {channels} classes"
     return None
+
+
+def text_prompted(*model_types: str, max_tokens: Callable[[dict | None], int], joined: bool) -> CheckpointCheck:
+    """A text-prompted transformers family's check: `hf_family(model_types)`, and the run's
+    phrases fit the text encoder — each phrase (`joined`: the prompt of all phrases, as the
+    model reads them) at most `max_tokens(config)` tokens of the checkpoint's tokenizer."""
+    family = hf_family(*model_types, labelled=False)
+
+    def check(info: CheckpointInfo) -> str | None:
+        if problem := family(info):
+            return problem
+        if info.text is None:
+            return None
+        if info.tokenizer is None:
+            return f"it has no {TOKENIZER_FILE} to read the text prompts with (save the processor's fast tokenizer)"
+        prompts = [joined_prompt(info.text)] if joined else info.text
+        return too_long(info.tokenizer, prompts, max_tokens(info.config))
+
+    return check

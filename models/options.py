@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .amp import AMP_AUTO, AmpDtype
 from .categories import parse_categories
 from .checkpoint_files import is_segment_anything_file
+from .text_prompts import check_phrases
 from .weights import RANDOM
 
 UniversalTask = Literal["semantic", "instance", "panoptic"]
@@ -133,8 +134,9 @@ class MaskRCNNOptions(ModelOptions):
         return self
 
 
-class SamOptions(ModelOptions):
-    """segment-anything's and transformers' names and defaults."""
+class SegmentAnythingOptions(ModelOptions):
+    """SAM and SAM 2 (`sam`, `sam2`): automatic mask generation and box prompts, with
+    segment-anything's and transformers' names and defaults."""
 
     points_per_side: int = Field(32, ge=1, description="automatic: the point grid's side, per crop")
     points_per_batch: int = Field(64, ge=1, description="point prompts (prompted: boxes) per mask-decoder call")
@@ -150,15 +152,6 @@ class SamOptions(ModelOptions):
     mask_threshold: float = Field(
         0.0, description="the mask LOGIT cut (segment-anything's mask_threshold; 0.0 is probability 0.5)"
     )
-    model_type: Optional[Literal["vit_b", "vit_l", "vit_h"]] = Field(
-        None, description="segment-anything .pth only: the image encoder (default: read from the shapes)"
-    )
-    vit_num_heads: Optional[int] = Field(
-        None, ge=1, description="segment-anything .pth only, without relative positions: the encoder's heads"
-    )
-    target_size: Optional[int] = Field(
-        None, ge=1, description="longest side images are resized to (default: the model's image size)"
-    )
     encoder_batch_size: Optional[int] = Field(
         None, ge=1, description="images (crops) per image-encoder call (default 4 on CUDA, 1 on the CPU)"
     )
@@ -168,7 +161,7 @@ class SamOptions(ModelOptions):
     category_file: Optional[str] = _category_file()
 
     @model_validator(mode="after")
-    def consistent(self) -> SamOptions:
+    def consistent(self) -> SegmentAnythingOptions:
         if self.categories is not None and self.category_file is not None:
             raise ValueError("give categories or category_file, not both")
         if self.categories is not None:
@@ -177,9 +170,36 @@ class SamOptions(ModelOptions):
             raise ValueError("crop_n_points_downscale_factor leaves no points in the last crop layer")
         return self
 
+
+class SamOptions(SegmentAnythingOptions):
+    """SAM: the shared options, and those of segment-anything `.pth` files and SAM's padding."""
+
+    model_type: Optional[Literal["vit_b", "vit_l", "vit_h"]] = Field(
+        None, description="segment-anything .pth only: the image encoder (default: read from the shapes)"
+    )
+    vit_num_heads: Optional[int] = Field(
+        None, ge=1, description="segment-anything .pth only, without relative positions: the encoder's heads"
+    )
+    target_size: Optional[int] = Field(
+        None, ge=1, description="longest side images are resized to (default: the model's image size)"
+    )
+
     def problem_with_weights(self, weights: str) -> str | None:
         if weights != RANDOM and not is_segment_anything_file(weights) and (self.model_type or self.vit_num_heads):
             return "model_type and vit_num_heads apply to segment-anything .pth checkpoints, not to HF directories"
+        return None
+
+
+class Sam2Options(SegmentAnythingOptions):
+    """SAM 2: the shared options. Images are resized to the model's square input (no
+    target_size), and only transformers checkpoint directories load (no .pt)."""
+
+    def problem_with_weights(self, weights: str) -> str | None:
+        if is_segment_anything_file(weights):
+            return (
+                "SAM 2's own .pt checkpoints are not read: convert one to a transformers directory "
+                "(transformers' convert_sam2_to_hf.py) or give a transformers SAM 2 directory"
+            )
         return None
 
 
@@ -193,4 +213,38 @@ class UniversalOptions(ModelOptions):
     mask_threshold: float = _probability(0.5, "panoptic: a query's pixels are those with mask probability ≥ it")
     overlap_mask_area_threshold: float = _probability(
         0.8, "panoptic: a query is kept when it wins more than this fraction of its own area"
+    )
+
+
+class TextPromptOptions(ModelOptions):
+    """A text-prompted family's phrases (models/text_prompts.py): each phrase a category."""
+
+    text: Optional[list[str]] = Field(
+        None, description="the phrases to find, each a category (--text 'car, person', --text-file); "
+        "default: the category file's names"
+    )
+    category_file: Optional[str] = Field(
+        None, description="a COCO json or JSON list whose categories the phrases name (their ids), path or URI"
+    )
+
+    @model_validator(mode="after")
+    def phrases_given(self) -> TextPromptOptions:
+        if self.text is None and self.category_file is None:
+            raise ValueError(
+                "give the phrases to find: --text 'car, person' (text: in a spec), --text-file, or a --category-file"
+            )
+        if self.text is not None:
+            check_phrases(self.text)
+        return self
+
+
+class Sam3Options(TextPromptOptions):
+    """SAM 3's promptable concept segmentation: transformers' names and defaults."""
+
+    mask_threshold: float = _probability(0.5, "a pixel is in the instance when its mask probability exceeds it")
+    encoder_batch_size: Optional[int] = Field(
+        None, ge=1, description="images per vision-encoder call (default 4 on CUDA, 1 on the CPU)"
+    )
+    prompt_batch_size: int = Field(
+        16, ge=1, description="(image, phrase) pairs per detector and mask-decoder call"
     )

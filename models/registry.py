@@ -24,11 +24,14 @@ from .checkpoint_checks import CheckpointCheck
 from .options import (
     MaskRCNNOptions,
     ModelOptions,
+    Sam2Options,
+    Sam3Options,
     SamOptions,
     TorchvisionSemanticOptions,
     UNetOptions,
     UniversalOptions,
 )
+from .text_prompts import SAM3_TEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,21 @@ OURS: list[ModelEntry] = [
         cpu_parallelism=THREADED,
         checkpoint_check=checkpoint_checks.hf_family("sam", labelled=False),
     ),
+    ModelEntry(
+        "sam2",
+        "promptable",
+        "HF SAM 2 directory (path or URI; SAM 2's own .pt: convert it first); random",
+        f"{_MODELS}.sam2:build_sam2",
+        Sam2Options,
+        checkpoint_files.hf_weights_file,
+        scores=Scores(
+            "the mask's predicted IoU, SAM 2's IoU head: a sigmoid, 0-1",
+            "keeps masks with score ≥ F; none dropped without F (automatic masks are first cut by "
+            "pred_iou_thresh, score > 0.88 by default)",
+        ),
+        cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.hf_family("sam2", labelled=False),
+    ),
     *(
         ModelEntry(
             name,
@@ -207,6 +225,20 @@ OURS: list[ModelEntry] = [
             checkpoint_check=checkpoint_checks.hf_family(name),
         )
         for name, title in (("maskformer", "MaskFormer"), ("mask2former", "Mask2Former"))
+    ),
+    ModelEntry(
+        "sam3",
+        "promptable",
+        "HF SAM 3 directory with its processor and tokenizer.json (path or URI); random",
+        f"{_MODELS}.sam3:build_sam3",
+        Sam3Options,
+        checkpoint_files.hf_weights_file,
+        scores=Scores(
+            "the query's score: sigmoid(class logit) × sigmoid(presence logit), transformers' score",
+            "keeps instances with score > F (default 0.3, transformers' threshold)",
+        ),
+        cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.text_prompted("sam3", max_tokens=lambda config: SAM3_TEXT_TOKENS, joined=False),
     ),
     ModelEntry(
         "eomt",

@@ -9,7 +9,9 @@
   evaluation too, as `rayseg evaluate` does by default (`--segm-area box`); its
   `--segm-area mask` equals loadRes of the export without the bbox key.
 - `export_coco_dataset`: a COCO *dataset* of the predictions — images (id, file_name,
-  width, height, plus the row's uri), categories from the segments' labels, annotations
+  width, height, plus the row's uri), categories from the segments' labels (and, for a run
+  that names its categories in `_run.json` — a text-prompted run: one per phrase — every
+  one of those, found or not), annotations
   with RLE segmentation, area, bbox, iscrowd and score — for re-labelling tools.
 
 Both stream: rows are read one Parquet row group at a time and written as they come, so
@@ -280,7 +282,8 @@ def export_coco_dataset(
         # Pass 2: the annotations, in the same row order.
         f.write('],"annotations":[')
         first = True
-        categories: dict[int, str] = {}
+        # A run that names its categories (a text-prompted run: its phrases) lists them all.
+        categories: dict[int, str] = {int(c["id"]): c["name"] for c in run.get("categories") or []}
         done: set = set()
         for prediction in iter_rows(predictions, storage_options):
             image_id = exported.get(prediction.image_id)

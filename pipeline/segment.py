@@ -18,11 +18,12 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from ..models.categories import load_category_file
+from ..models.categories import Category, load_category_file
 from ..models.checkpoint_checks import CheckpointInfo, safetensors_shapes
 from ..models.checkpoint_files import CONFIG_FILE
 from ..models.checkpoint_integrity import checkpoint_problem
 from ..models.registry import check_options, check_score_threshold, get_entry
+from ..models.text_prompts import TOKENIZER_FILE, byte_tokenizer, text_categories
 from ..models.weights import RANDOM, WeightsError, check_sha256, stream_sha256
 from .actor import SegmentImages, SegmentImagesAndEncode
 from .decode import (
@@ -53,12 +54,16 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
     entry = get_entry(spec.name)
     check_options(spec.name, spec.options, spec.weights)
     check_score_threshold(spec.name, spec.score_threshold)
-    categories = None
-    if spec.options.get("category_file") is not None:
-        categories = load_category_file(spec.options["category_file"], storage_options)  # ValueError naming the file
+    categories = _file_categories(spec, storage_options)
+    phrases = _phrase_categories(spec, categories)
+    text = None if phrases is None else [category.name for category in phrases]
     if spec.weights == RANDOM:
         if not entry.random_weights:
             raise WeightsError(f"{spec.name} has no random weights (its weights: {entry.weights})")
+        if entry.checkpoint_check is not None and text is not None:
+            tokenizer = byte_tokenizer().to_str()  # the random models' own
+            if problem := entry.checkpoint_check(CheckpointInfo(None, None, categories, text, tokenizer)):
+                raise WeightsError(f"model {spec.name!r} cannot run weights {spec.weights}: {problem}")
         return spec
     uri = entry.weights_file(spec.weights, storage_options)
     fs, path = filesystem(uri, storage_options)
@@ -75,9 +80,44 @@ def pin_weights(spec: ModelSpec, storage_options: dict | None = None) -> ModelSp
         config = _read_config(fs, posixpath.join(posixpath.dirname(path), CONFIG_FILE), posixpath.basename(path))
     if entry.checkpoint_check is not None:
         shapes = safetensors_shapes(head) if path.endswith(".safetensors") else None
-        if problem := entry.checkpoint_check(CheckpointInfo(config, shapes, categories)):
+        tokenizer = None
+        if text is not None:
+            tokenizer = _read_text(fs, posixpath.join(posixpath.dirname(path), TOKENIZER_FILE))
+        if problem := entry.checkpoint_check(CheckpointInfo(config, shapes, categories, text, tokenizer)):
             raise WeightsError(f"model {spec.name!r} cannot run weights {spec.weights}: {problem}")
     return replace(spec, weights_sha256=check_sha256(actual, spec.weights_sha256, uri))
+
+
+def _file_categories(spec: ModelSpec, storage_options: dict | None) -> list[Category] | None:
+    """The categories of the run's category file, None without one (ValueError naming it)."""
+    if spec.options.get("category_file") is None:
+        return None
+    return load_category_file(spec.options["category_file"], storage_options)
+
+
+def _phrase_categories(spec: ModelSpec, file_categories: list[Category] | None) -> list[Category] | None:
+    """A text-prompted run's categories, one per phrase (ValueError: a phrase the category
+    file lacks); None for a family that takes no text."""
+    if "text" not in get_entry(spec.name).options.model_fields:
+        return None
+    return text_categories(spec.options.get("text"), file_categories)
+
+
+def declared_categories(spec: ModelSpec, storage_options: dict | None = None) -> dict:
+    """For a run's `_run.json`: a text-prompted run's categories, one per phrase, known on
+    the driver ({"categories": [...]}, which `export dataset` lists whether found or not);
+    {} for other families, whose categories their checkpoints hold."""
+    phrases = _phrase_categories(spec, _file_categories(spec, storage_options))
+    return {} if phrases is None else {"categories": [category.to_dict() for category in phrases]}
+
+
+def _read_text(fs, path: str) -> str | None:
+    """A checkpoint file's text; None when it has no such file."""
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
 
 
 def _read_config(fs, path: str, beside: str) -> dict:

@@ -25,10 +25,12 @@ def test_checking_every_model_s_options_and_pinning_weights_imports_no_model_cod
         "from rayseg.models.registry import REGISTRY, check_options\n"
         "from rayseg.pipeline.segment import ModelSpec, pin_weights\n"
         "for name, entry in REGISTRY.items():\n"
-        "    check_options(name, {'amp_dtype': 'bf16'})\n"
+        "    phrases = {'text': ['car']} if 'text' in entry.options.model_fields else {}\n"
+        "    check_options(name, {'amp_dtype': 'bf16', **phrases})\n"
         "    entry.weights_file('checkpoints/' + name)\n"
         "pinned = pin_weights(ModelSpec('unet', REGISTRY['unet'].default_weights))\n"
         "assert len(pinned.weights_sha256) == 64\n"
+        "pin_weights(ModelSpec('sam3', 'random', options={'text': ['car']}))  # phrases counted in tokens\n"
     )
     assert driver_modules_after(code) == "[]"
 

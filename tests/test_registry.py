@@ -57,13 +57,15 @@ def edge_option_sets(options: type[ModelOptions]) -> list[dict]:
     """Option sets at the edges of what `options` defines: every option at its first edge,
     every option at its last, and each other edge value of each option alone. Options that
     name files (category files) are left at their defaults: their values are checked by
-    reading the file (tests of each family)."""
-    fields = {name: f for name, f in options.model_fields.items() if "file" not in name and name != "categories"}
+    reading the file (tests of each family). A text-prompted family's phrases are its input,
+    given in every set (tests/test_text_prompts.py checks their values)."""
+    fields = {name: f for name, f in options.model_fields.items() if "file" not in name and name not in ("categories", "text")}
     candidates = {name: _candidates(f) for name, f in fields.items()}
     sets = [{name: values[1 if len(values) > 1 else 0] for name, values in candidates.items()},
             {name: values[-1] for name, values in candidates.items()}]  # fmt: skip
     sets += [{name: value} for name, values in candidates.items() for value in values[1:-1]]
-    return sets
+    phrases = {"text": ["circle"]} if "text" in options.model_fields else {}
+    return [{**phrases, **options_set} for options_set in sets]
 
 
 def _weights(name: str, oneformer: Path) -> str:

@@ -232,3 +232,29 @@ def test_a_manifest_source_keeps_its_ids_and_error_rows_are_retried_but_not_ever
     relabel()
     v4 = list_versions(str(root))[-1]
     assert v4.name == "v0004" and v4.run["counts"]["images"] == 0 and v4.diff["images"]["removed"] == 6
+
+
+def test_a_changed_phrase_list_relabels_every_image_and_the_coco_export_lists_the_phrases(shapes, tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    for image in sorted(shapes.images_dir.glob("*.png"))[:4]:
+        shutil.copy(image, source)
+    root = tmp_path / "relabel"
+    spec = tmp_path / "relabel.yaml"
+
+    def write_spec(text) -> None:
+        model = {"name": "sam3", "weights": "random", "score_threshold": 0.2, "text": text}
+        spec.write_text(yaml.safe_dump({"kind": "relabel", "source": str(source), "output_root": str(root), "model": model}))
+
+    write_spec("circle, square")
+    assert runner.invoke(app, ["relabel", str(spec)]).exit_code == 0
+    write_spec(["circle", "square"])  # the same phrases, as a list: the same model
+    assert "no new version" in runner.invoke(app, ["relabel", str(spec)]).output
+    write_spec("circle, square, triangle")
+    again = runner.invoke(app, ["relabel", str(spec)])
+    assert again.exit_code == 0 and "4 relabelled" in " ".join(again.output.split()), again.output
+    v2 = list_versions(str(root))[-1]
+    assert v2.diff["images"]["relabelled"] == 4 and v2.run["processed"] == 4
+    coco = json.loads((root / "versions" / v2.name / "coco.json").read_text())
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "circle"), (2, "square"), (3, "triangle")]
+    assert coco["annotations"] and {a["category_id"] for a in coco["annotations"]} <= {1, 2, 3}
