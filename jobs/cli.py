@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,8 @@ from rich.logging import RichHandler
 from rich.table import Column, Table
 from rich.text import Text
 
-from ..models.registry import REGISTRY
+from ..models.options import describe
+from ..models.registry import REGISTRY, get_entry
 from ..models.text_prompts import read_text_file, split_text
 from ..models.weights import WeightsError
 from ..pipeline.actor import model_build_error
@@ -81,8 +83,29 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 @app.command()
-def models() -> None:
-    """List the registered models, their task and the weights they accept."""
+def models(
+    name: Annotated[Optional[str], typer.Argument(help="One model: its options, with type, default, values and meaning.")] = None,
+) -> None:
+    """List the registered models, their task and the weights they accept (NAME: one model's options)."""
+    if name is not None:
+        try:
+            entry = get_entry(name)
+        except ValueError as e:
+            raise fail(str(e)) from None
+        out = Console()  # a result: stdout, wrapped to the terminal
+        lines = [
+            f"{entry.name}: {entry.task}", f"weights: {entry.weights}", f"on CPUs: {entry.cpu_parallelism}",
+            f"score: {entry.scores.meaning}", f"--score-threshold F: {entry.scores.range}: {entry.scores.cut}",
+            "options (--model-option K=V):",
+        ]  # fmt: skip
+        lines = [textwrap.fill(line, out.width, subsequent_indent="    ") for line in lines]
+        for option, values, meaning in describe(entry.options):
+            lines += [
+                textwrap.fill(f"  {option}: {values}", out.width, subsequent_indent="    "),
+                textwrap.fill(meaning, out.width, initial_indent=" " * 6, subsequent_indent=" " * 6),
+            ]
+        out.print(Text("\n".join(lines)))
+        return
     table = Table("model", "task", "weights", "options", "on CPUs")
     for entry in REGISTRY.values():
         # Plain text: "[default: …]" is not Rich markup.

@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..models.registry import REGISTRY, check_options, check_score_threshold, get_entry
+from ..models.registry import REGISTRY, check_options, check_score_threshold, get_entry, unknown_model
 from ..models.text_prompts import split_text
 from ..models.weights import RANDOM
 from ..pipeline.resources import parse_actors
@@ -103,7 +103,7 @@ class ModelSection(Strict):
     @classmethod
     def registered(cls, name: str) -> str:
         if name not in REGISTRY:
-            raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+            raise ValueError(unknown_model(name))
         return name
 
     @field_validator("score_threshold")

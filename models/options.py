@@ -12,6 +12,7 @@ number option no string (YAML and `--model-option k=v` give typed values).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any, Literal, Optional, get_args, get_origin
 
@@ -48,7 +49,8 @@ class ModelOptions(BaseModel):
         unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
             raise ValueError(
-                f"model {model!r} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(cls.model_fields)}"
+                f"model {model!r} does not take option(s) {', '.join(unknown)}"
+                f"{did_you_mean(unknown[0], cls.model_fields)}; it takes: {', '.join(cls.model_fields)}"
             )
         try:
             return cls(**values)
@@ -58,6 +60,12 @@ class ModelOptions(BaseModel):
     def problem_with_weights(self, weights: str) -> str | None:
         """Why these options do not go with `weights` (known from its path alone), or None."""
         return None
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean X?)' for the closest of `known` to a mistyped `name`, else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _problem(cls: type[ModelOptions], error: dict) -> str:
@@ -83,6 +91,21 @@ def choices(cls: type[ModelOptions], name: str) -> list[str]:
     annotation = cls.model_fields[name].annotation
     literals = [a for a in (annotation, *get_args(annotation)) if get_origin(a) is Literal]
     return [str(value) for literal in literals for value in get_args(literal)]
+
+
+def describe(cls: type[ModelOptions]) -> list[tuple[str, str, str]]:
+    """Each option as (name, 'its values', meaning), for `rayseg models NAME`: 'int at
+    least 1, default 32', 'one of auto, fp16, bf16, none; default auto'."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        if choices(cls, name):
+            values = f"one of {', '.join(choices(cls, name))};"
+        else:
+            annotation = field.annotation
+            kind = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+            values = " ".join(filter(None, [(get_origin(kind) or kind).__name__, value_range(cls, name)])) + ","
+        rows.append((name, f"{values} default {field.default}", field.description or ""))
+    return rows
 
 
 def value_range(cls: type[ModelOptions], name: str) -> str:
@@ -248,3 +271,26 @@ class Sam3Options(TextPromptOptions):
     prompt_batch_size: int = Field(
         16, ge=1, description="(image, phrase) pairs per detector and mask-decoder call"
     )
+
+
+class GroundedSamOptions(TextPromptOptions):
+    """Grounded SAM: Grounding DINO's boxes for the phrases (transformers' names and
+    defaults), then a mask per box from a SAM-family segmenter."""
+
+    text_threshold: float = _probability(
+        0.25, "a box is kept when its phrase (the one its highest logit falls on) has probability above it"
+    )
+    max_detections: int = Field(100, ge=1, description="boxes kept per image, the best-scoring ones")
+    segmenter: Literal["sam", "sam2"] = Field("sam", description="the model that makes each box's mask")
+    segmenter_weights: str = Field(
+        RANDOM, description="the segmenter's checkpoint as its family takes it (sam: HF directory or segment-anything "
+        ".pth; sam2: HF directory), path or URI; random only with --weights random"
+    )
+    points_per_batch: int = Field(64, ge=1, description="boxes per mask-decoder call")
+
+    def problem_with_weights(self, weights: str) -> str | None:
+        if weights != RANDOM and self.segmenter_weights == RANDOM:
+            return "give the segmenter's checkpoint (segmenter_weights): a real detector's boxes with random masks are meaningless"
+        if self.segmenter == "sam2":
+            return Sam2Options().problem_with_weights(self.segmenter_weights)
+        return None

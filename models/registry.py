@@ -22,6 +22,8 @@ from . import checkpoint_checks, checkpoint_files
 from .base import SegmentationModel, Task
 from .checkpoint_checks import CheckpointCheck
 from .options import (
+    did_you_mean,
+    GroundedSamOptions,
     MaskRCNNOptions,
     ModelOptions,
     Sam2Options,
@@ -31,7 +33,7 @@ from .options import (
     UNetOptions,
     UniversalOptions,
 )
-from .text_prompts import SAM3_TEXT_TOKENS
+from .text_prompts import GROUNDING_DINO_TEXT_TOKENS, SAM3_TEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,25 @@ OURS: list[ModelEntry] = [
         checkpoint_check=checkpoint_checks.text_prompted("sam3", max_tokens=lambda config: SAM3_TEXT_TOKENS, joined=False),
     ),
     ModelEntry(
+        "grounded-sam",
+        "instance",
+        "HF Grounding DINO directory with its processor and tokenizer.json (path or URI), masks from option "
+        "segmenter_weights (a sam or sam2 checkpoint); random",
+        f"{_MODELS}.grounded_sam:build_grounded_sam",
+        GroundedSamOptions,
+        checkpoint_files.hf_weights_file,
+        scores=Scores(
+            "the box's detection score, transformers': the sigmoid of its highest logit over the prompt's tokens",
+            "keeps boxes with score > F (default 0.25, transformers' threshold), then max_detections per image",
+        ),
+        cpu_parallelism=THREADED,
+        checkpoint_check=checkpoint_checks.text_prompted(
+            "grounding-dino",
+            max_tokens=lambda config: int((config or {}).get("max_text_len", GROUNDING_DINO_TEXT_TOKENS)),
+            joined=True,
+        ),
+    ),
+    ModelEntry(
         "eomt",
         "panoptic",
         "HF EoMT checkpoint directory (path or URI); random",
@@ -335,7 +356,12 @@ def get_entry(name: str) -> ModelEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+        raise ValueError(unknown_model(name)) from None
+
+
+def unknown_model(name: str) -> str:
+    """'unknown model …', with the closest registered names and all of them."""
+    return f"unknown model {name!r}{did_you_mean(name, REGISTRY)}; registered: {', '.join(sorted(REGISTRY))}"
 
 
 def check_options(name: str, options: Mapping[str, Any], weights: str | None = None) -> ModelOptions:

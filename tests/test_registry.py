@@ -225,3 +225,24 @@ def test_random_weights_are_the_same_in_every_process_and_leave_its_random_state
     assert torch.equal(torch.rand(3), expected), "the caller's random sequence goes on as if nothing was built"
     second = build_model(name, RANDOM).network.state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in OURS] + ["threshold"])
+def test_rayseg_models_name_lists_every_option_with_its_values_and_meaning_within_80_columns(name):
+    result = CliRunner().invoke(app, ["models", name], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    entry = get_entry(name)
+    for option, field in entry.options.model_fields.items():
+        assert any(line.startswith(f"  {option}: ") and f"default {field.default}" in line for line in lines), option
+    assert lines[0] == f"{name}: {entry.task}"
+
+
+def test_an_unknown_model_or_option_suggests_the_closest_name():
+    result = CliRunner().invoke(app, ["models", "unett"])
+    assert result.exit_code == 2 and "unknown model 'unett' (did you mean unet?)" in result.output
+    with pytest.raises(ValueError, match=r"points_per_sid \(did you mean points_per_side\?\)"):
+        check_options("sam", {"points_per_sid": 3})
+    result = CliRunner().invoke(app, ["segment", "in/", "out/", "--model", "maskrcn"])
+    assert result.exit_code == 2 and "did you mean maskrcnn?" in result.output
