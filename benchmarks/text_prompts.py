@@ -80,7 +80,71 @@ def sam3_parts(directory: Path, phrases: list[str]):
     return ours, loop
 
 
-PARTS = {"sam3": (sam3_checkpoint, sam3_parts)}
+def grounded_sam_checkpoint(workdir: Path) -> Path:
+    """A directory with the random Grounding DINO (detector/) and the random SAM (sam/)."""
+    from transformers import SamConfig, SamModel
+
+    from rayseg.models.grounded_sam import random_parts
+    from rayseg.models.sam import RANDOM_CONFIG, image_processor_for
+
+    directory = workdir / "grounded-sam"
+    if not (directory / "sam" / "config.json").exists():
+        network, processor = random_parts()
+        network.save_pretrained(directory / "detector")
+        processor.save_pretrained(directory / "detector")
+        torch.manual_seed(0)
+        sam = SamModel(SamConfig(**RANDOM_CONFIG)).eval()
+        sam.save_pretrained(directory / "sam")
+        image_processor_for(sam, None, None).save_pretrained(directory / "sam")
+    return directory
+
+
+def grounded_sam_parts(directory: Path, phrases: list[str]):
+    """(rayseg's model, the loop over images) for grounded-sam: per image, Grounding DINO on
+    the joined phrases and its processor's boxes, then SAM on those boxes."""
+    from transformers import (
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SamModel,
+        SamProcessor,
+    )
+
+    from rayseg.models.grounded_sam import build_grounded_sam
+    from rayseg.models.text_prompts import joined_prompt
+
+    # text_threshold 0: every kept box names a phrase, so both keep the same boxes.
+    ours = build_grounded_sam(
+        str(directory / "detector"), text=phrases, segmenter_weights=str(directory / "sam"), text_threshold=0.0
+    )
+    detector_processor = GroundingDinoProcessor.from_pretrained(directory / "detector")
+    detector = GroundingDinoForObjectDetection.from_pretrained(directory / "detector").eval()
+    sam_processor = SamProcessor.from_pretrained(directory / "sam")
+    sam = SamModel.from_pretrained(directory / "sam").eval()
+    prompt = joined_prompt(phrases)
+
+    def loop(images: list[np.ndarray]) -> list[int]:
+        found = []
+        for image in images:
+            inputs = detector_processor(images=image, text=prompt, return_tensors="pt")
+            with torch.inference_mode():
+                outputs = detector(**inputs)
+            (result,) = detector_processor.post_process_grounded_object_detection(
+                outputs, inputs.input_ids, threshold=0.25, text_threshold=0.0, target_sizes=[image.shape[:2]]
+            )
+            boxes = result["boxes"]
+            boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])][:100]
+            if len(boxes):
+                sam_inputs = sam_processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt")
+                with torch.inference_mode():
+                    masks = sam(**sam_inputs, multimask_output=False).pred_masks
+                sam_processor.post_process_masks(masks, sam_inputs["original_sizes"], sam_inputs["reshaped_input_sizes"])
+            found.append(len(boxes))
+        return found
+
+    return ours, loop
+
+
+PARTS = {"sam3": (sam3_checkpoint, sam3_parts), "grounded-sam": (grounded_sam_checkpoint, grounded_sam_parts)}
 
 
 def timed(function) -> tuple[float, float, object]:
@@ -127,10 +191,14 @@ def ray_pipeline(name: str, workdir: Path, images_dir: Path, phrases: list[str])
     from rayseg.pipeline.sink import write_run
     from rayseg.pipeline.sources import read_source
 
-    make_checkpoint, _ = PARTS[name]
+    make_checkpoint = PARTS[name][0]
     resources = plan_resources(ray.cluster_resources())
-    threshold = SAM3_THRESHOLD if name == "sam3" else None
-    spec = ModelSpec(name, str(make_checkpoint(workdir)), score_threshold=threshold, options={"text": phrases})
+    directory = make_checkpoint(workdir)
+    if name == "sam3":
+        spec = ModelSpec(name, str(directory), score_threshold=SAM3_THRESHOLD, options={"text": phrases})
+    else:
+        options = {"text": phrases, "segmenter_weights": str(directory / "sam"), "text_threshold": 0.0}
+        spec = ModelSpec(name, str(directory / "detector"), options=options)
     output = workdir / f"out-{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     wall = time.perf_counter()
     rows = segment(read_source(str(images_dir), parallelism=int(ray.cluster_resources()["CPU"])), spec, resources)

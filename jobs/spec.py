@@ -38,7 +38,13 @@ from pydantic import (
     model_validator,
 )
 
-from ..models.registry import REGISTRY, check_options, check_score_threshold, get_entry, unknown_model
+from ..models.registry import (
+    REGISTRY,
+    check_options,
+    check_score_threshold,
+    get_entry,
+    unknown_model,
+)
 from ..models.text_prompts import split_text
 from ..models.weights import RANDOM
 from ..pipeline.resources import parse_actors

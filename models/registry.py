@@ -22,7 +22,6 @@ from . import checkpoint_checks, checkpoint_files
 from .base import SegmentationModel, Task
 from .checkpoint_checks import CheckpointCheck
 from .options import (
-    did_you_mean,
     GroundedSamOptions,
     MaskRCNNOptions,
     ModelOptions,
@@ -32,6 +31,7 @@ from .options import (
     TorchvisionSemanticOptions,
     UNetOptions,
     UniversalOptions,
+    did_you_mean,
 )
 from .text_prompts import GROUNDING_DINO_TEXT_TOKENS, SAM3_TEXT_TOKENS
 
