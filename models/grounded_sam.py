@@ -21,8 +21,8 @@ Per model batch:
    (resized, normalised; no padding), and images whose inputs share a shape run as one
    network call with the prompt repeated. Images of different shapes are not padded into
    one call: padding changes every prediction of the padded image (Swin's windows and the
-   encoder see it; measured: boxes 0.9 apart), so a prediction would depend on its batch
-   neighbours.
+   encoder see it; measured on a random model: relative box coordinates 0.9 apart), so a
+   prediction would depend on its batch neighbours.
 2. Boxes and scores are transformers' `GroundingDinoProcessor.post_process_grounded_object_
    detection`'s: a query's score is the sigmoid of its highest logit over the prompt's
    tokens, kept when score > the threshold (`--score-threshold`, default 0.25, its

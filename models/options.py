@@ -278,7 +278,7 @@ class GroundedSamOptions(TextPromptOptions):
     defaults), then a mask per box from a SAM-family segmenter."""
 
     text_threshold: float = _probability(
-        0.25, "a box is kept when its phrase (the one its highest logit falls on) has probability above it"
+        0.25, "a box is kept when its phrase (the one whose tokens score it highest) has probability above it"
     )
     max_detections: int = Field(100, ge=1, description="boxes kept per image, the best-scoring ones")
     segmenter: Literal["sam", "sam2"] = Field("sam", description="the model that makes each box's mask")
