@@ -3,7 +3,7 @@
     make bench                      # = .venv/bin/python -m benchmarks.harness
     .venv/bin/python -m benchmarks.harness [--models unet,maskrcnn,sam,trivial] [--images 500]
         [--startup-images 16] [--workdir build/bench] [--report build/bench/report.md]
-        [--unet-weights DIR]
+        [--unet-weights DIR] [--device cpu|cuda]
 
 For each model, on the same generated images (`rayseg fixtures`, made once per size and
 count) and the same weights, the phases run one after the other, each in a fresh process
@@ -32,7 +32,11 @@ by default, and rayseg its own plan. On a host shared with other
 work, run it as `OMP_WAIT_POLICY=PASSIVE …` (benchmarks/maskrcnn_overhead.py says why); the
 report records the setting.
 
-Models (all on the CPU):
+With --device cuda (benchmarks/gpu_check.sh) the single-process phases run the model on the
+GPU and rayseg its GPU actors (the cluster has the GPU); `parallel`, a reference for CPU
+actors, is left out.
+
+Models (on the CPU unless --device cuda):
 - unet: the trained shapes U-Net — the registry's bundled weights, or --unet-weights DIR
   (config.json + model.safetensors) — on 128×128 images; copied into the workdir first so
   every phase loads the same file.
@@ -265,7 +269,7 @@ def markdown(report: dict) -> str:
         "# rayseg benchmark: bare forward vs hand-written loop vs rayseg",
         "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']}; OMP_WAIT_POLICY {report['omp_wait_policy']}; "
+        f"Machine: {report['machine']}; device {report['device']}; OMP_WAIT_POLICY {report['omp_wait_policy']}; "
         f"load average {', '.join(f'{x:.1f}' for x in report['load_average_start'])} at start, "
         f"{', '.join(f'{x:.1f}' for x in report['load_average_end'])} at end  ",
         f"Started {report['started']}, git {report['git']}; {report['images']} images per model (short runs: "
@@ -343,6 +347,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
     parser.add_argument("--report", type=Path, default=Path("build/bench/report.md"))
     parser.add_argument("--unet-weights", type=Path, help="trained U-Net directory (default: the bundled weights)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the bare forward and loops run")
     args = parser.parse_args()
     if not 1 <= args.startup_images < args.images:
         parser.error("need 1 ≤ --startup-images < --images")
@@ -352,7 +357,8 @@ def main() -> None:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    planned = plan_resources({"CPU": float(os.cpu_count())})
+    # The batch size of the actors rayseg will run: GPU actors' with --device cuda.
+    planned = plan_resources({"CPU": float(os.cpu_count()), **({"GPU": 1.0} if args.device == "cuda" else {})})
     threads = torch.get_num_threads()
     builders = {
         "unet": lambda: unet_model(workdir, args.unet_weights),
@@ -372,6 +378,7 @@ def main() -> None:
         "startup_images": args.startup_images,
         "batch_size": planned.batch_size,
         "torch_threads": threads,
+        "device": args.device,
         "models": {},
     }
     for key in keys:
@@ -380,9 +387,12 @@ def main() -> None:
         base = PhaseConfig(
             model=key, phase="", registry_name=model.registry_name, weights=model.weights, images_dir=str(images_dir),
             images=0, output="", batch_size=planned.batch_size, torch_threads=threads, options=model.options,
+            device=args.device,
         )  # fmt: skip
         phases = {}
         for phase in model.phases:
+            if phase == "parallel" and args.device == "cuda":
+                continue
             runs_of_phase = {}
             for length, images in (("short", args.startup_images), ("full", args.images)):
                 run_dir = runs / f"{key}-{phase}-{length}"

@@ -60,7 +60,8 @@ INFERENCE_OPERATOR = "SegmentImages"
 class PhaseConfig:
     """What one phase runs. model: the harness's name for it (unet, maskrcnn, sam, trivial);
     registry_name/weights/options: how rayseg builds it; images: how many of images_dir's
-    PNGs (the first by name); output: a directory the phase creates for what it writes."""
+    PNGs (the first by name); output: a directory the phase creates for what it writes;
+    device: where the single-process phases run the model ("cpu" or "cuda")."""
 
     model: str
     phase: str
@@ -72,10 +73,11 @@ class PhaseConfig:
     batch_size: int
     torch_threads: int
     options: dict = field(default_factory=dict)
+    device: str = "cpu"
 
 
 def build(config: PhaseConfig) -> SegmentationModel:
-    return build_model(config.registry_name, config.weights, device="cpu", **config.options)
+    return build_model(config.registry_name, config.weights, device=config.device, **config.options)
 
 
 def image_paths(config: PhaseConfig) -> list[Path]:
@@ -160,6 +162,8 @@ def run_ceiling(config: PhaseConfig, sampler: ProcessTreeSampler) -> dict:
     with torch.inference_mode():
         for batch, count in prepared:
             model.forward(batch)
+            if config.device == "cuda":
+                torch.cuda.synchronize()  # CUDA runs the forward asynchronously: done when it is
             done += count
             outputs.rows_out(done)
     return {"first_rows": outputs.first_rows}

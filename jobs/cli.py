@@ -20,6 +20,7 @@ from ..models.registry import REGISTRY, get_entry
 from ..models.text_prompts import read_text_file, split_text
 from ..models.weights import WeightsError
 from ..pipeline.actor import model_build_error
+from ..pipeline.file_size import FILE_MIB
 from ..pipeline.resources import ResourceError
 from ..pipeline.sink import OutputError, RunSummary, new_run_id, staged_files
 from ..pipeline.sources import SourceError
@@ -142,6 +143,7 @@ def segment(
     actors: Annotated[Optional[str], typer.Option(help="Inference actors: N or MIN:MAX [one per GPU].")] = None,
     gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
     cpus_per_actor: Annotated[Optional[float], typer.Option(help="CPUs per actor [GPUs: 1; CPUs: the pool's share, see README Tuning].")] = None,
+    gpu_decode: Annotated[bool, typer.Option(help="GPU actors decode JPEGs with nvJPEG, in batches (ignored on CPU actors; see README Tuning).")] = False,
     score_threshold: Annotated[Optional[float], typer.Option(help="Drop segments scoring below this (each model's score and range: `rayseg models`).")] = None,
     model_option: Annotated[list[str], typer.Option(help="Model option KEY=VALUE, JSON values typed (repeatable; see `rayseg models`).")] = [],
     category_file: Annotated[Optional[str], typer.Option(help="COCO json or list of categories for the model's classes.")] = None,
@@ -150,6 +152,7 @@ def segment(
     text_file: Annotated[Optional[str], typer.Option(help="Phrases to find, one per line (path or URI).")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Box prompts for SAM: a COCO json (keyed like --image-root's images) or a committed run's OUTPUT.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
+    output_file_mib: Annotated[float, typer.Option(help="MiB of rows (in memory) per output file; the Parquet file is smaller.")] = FILE_MIB,
     run_id: Annotated[Optional[str], typer.Option(help="Name of this run [time + random suffix].")] = None,
     resume: Annotated[bool, typer.Option(help="Finish the interrupted run --run-id: only images without a staged row.")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address [RAY_ADDRESS, else local Ray].")] = None,
@@ -192,8 +195,10 @@ def segment(
                     "gpus_per_actor": gpus_per_actor,
                     "cpus_per_actor": cpus_per_actor,
                     "batch_size": batch_size,
+                    "gpu_decode": gpu_decode,
                 },
                 "limit": limit,
+                "output_file_mib": output_file_mib,
                 "run_id": run_id,
                 "resume": resume,
             },

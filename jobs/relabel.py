@@ -466,6 +466,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         storage_options=storage_options,
         started=started,
         write_cpus=resources.task_cpus,
+        file_mib=spec.output_file_mib,
         attempt=attempt,
     )
     export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)

@@ -12,6 +12,7 @@ import ray
 from .. import __version__
 from ..models.registry import get_entry
 from ..models.weights import RANDOM
+from ..pipeline.progress import start_error_tally
 from ..pipeline.prompts import attach_prompts, load_prompts
 from ..pipeline.repeated_ids import RepeatedIds
 from ..pipeline.resources import ResourceError, Resources, parse_actors, plan_resources
@@ -96,6 +97,7 @@ def plan_on_cluster(section: ResourcesSection, model_name: str, reader_cpus: flo
             cpu_parallelism=get_entry(model_name).cpu_parallelism,
             node_shapes=cluster.node_shapes(),
             reader_cpus=reader_cpus,
+            gpu_decode=section.gpu_decode,
         )
 
     try:
@@ -180,7 +182,8 @@ def run_segment_spec(
         dataset, prompt_report = attach_prompts(
             dataset, prompts, storage_options=storage_options, check_unmatched=not spec.resume, name=spec.prompts
         )
-    rows = segment(dataset, model, resources, storage_options=storage_options, decoded=False)
+    error_tally = start_error_tally()
+    rows = segment(dataset, model, resources, storage_options=storage_options, decoded=False, error_tally=error_tally)
     if model.weights == RANDOM:
         log.warning("RANDOM WEIGHTS: %s will run randomly initialised; predictions are meaningless", model.name)
     run_info = {
@@ -200,6 +203,7 @@ def run_segment_spec(
             "gpus_per_actor": resources.gpus_per_actor,
             "batch_size": resources.batch_size,
             "task_cpus": resources.task_cpus,
+            "gpu_decode": resources.gpu_decode,
         },
         "ray_init_seconds": round(ray_seconds, 3),
         **declared_categories(model, storage_options),
@@ -216,6 +220,9 @@ def run_segment_spec(
         storage_options=storage_options,
         started=started,
         write_cpus=resources.task_cpus,
+        file_mib=spec.output_file_mib,
         resume=spec.resume,
         attempt=attempt,
+        expected_rows=source.expected_rows,
+        error_tally=error_tally,
     )

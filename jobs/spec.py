@@ -12,7 +12,7 @@
       score_threshold: null
       options: {}                       # the model's own options (`rayseg models`)
       text: "car, person"               # text-prompted models (sam3, grounded-sam): options.text
-    resources: {actors: "1:4", gpus_per_actor: 1, cpus_per_actor: 1, batch_size: 16}
+    resources: {actors: "1:4", gpus_per_actor: 1, cpus_per_actor: 1, batch_size: 16, gpu_decode: false}
     storage:
       options: {endpoint_url: "https://minio.internal:9000"}   # never secrets
       env: {key: AWS_ACCESS_KEY_ID, secret: AWS_SECRET_ACCESS_KEY}  # option ← env var
@@ -47,6 +47,7 @@ from ..models.registry import (
 )
 from ..models.text_prompts import split_text
 from ..models.weights import RANDOM
+from ..pipeline.file_size import FILE_MIB
 from ..pipeline.resources import parse_actors
 from .cron import parse_cron
 
@@ -64,6 +65,12 @@ class SpecError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Both kinds of spec write their rows through the same sink.
+OutputFileMib = Annotated[
+    float, Field(FILE_MIB, gt=0, description="MiB of rows (in memory) per output file; Parquet's file is smaller")
+]
 
 
 class ModelSection(Strict):
@@ -137,6 +144,9 @@ class ResourcesSection(Strict):
     gpus_per_actor: Optional[float] = Field(None, ge=0)
     cpus_per_actor: Optional[float] = Field(None, gt=0)
     batch_size: Optional[int] = Field(None, ge=1)
+    gpu_decode: bool = Field(
+        False, description="GPU actors decode JPEGs with nvJPEG, in batches (ignored on CPU actors)"
+    )
     scale_up_timeout_s: float = Field(
         0, ge=0, description="when the cluster lacks the resources asked, how long to let its autoscaler add them"
     )
@@ -200,6 +210,7 @@ class SegmentSpec(Strict):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     limit: Optional[int] = Field(None, ge=1)
+    output_file_mib: OutputFileMib
     run_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     resume: bool = False
 
@@ -226,6 +237,7 @@ class RelabelSpec(Strict):
     model: ModelSection
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    output_file_mib: OutputFileMib
 
     @field_validator("schedule")
     @classmethod

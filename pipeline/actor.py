@@ -44,10 +44,11 @@ class SegmentImages:
     ModelBuildError instead, which fails the run with its message alone.
     """
 
-    def __init__(self, model: ModelSpec, **options):
+    def __init__(self, model: ModelSpec, error_tally=None, **options):
         from .in_flight import InFlightRecord
         from .inference import ImageSegmenter
 
+        self.error_tally = error_tally
         self.failure: ModelBuildError | None = None
         try:
             self.segmenter = ImageSegmenter(
@@ -65,15 +66,30 @@ class SegmentImages:
 
     @staticmethod
     def _stages(options: dict) -> dict:
-        """ImageSegmenter's keyword arguments from the actor's."""
-        return options
+        """ImageSegmenter's keyword arguments from the actor's: with `gpu_decode`
+        (`JpegDecoder`'s keyword arguments), the JPEGs the decode tasks left as bytes are
+        decoded here, on the GPU."""
+        gpu_decode = options.pop("gpu_decode", None)
+        if gpu_decode is None:
+            return options
+        from .gpu_decode import JpegDecoder
+
+        return {**options, "decode": JpegDecoder(**gpu_decode)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         # Raised by the call itself, not by the iterator it returns: Ray Data reports
         # exceptions of the call as the user code's, in a line, and others with its own stack.
         if self.failure is not None:
             raise self.failure
-        return self.segmenter(batch)
+        return self._reported(self.segmenter(batch))
+
+    def _reported(self, tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        """`tables`, each one's error rows told to the run's tally (`pipeline/progress.py`)."""
+        from .progress import report_errors
+
+        for table in tables:
+            report_errors(table, self.error_tally)
+            yield table
 
 
 class SegmentImagesAndEncode(SegmentImages):

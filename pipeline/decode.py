@@ -36,6 +36,20 @@ MAX_BATCH_BYTES = 128 * 1024 * 1024
 DECODE_TASK_MEMORY = 2 * MAX_BATCH_BYTES
 
 
+# With `jpegs_for_actor`, the JPEGs that GPU actors can decode (`gpu_decodable_size`) leave
+# the decode task as their file bytes, in this column (b"": decoded here); a binary column
+# in every block, so that blocks with and without JPEGs concatenate.
+JPEG_COLUMN = "jpeg"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# A JPEG ends with its end-of-image marker (padding aside). One without was cut short: the
+# CPU decode refuses it, which nvJPEG might not, so it stays on the CPU.
+JPEG_END = b"\xff\xd9"
+# nvJPEG decodes YCbCr and grey JPEGs to the RGB that PIL makes of them; CMYK/YCCK files
+# (which PIL converts its own way) stay on the CPU.
+GPU_JPEG_MODES = frozenset({"RGB", "L"})
+EXIF_ORIENTATION = 0x0112
+
+
 # Single-channel integer modes PIL would clip, not scale, when converting to 8-bit RGB.
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
@@ -113,6 +127,29 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise DecodeError(f"not a decodable image: {e}") from e
 
 
+def gpu_decodable_size(content: bytes | Exception, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) of a JPEG a GPU actor may decode, from its header alone: YCbCr or
+    grey, whole (JPEG_END), within `max_pixels`, and already in display orientation (no
+    EXIF orientation other than 1: nvJPEG does not apply it). None for anything the CPU
+    decodes here, errors included (its decode says why)."""
+    if not isinstance(content, bytes) or not content.startswith(JPEG_MAGIC):
+        return None
+    if not content[-64:].rstrip(b"\0").endswith(JPEG_END):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(content)) as image:
+                width, height = image.size
+                if image.format != "JPEG" or image.mode not in GPU_JPEG_MODES or width * height > max_pixels:
+                    return None
+                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    return None
+    except Exception:  # noqa: BLE001 - not a readable JPEG header: the CPU decode makes its error row
+        return None
+    return height, width
+
+
 def _read_all(uris: list[str], storage_options: dict | None) -> dict[str, bytes | Exception]:
     """Bytes of each uri, or the exception that reading it raised; one cat() per filesystem."""
     groups: dict[int, tuple] = {}
@@ -155,12 +192,17 @@ def decode_images(
     rows_per_read: int = READ_ROWS,
     max_batch_bytes: int = MAX_BATCH_BYTES,
     in_flight: InFlightRecord | None = None,
+    jpegs_for_actor: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data batch generator: {image_id, uri} → + image, width, height, status, error.
 
     Reads `rows_per_read` files at a time and yields decoded rows whenever they reach
     `max_batch_bytes`, so a task holds a bounded amount of pixels however large its
     input block is.
+
+    jpegs_for_actor: JPEGs that `gpu_decodable_size` accepts are not decoded here: their
+    row carries the file's bytes (JPEG_COLUMN), an empty image, and its size and status
+    from the header, for the GPU actor to decode (`pipeline/gpu_decode.py`).
 
     in_flight: where the images being read and decoded are recorded as in hand; an image
     whose process died too often while decoding it alone becomes an error row
@@ -169,6 +211,8 @@ def decode_images(
     count = len(batch["uri"])
     pending: list[tuple[int, np.ndarray, str | None]] = []
     pending_bytes = 0
+    # row → (JPEG bytes, (height, width)) of the pending rows left to the actor
+    jpegs: dict[int, tuple[bytes, tuple[int, int]]] | None = {} if jpegs_for_actor else None
     for start in range(0, count, rows_per_read):
         rows = range(start, min(start + rows_per_read, count))
         unreadable = {row: _source_error(batch, row) for row in rows}
@@ -182,7 +226,12 @@ def decode_images(
         for row, image_id in zip(rows, image_ids):
             reason = unreadable[row]
             content = DecodeError(reason) if reason else contents[batch["uri"][row]]
-            if not one_by_one:
+            size = gpu_decodable_size(content, max_pixels) if jpegs is not None and not one_by_one else None
+            if size is not None:
+                jpegs[row] = (content, size)
+                image, error = EMPTY_IMAGE, None
+                image_bytes = len(content)  # what the row holds until the actor decodes it
+            elif not one_by_one:
                 image, error = _decode_content(content, max_pixels)
                 image_bytes = image.nbytes
             elif deaths := in_flight.given_up(image_id):
@@ -199,12 +248,13 @@ def decode_images(
             pending.append((row, image, error))
             pending_bytes += image_bytes
             if pending_bytes >= max_batch_bytes:
-                yield _decoded_rows(batch, pending)
+                yield _decoded_rows(batch, pending, jpegs)
                 pending, pending_bytes = [], 0
+                jpegs = None if jpegs is None else {}
         if in_flight is not None and not one_by_one:
             in_flight.release(image_ids)
     if pending:
-        yield _decoded_rows(batch, pending)
+        yield _decoded_rows(batch, pending, jpegs)
 
 
 def decode_images_in_task(batch: dict[str, np.ndarray], **options) -> Iterator[dict[str, np.ndarray]]:
@@ -259,12 +309,23 @@ def _decode_content(content: bytes | Exception, max_pixels: int) -> tuple[np.nda
         return EMPTY_IMAGE, str(e)
 
 
-def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray, str | None]]) -> dict[str, np.ndarray]:
+def _decoded_rows(
+    batch: dict[str, np.ndarray],
+    rows: list[tuple[int, np.ndarray, str | None]],
+    jpegs: dict[int, tuple[bytes, tuple[int, int]]] | None = None,
+) -> dict[str, np.ndarray]:
+    """The output columns of `rows` (row, image, error); with `jpegs` (`decode_images`'
+    JPEGs left to the actor) also JPEG_COLUMN, and those rows' sizes from their headers."""
     indices = [index for index, _, _ in rows]
     images = [image for _, image, _ in rows]
     errors = [error for _, _, error in rows]
     # Other columns (e.g. prompts for promptable models) travel on with their rows.
     passed_on = {key: values[indices] for key, values in batch.items() if key not in ("image_id", "uri", "error")}
+    if jpegs is not None:
+        sizes = [jpegs[index][1] if index in jpegs else image.shape[:2] for index, image in zip(indices, images)]
+        passed_on[JPEG_COLUMN] = object_array([jpegs[index][0] if index in jpegs else b"" for index in indices])
+    else:
+        sizes = [image.shape[:2] for image in images]
     return {
         **passed_on,
         "image_id": np.array([str(image_id) for image_id in batch["image_id"][indices]], dtype=object),
@@ -272,8 +333,8 @@ def _decoded_rows(batch: dict[str, np.ndarray], rows: list[tuple[int, np.ndarray
         # would not join the string uris of other blocks in an actor's batch.
         "uri": object_array([uri if isinstance(uri, str) else None for uri in batch["uri"][indices]]),
         "image": object_array(images),
-        "height": np.array([image.shape[0] for image in images], dtype=np.int32),
-        "width": np.array([image.shape[1] for image in images], dtype=np.int32),
+        "height": np.array([height for height, _ in sizes], dtype=np.int32),
+        "width": np.array([width for _, width in sizes], dtype=np.int32),
         "status": np.array([STATUS_OK if error is None else STATUS_ERROR for error in errors], dtype=object),
         "error": np.array(errors, dtype=object),
     }

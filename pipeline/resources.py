@@ -62,6 +62,9 @@ class Resources:
     # and encoding held back until the writer gathers a file's rows. GPU actors leave both
     # to the CPU tasks beside them.
     cpu_stages_in_actors: bool
+    # GPU actors decode the JPEGs themselves, batched by nvJPEG (`pipeline/gpu_decode.py`);
+    # the decode tasks read the files and decode only the rest. Never on CPU actors.
+    gpu_decode: bool = False
 
     def for_rows(self, rows: int) -> Resources:
         """This plan for an input of `rows` rows known before the run (a listing, a COCO
@@ -121,12 +124,14 @@ def plan_resources(
     cpu_parallelism: str = DATA_PARALLEL,
     node_shapes: list[dict[str, float]] | None = None,
     reader_cpus: float = 0.0,
+    gpu_decode: bool = False,
 ) -> Resources:
     """Fills defaults from `cluster` (ray.cluster_resources()) and refuses impossible requests.
 
     node_shapes: each node's resources, when known: an actor that fits on no one node can
     never start. reader_cpus: CPUs a task reading the input holds for the whole run (a
-    streamed manifest's reader), beside the pool.
+    streamed manifest's reader), beside the pool. gpu_decode: JPEGs decoded by the GPU
+    actors (`Resources.gpu_decode`); ignored when the actors have no GPUs.
 
     GPU cluster: one actor per GPU (1 GPU, 1 CPU each), batch 16.
     CPU cluster: the pool gets half the CPUs, at most all but `reserved_cpus` (at least
@@ -193,4 +198,5 @@ def plan_resources(
         torch_threads=max(1, threads),
         task_cpus=tasks,
         cpu_stages_in_actors=gpus_per_actor == 0,
+        gpu_decode=gpu_decode and gpus_per_actor > 0,
     )

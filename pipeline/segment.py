@@ -40,7 +40,7 @@ from .encode import encode_batch
 from .model_spec import ModelSpec
 from .resources import Resources
 from .schema import STATUS_ERROR, STATUS_OK
-from .sources import SourceError
+from .sources import ROWS_PER_BLOCK, SourceError
 from .storage import filesystem, full_uri
 
 
@@ -185,6 +185,7 @@ def segment(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     model_max_pixels: int = MODEL_MAX_PIXELS,
     decoded: bool | None = None,
+    error_tally=None,
 ) -> ray.data.Dataset:
     """{image_id, uri} (or decoded `image`) rows → output rows (pipeline/schema.py), lazily.
 
@@ -192,6 +193,7 @@ def segment(
     model_max_pixels: larger images are downscaled for the model; masks come back full size.
     decoded: whether rows already carry an `image`; by default taken from the dataset's
     columns, which are checked (SourceError).
+    error_tally: an ErrorTally (`pipeline/progress.py`) the actors tell of error rows.
 
     Unless `model` is already pinned (`pin_weights`), checks its weights on the driver
     first (WeightsError), so a bad checkpoint fails before any cluster work.
@@ -202,6 +204,8 @@ def segment(
         decoded = "image" in _input_columns(dataset)
     decode_options = {"storage_options": storage_options, "max_pixels": max_pixels}
     actors_decode = not decoded and resources.cpu_stages_in_actors
+    # GPU actors decode the JPEGs, the decode tasks the rest (pipeline/gpu_decode.py).
+    gpu_decode = not decoded and resources.gpu_decode
     if decoded:
         rows = dataset.map_batches(_as_decoded, num_cpus=resources.task_cpus, udf_modifying_row_count=False)
     elif actors_decode:
@@ -209,7 +213,7 @@ def segment(
     else:
         rows = dataset.map_batches(
             decode_images_in_task,
-            fn_kwargs=decode_options,
+            fn_kwargs={**decode_options, "jpegs_for_actor": gpu_decode},
             num_cpus=resources.task_cpus,
             # What a decode task holds at most: a batch of pixels and the files it came
             # from. Declaring it also keeps decode a stage of its own: Ray fuses a task
@@ -222,9 +226,12 @@ def segment(
         "torch_threads": resources.torch_threads,
         "model_max_pixels": model_max_pixels,
         "batch_size": resources.batch_size,
+        "error_tally": error_tally,
     }
     if actors_decode:
         actor_options["decode_options"] = decode_options
+    if gpu_decode:
+        actor_options["gpu_decode"] = {"max_pixels": max_pixels}
     inferred = rows.map_batches(
         # CPU actors are the whole chain (decode, infer, encode); GPU actors infer only.
         SegmentImagesAndEncode if resources.cpu_stages_in_actors else SegmentImages,
@@ -261,4 +268,7 @@ def without_done(dataset: ray.data.Dataset, done_ids: ray.data.Dataset | None, p
         # The join's aggregators finish before inference starts; a quarter CPU each keeps
         # them schedulable next to a running actor pool on small machines.
         aggregator_ray_remote_args={"num_cpus": 0.25},
-    )
+        # A join gives one block per partition (335k rows each for a million-row manifest
+        # resumed on 2 CPUs): cut again into the sources' blocks, the actors take a block at
+        # a time and the progress and the files advance with them.
+    ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)

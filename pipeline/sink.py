@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from .file_size import FILE_MIB
+from .progress import RunProgress
 from .repeated_ids import RepeatedIds, find_repeated_ids, id_hashes
 from .schema import OUTPUT_SCHEMA, STATUS_OK
 from .storage import arrow_filesystem, filesystem, full_uri, move, remove
@@ -31,9 +33,6 @@ RUN_FILE = "_run.json"
 STAGING_DIR = "_staging"
 # What a run was started with (pipeline/sink.check_attempt), beside its staged files.
 ATTEMPT_FILE = "_attempt.json"
-# Rows of one output file: our rows are small (RLE strings), so thousands of rows make a
-# file of a few MB instead of one file per small block.
-ROWS_PER_FILE = 5000
 
 
 class OutputError(ValueError):
@@ -115,20 +114,26 @@ def write_run(
     storage_options: dict | None = None,
     started: float | None = None,
     write_cpus: float = 1.0,
-    rows_per_file: int = ROWS_PER_FILE,
+    file_mib: float = FILE_MIB,
+    rows_per_file: int | None = None,
     resume: bool = False,
     attempt: dict | None = None,
+    expected_rows: int | None = None,
+    error_tally=None,
 ) -> RunSummary:
     """Executes `dataset` (output rows), commits its Parquet files, writes `_run.json`.
 
     run_info: what the run was (model, weights, spec); stored in `_run.json` as given.
     started: time.time() when the run began, for the timings (default: now).
-    write_cpus: CPUs per write task; equal to the encode stage's where there is one (GPU
-    clusters), so encode and write fuse into one task (`Resources.task_cpus`).
+    write_cpus: CPUs per write task.
+    file_mib: each output file holds at least this many MiB of rows as they are in memory
+    (the last file less); rows_per_file, when given, sizes files by rows instead.
     resume: keep what an earlier attempt of `run_id` staged (its rows must be absent from
     `dataset`: see `staged_image_ids`) and commit it together with the new rows.
     attempt: what makes the rows what they are (input, model, weights' sha256, options),
     recorded beside the staged files for `check_attempt` on a later resume.
+    expected_rows: the run's rows, when known, for the progress lines (`pipeline/progress.py`);
+    error_tally: the ErrorTally the inference actors report error rows to (`segment`'s).
     """
     started = time.time() if started is None else started
     fs, root = filesystem(output, storage_options)
@@ -145,13 +150,18 @@ def write_run(
     # last: a run shorter than one file would wait ~1.5 s after its last rows for a process
     # to start and import Ray Data. This starts one now, beside the actors, for them.
     _start_writer.options(num_cpus=write_cpus).remote()
-    dataset.write_parquet(
-        staging,
-        filesystem=arrow_filesystem(fs),
-        schema=OUTPUT_SCHEMA,
-        min_rows_per_file=rows_per_file,
-        ray_remote_args={"num_cpus": write_cpus},
-    )
+    progress = RunProgress(None if expected_rows is None else expected_rows - resumed, error_tally)
+    progress.watch(dataset)
+    try:
+        dataset.write_parquet(
+            staging,
+            filesystem=arrow_filesystem(fs),
+            schema=OUTPUT_SCHEMA,
+            **({"min_rows_per_file": rows_per_file} if rows_per_file else {"min_bytes_per_file": max(1, int(file_mib * 2**20))}),
+            ray_remote_args={"num_cpus": write_cpus},
+        )
+    finally:
+        progress.unwatch()
     # Ray's workers wrote these files; listings this process cached before are stale.
     fs.invalidate_cache(root)
     staged = sorted(p for p in fs.find(staging) if p.endswith(".parquet"))
@@ -195,6 +205,7 @@ def write_run(
             "images_per_second": round(summary.images_per_second, 3),
         },
         "files": [posixpath.basename(p) for p in committed],
+        "progress": progress.record(),
     }
     with fs.open(posixpath.join(root, RUN_FILE), "w") as f:
         json.dump(record, f, indent=2)
@@ -230,7 +241,11 @@ def staged_image_ids(output: str, run_id: str, storage_options: dict | None = No
     complete = [path for path in staged_files(output, run_id, storage_options) if _rows(fs, [path])]
     if not complete:
         return None
-    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs)).select_columns(["image_id"])
+    # A quarter CPU: the manifest's reader holds one for the whole run, and on a 2-CPU
+    # machine a read of 1 CPU waited 401 s for it to finish (BENCHMARKS.md, issue 25).
+    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs), ray_remote_args={"num_cpus": 0.25}).select_columns(
+        ["image_id"]
+    )
 
 
 def staged_files(output: str, run_id: str, storage_options: dict | None = None) -> list[str]:

@@ -15,14 +15,16 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from .storage import arrow_filesystem, filesystem, full_uri, join_uri
 
@@ -43,6 +45,9 @@ ROWS_PER_BLOCK = 256
 BLOCKS_PER_CPU = 4
 # CPUs the task that streams a manifest holds for the whole run (Ray's default for a read).
 MANIFEST_READER_CPUS = 1.0
+# Files a listing gathers as Python strings before it turns them into one Arrow table: the
+# driver's per-file Python objects are at most this many (a few MiB), whatever the tree.
+LISTING_CHUNK_ROWS = 32_768
 
 
 class SourceError(ValueError):
@@ -62,8 +67,12 @@ def list_images(
     Returns a table with `image_id` (the path relative to the input, '/'-separated), `uri`
     (where to read it) and `error` (why the file cannot be read, for names that are not
     UTF-8; else null); with `fingerprint`, also a `fingerprint` column: what it makes of
-    the listing's entry for each file. Files with other extensions are skipped; a
-    directory without images gives an empty table.
+    the listing's entry for each file (fsspec's detail dict of it, as `fs.info` gives). Files
+    with other extensions are skipped; a directory without images gives an empty table.
+
+    The listing streams: directories are read one at a time and their images appended to
+    Arrow tables of LISTING_CHUNK_ROWS rows, so the driver holds per-file Python objects
+    only for the chunk being built, then Arrow's strings (BENCHMARKS.md, issue 25).
     """
     fs, root = filesystem(input_uri, storage_options)
     if not fs.exists(root):
@@ -71,11 +80,68 @@ def list_images(
     if not fs.isdir(root):
         raise SourceError(f"input is neither a directory nor a manifest (.parquet, .csv, .json): {input_uri}")
     root = root.rstrip("/")
-    found = fs.find(root, detail=True)
-    paths = sorted(path for path in found if posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS)
+    if isinstance(fs, LocalFileSystem):
+        # fsspec's own detail dict of a scandir entry, as fs.find gave it: the same fingerprints.
+        entries, detail = ((entry.path, entry) for entry in _local_files(root)), fs.info
+    else:
+        entries, detail = ((info["name"], info) for info in _store_files(fs, root)), None
+    chunks, keys, paths, prints = [], [], [], []
+    for path, entry in entries:
+        if posixpath.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        if fingerprint is not None:
+            try:
+                prints.append(fingerprint(detail(entry) if detail else entry))
+            except FileNotFoundError:  # removed since its directory was read: fs.find skipped it too
+                continue
+        paths.append(path)
+        if len(paths) == LISTING_CHUNK_ROWS:
+            chunks.append(_listing_chunk(fs, root, paths, prints if fingerprint is not None else None, keys))
+            paths, prints = [], []
+    if paths or not chunks:
+        chunks.append(_listing_chunk(fs, root, paths, prints if fingerprint is not None else None, keys))
+    # Sorted by path as fs.find sorted it: Python's code point order, which is the byte order
+    # of the keys (UTF-8, surrogate-escaped bytes included).
+    return pa.concat_tables(chunks).take(pc.sort_indices(pa.chunked_array(keys, pa.binary())))
+
+
+def _local_files(root: str) -> Iterator[os.DirEntry]:
+    """Every entry under a local directory that is not a directory, one at a time, as
+    fs.find lists them: hidden ones too, symlinks (to files or directories) as files, never
+    followed; a directory that cannot be read is skipped, as fsspec's walk skips it."""
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            # One directory open at a time: its subdirectories wait in `pending`.
+            with os.scandir(directory) as found:
+                for entry in found:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        yield entry
+        except OSError:
+            continue
+
+
+def _store_files(fs, root: str) -> Iterator[dict]:
+    """fsspec's detail dict of every file under `root` of a remote filesystem, one
+    directory (an object store's prefix) listed at a time."""
+    # on_error="raise": fs.find's flat listing of an object store raised on a refused listing
+    # (s3fs, gcsfs), which open_source reports; omitting it would say "no images" instead.
+    for directory, _, files in fs.walk(root, detail=True, on_error="raise"):
+        yield from files.values()
+        # The filesystem caches every listing for the life of the process (s3fs, gcsfs):
+        # dropped once read, else the whole tree's details would stay on the driver.
+        fs.invalidate_cache(directory)
+
+
+def _listing_chunk(fs, root: str, paths: list[str], prints: list[str] | None, keys: list[pa.Array]) -> pa.Table:
+    """The listing's rows for `paths` as a table; their sort keys are appended to `keys`."""
     ids, uris, errors = [], [], []
+    start = len(root) + 1  # every listed path is root + "/" + its path below it
     for path in paths:
-        image_id, uri = posixpath.relpath(path, root), full_uri(fs, path)
+        image_id, uri = path[start:], full_uri(fs, path)
         if _utf8(uri):
             errors.append(None)
         else:
@@ -86,8 +152,13 @@ def list_images(
         ids.append(image_id)
         uris.append(uri)
     columns = {"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string()), "error": pa.array(errors, pa.string())}
-    if fingerprint is not None:
-        columns["fingerprint"] = pa.array([fingerprint(found[path]) for path in paths], pa.string())
+    if prints is not None:
+        columns["fingerprint"] = pa.array(prints, pa.string())
+    if any(error is not None for error in errors):
+        # An escaped uri sorts elsewhere than its name did: the key is the name's own bytes.
+        keys.append(pa.array([full_uri(fs, path).encode("utf-8", "surrogatepass") for path in paths], pa.binary()))
+    else:
+        keys.append(columns["uri"].view(pa.binary()))  # the uri's bytes, not copied
     return pa.table(columns)
 
 
@@ -150,6 +221,13 @@ def _manifest_columns(fs, path: str, kind: str) -> list[str]:
     # would otherwise be part of the first column's name. Arrow's CSV reader skips it too.
     with fs.open(path, "rt", newline="", encoding="utf-8-sig") as f:
         return next(csv.reader(io.StringIO(f.readline())), [])
+
+
+def _parquet_rows(manifest_uri: str, storage_options: dict | None) -> int:
+    """A Parquet manifest's row count, from its footer."""
+    fs, path = filesystem(manifest_uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_metadata(f).num_rows
 
 
 def _blank_as_null(strings: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -271,11 +349,22 @@ class Source:
     image_root: str | None = None
     limit: int | None = None
     storage_options: dict | None = None
+    footer_rows: int | None = None  # a Parquet manifest's, from its footer
 
     @property
     def rows(self) -> int | None:
         """The number of rows when known before the run (None for a manifest)."""
         return None if self.table is None else self.table.num_rows
+
+    @property
+    def expected_rows(self) -> int | None:
+        """The number of rows the dataset will give, when known without reading them: a
+        table's, or a Parquet manifest's (its footer), at most `limit`; None for a CSV."""
+        if self.table is not None:
+            return self.table.num_rows
+        if self.footer_rows is None:
+            return None
+        return self.footer_rows if self.limit is None else min(self.footer_rows, self.limit)
 
     def dataset(self, parallelism: int = 2) -> ray.data.Dataset:
         """The lazy {image_id, uri} dataset; a table is cut into blocks as `dataset_from_table`
@@ -311,7 +400,10 @@ def _open_source(input_uri: str, storage_options: dict | None, image_root: str |
     kind = source_kind(input_uri)
     if kind in ("parquet", "csv"):
         columns = tuple(check_manifest(input_uri, kind, storage_options))
-        return Source(input_uri, kind, columns=columns, image_root=image_root, limit=limit, storage_options=storage_options)
+        footer_rows = _parquet_rows(input_uri, storage_options) if kind == "parquet" else None
+        return Source(
+            input_uri, kind, columns=columns, image_root=image_root, limit=limit, storage_options=storage_options, footer_rows=footer_rows
+        )
     if kind == "coco":
         if image_root is None:
             raise SourceError(f"a COCO json input needs --image-root (the directory its file_names are relative to): {input_uri}")

@@ -148,3 +148,56 @@ def test_export_dataset_gives_every_image_its_own_id_and_takes_an_id_s_first_ok_
     assert ids == {"a.png": 2, "1": 1, "²": 3} and summary.duplicate_rows == 0 and summary.error_rows == 1
     by_image = {a["image_id"]: a["category_id"] for a in dataset["annotations"]}
     assert by_image == {2: 1, 1: 2, 3: 1}, "a.png keeps its annotation although its error row came first"
+
+
+def repeated_id_rows() -> list[dict]:
+    """Rows in which ids repeat across files: "3" twice, "03" (COCO id 3 again), "b.png" twice
+    (once after an error row of it); each row's category tells which row an export took."""
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 1:5] = True
+    ids = ["3", "7", "b.png", "03", "b.png", "5", "3", "b.png", "7"]
+    rows = [syn.row(image_id, 6, 8, [syn.segment(10 + k, mask)]) for k, image_id in enumerate(ids)]
+    rows[2] = syn.row("b.png", 6, 8, [], status="error", error="read failed")
+    return rows
+
+
+def test_export_coco_counts_ids_repeated_across_files_and_keeps_each_image_s_first_row(tmp_path):
+    rows = [r for r in repeated_id_rows() if r["image_id"] != "b.png"]
+    syn.write_predictions(rows, str(tmp_path / "pred"), rows_per_file=2)
+    summary = export_coco_results(str(tmp_path / "pred"), str(tmp_path / "results.json"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["image_id"]: r["category_id"] for r in results} == {3: 10, 7: 11, 5: 15}
+    assert (summary.rows, summary.images, summary.duplicate_rows) == (6, 3, 3), '"03" is COCO id 3 too'
+
+
+def test_export_dataset_with_repeated_ids_gives_images_and_annotations_the_same_ids(tmp_path):
+    syn.write_predictions(repeated_id_rows(), str(tmp_path / "pred"), rows_per_file=2)
+    summary = export_coco_dataset(str(tmp_path / "pred"), str(tmp_path / "coco.json"))
+    dataset = json.loads((tmp_path / "coco.json").read_text())
+    ids = {image["rayseg_image_id"]: image["id"] for image in dataset["images"]}
+    assert ids == {"3": 3, "7": 7, "b.png": 8, "5": 5}, '"03" is COCO id 3, taken already'
+    assert {a["image_id"]: a["category_id"] for a in dataset["annotations"]} == {3: 10, 7: 11, 8: 14, 5: 15}
+    assert (summary.images, summary.error_rows, summary.duplicate_rows) == (4, 1, 4)
+
+
+@pytest.mark.parametrize("kind", ["coco", "dataset"])
+def test_exports_are_the_same_with_colliding_hashes_and_one_row_batches(tmp_path, monkeypatch, kind):
+    import rayseg.pipeline.export as export
+
+    rows = repeated_id_rows() if kind == "dataset" else [r for r in repeated_id_rows() if r["image_id"] != "b.png"]
+    syn.write_predictions(rows, str(tmp_path / "pred"), rows_per_file=4, row_group_size=3)
+    function = export_coco_dataset if kind == "dataset" else export_coco_results
+    expected = function(str(tmp_path / "pred"), str(tmp_path / "expected.json"))
+    # Every id hashing alike makes every row a suspect: remembered ids decide, not hashes.
+    monkeypatch.setattr(export, "id_hashes", lambda ids: np.zeros(len(ids), np.uint64))
+    monkeypatch.setattr(export, "BATCH_ROWS", 1)
+    got = function(str(tmp_path / "pred"), str(tmp_path / "got.json"))
+
+    def without_date(path):
+        data = json.loads(path.read_text())
+        if kind == "dataset":
+            data["info"].pop("date_created")
+        return data
+
+    assert without_date(tmp_path / "got.json") == without_date(tmp_path / "expected.json")
+    assert {**got.__dict__, "output": ""} == {**expected.__dict__, "output": ""}

@@ -8,26 +8,38 @@ or the image's path relative to the input ("000003.png"); it joins to the ground
 image by str(id) first, else by `file_name` (semantic: by the label PNG's relative path,
 the image path with its extension replaced by `.png`).
 
-Only the driver reads the small `image_id`/`status`/`uri` columns to plan the join; the
-shards read their own rows, masks included, inside the Ray tasks.
+Only the driver reads the small `image_id`/`status`/`uri` columns to plan the join, a batch
+at a time, and hands out each shard as soon as it is complete (`iter_shards`): it holds the
+ground truth's index (one record per ground-truth image) and the shards in flight, nothing
+per prediction row. The shards read their own rows, masks included, inside the Ray tasks.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..run_reader import uri_tails
-from ..storage import filesystem, full_uri
+from ..sources import list_images
+from ..storage import filesystem
 from .base import EvaluationError
 
 TASKS = ("instance", "semantic", "panoptic")
+# Label paths turned into bytes at once: their Python strings cost ~60 bytes each meanwhile.
+LABEL_CHUNK = 65_536
 # Examples of unmatched ids kept for the report, so a user can see why a join failed.
 EXAMPLES = 5
+# Rows of the join columns read at once: a row group of Ray's output can hold 200k rows,
+# whose ids, statuses and uris as Python strings would cost ~40 MB at once.
+PLAN_BATCH_ROWS = 8192
 
 
 # --- ground truth ---------------------------------------------------------------------------
@@ -43,6 +55,7 @@ class InstanceImage:
     height: int
     width: int
     annotations: list[dict]
+    position: int = -1  # index among GroundTruth.images (set there)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class PanopticImage:
     height: int | None
     width: int | None
     segments_info: list[dict]
+    position: int = -1  # index among GroundTruth.images (set there)
 
 
 @dataclass
@@ -63,6 +77,57 @@ class SemanticImage:
 
     key: str  # path relative to the label directory
     png: str
+    position: int = -1  # index among GroundTruth.images (set there)
+
+
+class SemanticLabels(Mapping):
+    """A directory's label PNGs by relative path, as one sorted array of the paths' UTF-8
+    bytes: ~20 bytes an image where a dict of records took ~800 (777 MiB at a million
+    images, BENCHMARKS.md, issue 25). Records are made when looked up."""
+
+    def __init__(self, root: str, keys: np.ndarray):
+        """root: the directory's URI; keys: sorted bytes (numpy 'S') of the paths below it."""
+        self.root, self.keys = root.rstrip("/"), keys
+
+    def _position(self, key: str) -> int:
+        if not isinstance(key, str):
+            return -1
+        encoded = key.encode("utf-8", "surrogateescape")
+        position = int(np.searchsorted(self.keys, encoded))
+        return position if position < len(self.keys) and self.keys[position] == encoded else -1
+
+    def __getitem__(self, key: str) -> SemanticImage:
+        position = self._position(key)
+        if position < 0:
+            raise KeyError(key)
+        return SemanticImage(key, f"{self.root}/{key}", position)
+
+    def __contains__(self, key) -> bool:
+        return self._position(key) >= 0
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.keys:
+            yield key.decode("utf-8", "surrogateescape")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _semantic_labels(annotations: str, storage_options: dict | None) -> SemanticLabels:
+    """The label PNGs under a directory, listed as `rayseg segment` lists its input (streamed,
+    sorted by path), their paths kept as bytes a chunk at a time."""
+    listing = list_images(annotations, storage_options)
+    listing = listing.filter(pc.and_(pc.is_null(listing["error"]), pc.ends_with(pc.utf8_lower(listing["image_id"]), ".png")))
+    root = listing["uri"][0].as_py()[: -len(listing["image_id"][0].as_py())] if listing.num_rows else annotations
+    ids = listing["image_id"]
+    del listing
+    chunks = [
+        pc.cast(ids.slice(start, LABEL_CHUNK), pa.binary()).to_numpy(zero_copy_only=False).astype(bytes)
+        for start in range(0, len(ids), LABEL_CHUNK)
+    ]
+    width = max((chunk.dtype.itemsize for chunk in chunks), default=1)
+    keys = np.concatenate([chunk.astype(f"S{width}") for chunk in chunks]) if chunks else np.array([], dtype="S1")
+    return SemanticLabels(root, keys)
 
 
 @dataclass
@@ -75,6 +140,15 @@ class GroundTruth:
     categories: list[dict]
     by_id: dict[str, Any] = field(default_factory=dict)
     by_file: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Each record's index, so the join marks matched images in a bool array (1 byte an
+        # image) rather than a set of keys (~32 bytes an image at a million). Label PNGs
+        # know theirs (SemanticLabels).
+        if isinstance(self.images, SemanticLabels):
+            return
+        for position, record in enumerate(self.images.values()):
+            record.position = position
 
     def match(self, image_id: str, uri: str | None) -> Any | None:
         """The ground-truth key of a prediction row, or None."""
@@ -146,12 +220,7 @@ def load_ground_truth(
     if task == "semantic":
         if not fs.isdir(path):
             raise EvaluationError(f"semantic ground truth is a directory of label PNGs; {annotations} is a file")
-        root = path.rstrip("/")
-        images = {}
-        for file in sorted(fs.find(root)):
-            if file.lower().endswith(".png"):
-                key = posixpath.relpath(file, root)
-                images[key] = SemanticImage(key, full_uri(fs, file))
+        images = _semantic_labels(annotations, storage_options)
         if not images:
             raise EvaluationError(f"no label PNGs in {annotations}")
         return GroundTruth("semantic", annotations, images, categories=[])
@@ -256,65 +325,62 @@ class Coverage:
         return dict(self.__dict__)
 
 
-def plan_shards(
-    fs, files: list[str], ground_truth: GroundTruth, shard_rows: int
-) -> tuple[list[Shard], Coverage]:
-    """Joins prediction rows to ground-truth images and groups the joined rows into shards.
+def iter_shards(fs, files: list[str], ground_truth: GroundTruth, shard_rows: int, coverage: Coverage) -> Iterator[Shard]:
+    """Joins prediction rows to ground-truth images and yields the joined rows in shards of
+    `shard_rows` (the last one smaller), each as soon as it is complete.
 
-    Reads only the image_id/status/uri columns. A ground-truth image with several rows
-    is evaluated once, with its first row (the others are counted as duplicates).
+    Reads only the image_id/status/uri columns, PLAN_BATCH_ROWS rows at a time. A
+    ground-truth image with several rows is evaluated once, with its first row (the others
+    are counted as duplicates). `coverage` (fresh, from the caller) is counted as rows are
+    read and complete once the generator is exhausted.
     """
-    coverage = Coverage(ground_truth_images=len(ground_truth.images))
-    matched: set = set()
-    shards: list[Shard] = []
+    coverage.ground_truth_images = len(ground_truth.images)
+    matched = np.zeros(len(ground_truth.images), dtype=bool)
     parts: list[tuple[str, int, list[int]]] = []
     gts: list[Any] = []
-
-    def flush() -> None:
-        nonlocal parts, gts
-        if gts:
-            shards.append(Shard(parts, gts))
-        parts, gts = [], []
-
     for file in files:
         with fs.open(file, "rb") as f:
             parquet = pq.ParquetFile(f)
             for row_group in range(parquet.metadata.num_row_groups):
-                table = parquet.read_row_group(row_group, columns=["image_id", "status", "uri"])
-                ids = table.column("image_id").to_pylist()
-                statuses = table.column("status").to_pylist()
-                uris = table.column("uri").to_pylist()
                 rows: list[int] = []
-                for row, (image_id, status, uri) in enumerate(zip(ids, statuses, uris)):
-                    coverage.prediction_rows += 1
-                    key = ground_truth.match(image_id, uri)
-                    if key is None:
-                        coverage.predictions_without_gt += 1
-                        if len(coverage.examples_without_gt) < EXAMPLES:
-                            coverage.examples_without_gt.append(image_id)
-                        continue
-                    if key in matched:
-                        coverage.duplicate_rows += 1
-                        continue
-                    matched.add(key)
-                    if status != "ok":
-                        coverage.error_rows += 1
-                        if len(coverage.examples_error) < EXAMPLES:
-                            coverage.examples_error.append(image_id)
-                    rows.append(row)
-                    gts.append(ground_truth.images[key])
-                    if len(gts) >= shard_rows:
-                        parts.append((file, row_group, rows))
-                        rows = []
-                        flush()
+                first = 0  # the batch's first row within the row group
+                for batch in parquet.iter_batches(batch_size=PLAN_BATCH_ROWS, row_groups=[row_group], columns=["image_id", "status", "uri"]):
+                    ids = batch.column("image_id").to_pylist()
+                    statuses = batch.column("status").to_pylist()
+                    uris = batch.column("uri").to_pylist()
+                    row_numbers = range(first, first + batch.num_rows)
+                    first += batch.num_rows
+                    for row, image_id, status, uri in zip(row_numbers, ids, statuses, uris):
+                        coverage.prediction_rows += 1
+                        key = ground_truth.match(image_id, uri)
+                        if key is None:
+                            coverage.predictions_without_gt += 1
+                            if len(coverage.examples_without_gt) < EXAMPLES:
+                                coverage.examples_without_gt.append(image_id)
+                            continue
+                        record = ground_truth.images[key]
+                        if matched[record.position]:
+                            coverage.duplicate_rows += 1
+                            continue
+                        matched[record.position] = True
+                        if status != "ok":
+                            coverage.error_rows += 1
+                            if len(coverage.examples_error) < EXAMPLES:
+                                coverage.examples_error.append(image_id)
+                        rows.append(row)
+                        gts.append(record)
+                        if len(gts) >= shard_rows:
+                            parts.append((file, row_group, rows))
+                            yield Shard(parts, gts)
+                            parts, gts, rows = [], [], []
                 if rows:
                     parts.append((file, row_group, rows))
-    flush()
-    coverage.evaluated = len(matched)
-    coverage.gt_without_prediction = len(ground_truth.images) - len(matched)
-    for key in ground_truth.images:
+    if gts:
+        yield Shard(parts, gts)
+    coverage.evaluated = int(matched.sum())
+    coverage.gt_without_prediction = len(ground_truth.images) - coverage.evaluated
+    for key, record in ground_truth.images.items():
         if len(coverage.examples_gt_without_prediction) >= EXAMPLES:
             break
-        if key not in matched:
+        if not matched[record.position]:
             coverage.examples_gt_without_prediction.append(str(key))
-    return shards, coverage

@@ -1,10 +1,13 @@
 """evaluate_predictions: predictions + ground truth → metrics, the work spread over Ray tasks.
 
 The driver loads the ground truth's index, reads only the `image_id`/`status`/`uri` columns
-of the predictions to join them, and cuts the joined rows into shards. Each shard is a Ray
-task that reads its own rows (masks included) and ground-truth files and returns a fresh
-evaluator holding only mergeable partial results; the driver merges them as they finish
-and never holds the masks of more than the handful of images it draws in the report.
+of the predictions to join them, and cuts the joined rows into shards as it reads them
+(data.iter_shards). Each shard is a Ray task that reads its own rows (masks included) and
+ground-truth files and returns a fresh evaluator holding only mergeable partial results.
+At most IN_FLIGHT_PER_CPU tasks per cluster CPU are submitted at a time, the next shard
+planned as one finishes, and the driver merges them as they finish: it holds the shards in
+flight, never all of them, and never the masks of more than the handful of images it draws
+in the report.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from ..run_reader import prediction_files, read_predictions, read_run_info
 from ..storage import filesystem
@@ -22,8 +26,8 @@ from .data import (
     GroundTruth,
     Shard,
     infer_task,
+    iter_shards,
     load_ground_truth,
-    plan_shards,
 )
 
 DEFAULT_IGNORE_LABELS = (0, 255)
@@ -31,6 +35,9 @@ DEFAULT_IGNORE_LABELS = (0, 255)
 MIN_SHARD_ROWS = 32
 MAX_SHARD_ROWS = 2000
 TASKS_PER_CPU = 4
+# Tasks submitted and not yet merged, per cluster CPU: enough that a CPU finds the next task
+# queued when one finishes, few enough that the driver holds a handful of shards.
+IN_FLIGHT_PER_CPU = 2
 
 
 @dataclass
@@ -127,6 +134,7 @@ def evaluate_predictions(
     storage_options: dict | None = None,
     use_ray: bool = True,
     shard_rows: int | None = None,
+    max_in_flight: int | None = None,
     ignore_labels=DEFAULT_IGNORE_LABELS,
     panoptic_root: str | None = None,
     categories: list[dict] | None = None,
@@ -142,6 +150,7 @@ def evaluate_predictions(
     use_ray: run the shards as Ray tasks (on the cluster `ray.init` connected to, else a
         local one) or, when False, one after the other in this process.
     shard_rows: rows per shard (default: about TASKS_PER_CPU shards per cluster CPU).
+    max_in_flight: Ray tasks submitted at a time (default: IN_FLIGHT_PER_CPU per cluster CPU).
     ignore_labels: semantic label values that are not evaluated (default 0 and 255).
     panoptic_root: directory of the panoptic PNGs (default: the json's path without .json).
     categories: semantic class ids and names ([{"id", "name"}]); default: the ids seen.
@@ -169,13 +178,15 @@ def evaluate_predictions(
     )
     if shard_rows is None:
         shard_rows = _default_shard_rows(len(ground_truth.images), use_ray)
-    shards, coverage = plan_shards(fs, files, ground_truth, max(1, shard_rows))
+    coverage = Coverage()
+    shards = iter_shards(fs, files, ground_truth, max(1, shard_rows), coverage)
     if use_ray:
-        merged = _run_on_ray(evaluator, shards, storage_options)
+        merged, count = _run_on_ray(evaluator, shards, storage_options, max_in_flight or _default_in_flight())
     else:
-        merged = make_copy(evaluator)
+        merged, count = make_copy(evaluator), 0
         for shard in shards:
             merged.merge(evaluate_shard(make_copy(evaluator), shard, storage_options))
+            count += 1
     metrics = merged.evaluate()
     return EvaluationResult(
         task=task,
@@ -188,7 +199,7 @@ def evaluate_predictions(
         ground_truth=ground_truth,
         storage_options=storage_options,
         seconds=time.time() - started,
-        shards=len(shards),
+        shards=count,
         distributed=use_ray,
     )
 
@@ -202,25 +213,45 @@ def make_copy(evaluator: DatasetEvaluator) -> DatasetEvaluator:
     return fresh
 
 
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
 def _default_shard_rows(images: int, use_ray: bool) -> int:
     if not use_ray:
         return MAX_SHARD_ROWS
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    return min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, math.ceil(images / (TASKS_PER_CPU * max(cpus, 1)))))
+    return min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, math.ceil(images / (TASKS_PER_CPU * _cluster_cpus()))))
 
 
-def _run_on_ray(evaluator: DatasetEvaluator, shards: list[Shard], storage_options: dict) -> DatasetEvaluator:
-    """Runs every shard as a task and merges the evaluators as they finish."""
+def _default_in_flight() -> int:
+    return IN_FLIGHT_PER_CPU * _cluster_cpus()
+
+
+def _run_on_ray(
+    evaluator: DatasetEvaluator, shards: Iterable[Shard], storage_options: dict, max_in_flight: int
+) -> tuple[DatasetEvaluator, int]:
+    """Runs each shard as a task, at most `max_in_flight` at a time, merging the evaluators
+    as they finish; returns the merged evaluator and the number of shards."""
     import ray
 
     remote = _remote_evaluate_shard()
     template = ray.put(make_copy(evaluator))
-    pending = [remote.remote(template, shard, storage_options) for shard in shards]
     merged = make_copy(evaluator)
-    while pending:
+    pending: list = []
+    count = 0
+
+    def merge_one() -> None:
+        nonlocal pending
         done, pending = ray.wait(pending, num_returns=1)
         merged.merge(ray.get(done[0]))
-    return merged
 
+    for shard in shards:
+        if len(pending) >= max(1, max_in_flight):
+            merge_one()
+        pending.append(remote.remote(template, shard, storage_options))
+        count += 1
+    while pending:
+        merge_one()
+    return merged, count
