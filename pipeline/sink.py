@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
@@ -298,6 +299,10 @@ def _rows(fs, files: list[str]) -> int:
     return total
 
 
+COUNT_COLUMNS = ["image_id", "status", "error", "segments.list.element.category_id"]
+COUNT_BATCH_ROWS = 65_536
+
+
 def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> RunSummary:
     """Counts read back from the committed files: image ids, the status column and one leaf
     of segments."""
@@ -305,16 +310,20 @@ def _count(fs, files: list[str], run_id: str, output: str, seconds: float) -> Ru
     example = None
     hashes = []
     for path in files:
+        file_hashes = []
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["image_id", "status", "error", "segments.list.element.category_id"])
-        hashes.append(id_hashes(table["image_id"]))
-        rows_ok = pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
-        ok += rows_ok
-        error += table.num_rows - rows_ok
-        segments += pc.sum(pc.list_value_length(table["segments"])).as_py() or 0
-        reasons = pc.drop_null(table["error"])
-        if example is None and len(reasons):
-            example = reasons[0].as_py()
+            # A batch at a time: a file holds FILE_MIB of rows, whose columns read whole
+            # grew the driver with the file (+120 MiB at a million rows, BENCHMARKS.md).
+            for table in pq.ParquetFile(f).iter_batches(batch_size=COUNT_BATCH_ROWS, columns=COUNT_COLUMNS):
+                file_hashes.append(id_hashes(table["image_id"]))
+                rows_ok = pc.sum(pc.equal(table["status"], STATUS_OK)).as_py() or 0
+                ok += rows_ok
+                error += table.num_rows - rows_ok
+                segments += pc.sum(pc.list_value_length(table["segments"])).as_py() or 0
+                reasons = pc.drop_null(table["error"])
+                if example is None and len(reasons):
+                    example = reasons[0].as_py()
+        hashes.append(np.concatenate(file_hashes) if file_hashes else np.empty(0, np.uint64))
     return RunSummary(
         run_id, output, ok + error, ok, error, segments, len(files), seconds, example, find_repeated_ids(fs, files, hashes)
     )
