@@ -63,6 +63,35 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
+class TreeAndDriverSampler(threading.Thread):
+    """Peak PSS of a process tree and of its root alone, sampled every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.tree_peak = self.driver_peak = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            total = 0
+            for process in tree(self.root):
+                try:
+                    pss = process.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                total += pss
+                if process.pid == self.root.pid:
+                    self.driver_peak = max(self.driver_peak, pss)
+            self.tree_peak = max(self.tree_peak, total)
+            self._done.wait(self.interval)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
 ProcessKey = tuple[int, float]  # (pid, create time): pids are reused, this pair is not
 
 

@@ -29,12 +29,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -43,42 +41,13 @@ from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
 from rayseg.pipeline.sink import RUN_FILE
 
-from .common import machine, tree
+from .common import TreeAndDriverSampler, machine
 
 SIDE = 32
 PATTERNS = 4  # distinct predicted label maps, cycled over the rows
 LABELS = 2000  # distinct ground-truth label PNGs (and fixture images), cycled
 FILE_ROWS = 200_000
 ROW_GROUP_ROWS = 10_000
-
-
-class TreeAndDriverSampler(threading.Thread):
-    """Peak PSS of a process tree and of its root alone, sampled every `interval` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.tree_peak = self.driver_peak = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            total = 0
-            for process in tree(self.root):
-                try:
-                    pss = process.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += pss
-                if process.pid == self.root.pid:
-                    self.driver_peak = max(self.driver_peak, pss)
-            self.tree_peak = max(self.tree_peak, total)
-            self._done.wait(self.interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 def measured(command: list[str]) -> dict:

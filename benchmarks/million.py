@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -30,35 +29,10 @@ import psutil
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .common import machine, repeated_manifest, small_images, tree
+from .common import TreeAndDriverSampler, machine, repeated_manifest, small_images, tree
 
 RAYSEG = ".venv/bin/rayseg"
 PROGRESS = re.compile(r"([\d,]+) of ([\d,]+) images")
-
-
-class MemorySampler(threading.Thread):
-    """Peak PSS of a process and of its process tree, every `interval` seconds."""
-
-    def __init__(self, pid: int, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.driver_peak = self.tree_peak = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            total = 0
-            for process in tree(self.root):
-                try:
-                    pss = process.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += pss
-                if process.pid == self.root.pid:
-                    self.driver_peak = max(self.driver_peak, pss)
-            self.tree_peak = max(self.tree_peak, total)
-            self.done.wait(self.interval)
 
 
 def run_segment(manifest: Path, output: Path, *extra: str, kill_at: float | None = None) -> dict:
@@ -67,7 +41,7 @@ def run_segment(manifest: Path, output: Path, *extra: str, kill_at: float | None
     command = [RAYSEG, "segment", str(manifest), str(output), "--model", "threshold", "--weights", "random", *extra]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = MemorySampler(process.pid)
+    sampler = TreeAndDriverSampler(process.pid, interval=1.0)
     sampler.start()
     log, killed = [], None
     for line in process.stdout:
@@ -87,8 +61,7 @@ def run_segment(manifest: Path, output: Path, *extra: str, kill_at: float | None
                         pass
                 break
     process.wait()
-    sampler.done.set()
-    sampler.join()
+    sampler.stop()
     seconds = time.perf_counter() - started
     if killed is None and process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(log[-60:])}")
