@@ -199,12 +199,18 @@ class ProgressCallback(ExecutionCallback):
     key: int = 0
 
     def on_execution_step(self, executor) -> None:
-        if (progress := _WATCHED.get(self.key)) is not None:
-            progress.step(executor)
+        self._step(executor, final=False)
 
     def after_execution_succeeds(self, executor) -> None:
-        if (progress := _WATCHED.get(self.key)) is not None:
-            progress.step(executor, final=True)
+        self._step(executor, final=True)
+
+    def _step(self, executor, final: bool) -> None:
+        if (progress := _WATCHED.get(self.key)) is None:
+            return
+        try:
+            progress.step(executor, final=final)
+        except Exception:  # noqa: BLE001 - a progress line is never worth a run: the counts come from the files
+            log.debug("progress step failed", exc_info=True)
 
 
 def short_name(operator: str) -> str:

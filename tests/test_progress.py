@@ -111,3 +111,15 @@ def test_an_output_file_size_that_is_not_positive_is_refused_before_any_work(sha
     result = rayseg("segment", shapes.images_dir, tmp_path / "out", "--model", "threshold", "--weights", "random", "--output-file-mib", "0")
     assert result.exit_code == 2
     assert "output_file_mib" in result.output and "greater than 0" in result.output
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_progress_step_that_fails_costs_the_run_nothing(shapes, tmp_path, monkeypatch):
+    def broken(self, executor, final=False):
+        raise RuntimeError("the counters moved")
+
+    monkeypatch.setattr(RunProgress, "step", broken)
+    output = tmp_path / "out"
+    result = rayseg("segment", shapes.images_dir, output, "--model", "threshold", "--weights", "random")
+    assert result.exit_code == 0, result.output
+    assert json.loads((output / RUN_FILE).read_text())["counts"]["images"] == 20
