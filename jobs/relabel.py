@@ -35,6 +35,7 @@ import ray
 
 from .. import __version__
 from ..pipeline.export import export_coco_dataset
+from ..pipeline.progress import start_error_tally
 from ..pipeline.schema import OUTPUT_SCHEMA, STATUS_OK
 from ..pipeline.segment import declared_categories, pin_weights, segment
 from ..pipeline.sink import (
@@ -426,6 +427,7 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
     ray_seconds = cluster.connect(address)
     resources = plan_on_cluster(spec.resources, spec.model.name).for_rows(to_segment.num_rows)
     parallelism = int(ray.cluster_resources().get("CPU", 1))
+    error_tally = start_error_tally()
     parts = []
     for version, files, image_ids in recovered:
         log.info("taking %d staged rows from unfinished %s", image_ids.num_rows, version.name)
@@ -436,7 +438,9 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         parts.append(_rows_of_images(prev_fs, paths, unchanged.select(["image_id"]), parallelism))
     if to_segment.num_rows or not parts:  # a source emptied since the previous version commits no rows
         to_rows = dataset_from_table(to_segment.select(["image_id", "uri", "error"]), parallelism)
-        parts.insert(0, segment(to_rows, model, resources, storage_options=storage_options, decoded=False))
+        parts.insert(
+            0, segment(to_rows, model, resources, storage_options=storage_options, decoded=False, error_tally=error_tally)
+        )
     rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     run_info = {
         "rayseg_version": __version__,
@@ -468,6 +472,9 @@ def relabel(spec: RelabelSpec, *, address: str | None = None) -> RelabelSummary:
         write_cpus=resources.task_cpus,
         file_mib=spec.output_file_mib,
         attempt=attempt,
+        # The version's rows: segmented, taken from unfinished versions, carried forward.
+        expected_rows=to_segment.num_rows + sum(ids.num_rows for _, _, ids in recovered) + unchanged.num_rows,
+        error_tally=error_tally,
     )
     export_coco_dataset(predictions, full_uri(fs, posixpath.join(version_path, COCO_FILE)), storage_options=storage_options)
     diff = diff_versions(
