@@ -115,17 +115,8 @@ class RunProgress:
             return
         self._next = now + self.interval_s
         topology = getattr(executor, "_topology", None) or {}
-        self.stages = [
-            Stage(
-                short_name(op.name),
-                op.metrics.num_row_inputs_received if short_name(op.name) == WRITE_OPERATOR else op.metrics.rows_task_outputs_generated,
-                state.total_enqueued_input_blocks(),
-                op.metrics.obj_store_mem_spilled,
-            )
-            for op, state in topology.items()
-            if op.input_dependencies  # not the input buffer
-        ]
-        done = sum(op.metrics.num_row_inputs_received for op in topology if short_name(op.name) == WRITE_OPERATOR)
+        self.stages = [_stage(op, state) for op, state in topology.items() if op.input_dependencies]  # not the input buffer
+        done = sum(stage.rows for stage in self.stages if stage.name == WRITE_OPERATOR)
         self._read_errors(final)
         seconds = now - self.started
         self._record([round(seconds, 1), done, self.errors], final)
@@ -187,6 +178,13 @@ class RunProgress:
             ],
             "spilled_bytes": sum(stage.spilled_bytes for stage in self.stages),
         }
+
+
+def _stage(op, state) -> Stage:
+    """An operator's counters from Ray Data's executor (its `op.metrics`, its OpState's queue)."""
+    name = short_name(op.name)
+    rows = op.metrics.num_row_inputs_received if name == WRITE_OPERATOR else op.metrics.rows_task_outputs_generated
+    return Stage(name, rows, state.total_enqueued_input_blocks(), op.metrics.obj_store_mem_spilled)
 
 
 # The runs being watched in this process, by key (`RunProgress.watch`).
