@@ -10,8 +10,8 @@ the image path with its extension replaced by `.png`).
 
 Only the driver reads the small `image_id`/`status`/`uri` columns to plan the join, a batch
 at a time, and hands out each shard as soon as it is complete (`iter_shards`): it holds the
-ground truth's index (one record per ground-truth image) and the shards in flight, nothing
-per prediction row. The shards read their own rows, masks included, inside the Ray tasks.
+ground truth's index (a COCO json's records; a label directory's sorted paths,
+`SemanticLabels`) and the shards in flight, nothing per prediction row. The shards read their own rows, masks included, inside the Ray tasks.
 """
 
 from __future__ import annotations
