@@ -14,11 +14,15 @@ install: $(INSTALLED)
 
 # The example outside model family (tests/example_family) is installed beside rayseg, as a
 # user's own family would be: the tests and benchmarks find it through its entry point.
+# setuptools tells every editable install, as a 9-line warning, that a folder named like
+# the package may shadow it; here the folder *is* the package (package-dir), so the notice
+# is dropped (PYTHONWARNINGS reaches the build backend) and every other warning stays.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet
 $(INSTALLED): pyproject.toml tests/example_family/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps -e tests/example_family
+	$(EDITABLE) -e ".[dev]"
+	$(EDITABLE) --no-deps -e tests/example_family
 	touch $@
 
 demo: $(INSTALLED)

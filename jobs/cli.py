@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 import fsspec
 import typer
 from ray.job_submission import JobStatus
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -25,13 +23,14 @@ from ..pipeline.resources import ResourceError
 from ..pipeline.sink import OutputError, RunSummary, new_run_id, staged_files
 from ..pipeline.sources import SourceError
 from ..pipeline.storage import parse_storage_options
+from .cluster import JOBS_API_HINT, ClusterError, check_reachable
 from .evaluate_commands import register as register_evaluation
 from .fixtures import make_fixtures
 from .relabel import VERSIONS_DIR, has_versions_dir, list_versions, relabel
 from .runner import run_segment_spec
 from .spec import RelabelSpec, SegmentSpec, SpecError, load_spec, parse_spec
 from .submit import submit_spec, wait_for
-from .terminal import console, fail
+from .terminal import configure_logging, fail, results
 from .train_commands import register as register_training
 
 app = typer.Typer(
@@ -59,11 +58,7 @@ DEMO_SEED = 1000
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    configure_logging(verbose)
 
 
 def load_or_fail(spec_file: str) -> SegmentSpec | RelabelSpec:
@@ -93,7 +88,7 @@ def models(
             entry = get_entry(name)
         except ValueError as e:
             raise fail(str(e)) from None
-        out = Console()  # a result: stdout, wrapped to the terminal
+        out = results
         lines = [
             f"{entry.name}: {entry.task}", f"weights: {entry.weights}", f"on CPUs: {entry.cpu_parallelism}",
             f"score: {entry.scores.meaning}", f"--score-threshold F: {entry.scores.range}: {entry.scores.cut}",
@@ -107,14 +102,12 @@ def models(
             ]
         out.print(Text("\n".join(lines)))
         return
-    table = Table("model", "task", "weights", "options", "on CPUs")
+    # Within 80 columns: a model's options are `rayseg models NAME`'s, in full.
+    table = Table("model", "task", "weights", Column("on CPUs", no_wrap=True), caption="options, scores and thresholds of one model: rayseg models NAME")
     for entry in REGISTRY.values():
         # Plain text: "[default: …]" is not Rich markup.
-        table.add_row(entry.name, entry.task, Text(entry.weights), ", ".join(entry.options.model_fields), entry.cpu_parallelism)
-    scores = Table("model", "score", "--score-threshold F", title="What a segment's score is")
-    for entry in REGISTRY.values():
-        scores.add_row(entry.name, entry.scores.meaning, f"{entry.scores.range}: {entry.scores.cut}")
-    Console().print(table, scores)
+        table.add_row(Text(entry.name, no_wrap=True), entry.task, Text(entry.weights), entry.cpu_parallelism)
+    results.print(table)
 
 
 @app.command()
@@ -129,7 +122,7 @@ def fixtures(
         made = make_fixtures(directory, images=images, size=parse_size(size), seed=seed)
     except ValueError as e:
         raise fail(str(e)) from None
-    console.print(f"wrote {images} images to {made.images_dir} and annotations to {made.instances_json.parent}")
+    results.print(f"wrote {images} images to {made.images_dir} and annotations to {made.instances_json.parent}")
 
 
 @app.command()
@@ -261,10 +254,10 @@ def run_relabel(spec: RelabelSpec, address: str | None) -> None:
         log.exception("relabel failed")
         raise fail(f"relabel failed: {type(e).__name__}: {e}\nthe next relabel run takes over the rows this one staged", code=1) from None
     if summary.version is None:
-        console.print(f"source unchanged since {summary.previous}: no new version")
+        results.print(f"source unchanged since {summary.previous}: no new version")
         return
     images = summary.diff["images"]
-    console.print(
+    results.print(
         f"{summary.version}: {summary.processed} images segmented, "
         + (f"{summary.recovered} taken from unfinished versions, " if summary.recovered else "")
         + f"{summary.carried} carried forward from "
@@ -288,32 +281,36 @@ def versions(
         raise fail(str(e)) from None
     if not found and not has_versions_dir(root, storage_options):
         raise fail(f"{root} holds no re-labelling versions (no {VERSIONS_DIR}/ directory): give a relabel spec's output_root")
-    # The name never shrinks: a narrow terminal shortens the counts' headers instead.
-    table = Table(
-        Column("version", no_wrap=True, min_width=5),
-        *("finished", "images", "ok", "error", "segments", "segmented", "added", "removed", "changed", "retried"),
-    )
+    # Two tables, each narrower than 80 columns: a version's rows, and what changed since the
+    # version before it. Names and counts never wrap.
+    rows = Table(*(Column(name, no_wrap=True) for name in ("version", "finished (UTC)", "images", "ok", "error", "segments", "segmented")), title="rows of each version")
+    changes = Table(*(Column(name, no_wrap=True) for name in ("version", *DIFF_COUNTS)), title="images changed since the version before")
     for version in found:
         counts, images = version.run["counts"], version.diff.get("images", {})
-        table.add_row(
-            version.name,
-            version.run["timings"]["finished"],
-            *(str(counts[k]) for k in ("images", "ok", "error", "segments")),
-            str(version.run.get("processed", "")),
-            *(str(images.get(k, "")) for k in ("added", "removed", "changed", "retried")),
-        )
-    Console().print(table)
+        finished = version.run["timings"]["finished"].replace("T", " ")[:16]
+        rows.add_row(version.name, finished, *(f"{counts[k]:,}" for k in ("images", "ok", "error", "segments")), f"{version.run.get('processed', 0):,}")
+        changes.add_row(version.name, *(f"{images[k]:,}" if k in images else "" for k in DIFF_COUNTS))
+    results.print(rows, changes)
+
+
+# A version's diff counts (jobs/relabel.py), in the order `rayseg versions` shows them.
+DIFF_COUNTS = ("added", "removed", "changed", "retried", "relabelled")
 
 
 @app.command()
-def validate(spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A job spec (YAML).")]) -> None:
+def validate(
+    spec_file: Annotated[str, typer.Argument(metavar="SPEC", help="A job spec (YAML).")],
+    strict: Annotated[bool, typer.Option(help="Environment variables the spec's storage.env names must be set here too.")] = False,
+) -> None:
     """Check a job spec and report every error with its field path; no cluster work."""
     spec = load_or_fail(spec_file)
-    try:
-        spec.storage.resolve()
-    except SpecError as e:
-        raise fail(str(e)) from None
-    console.print(f"{spec_file}: valid {spec.kind} spec (model {spec.model.name})")
+    if missing := spec.storage.missing_env():
+        message = f"storage.env: environment variable(s) not set here: {', '.join(missing)}"
+        if strict:
+            raise fail(message)
+        # The spec is for where it runs: a cluster's pods get them from a Secret (infra/).
+        log.warning("%s; the job's environment must set them (--strict: an error)", message)
+    results.print(f"{spec_file}: valid {spec.kind} spec (model {spec.model.name})")
 
 
 @app.command()
@@ -329,6 +326,12 @@ def submit(
         # Other commands take the cluster's GCS address (HOST:6379); this one its Jobs API.
         raise fail(f"--address {address} is not the Ray Jobs API's URL: give http://HEAD:8265 (the dashboard's port)")
     try:
+        # Nothing is submitted to an address that does not answer: a bad argument (exit 2),
+        # as for every command's --address.
+        check_reachable(address, hint=JOBS_API_HINT)
+    except ClusterError as e:
+        raise fail(str(e)) from None
+    try:
         client, job_id = submit_spec(spec, address, submission_id=submission_id)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise fail(f"could not submit to {address}: {e}", code=1) from None
@@ -338,7 +341,7 @@ def submit(
             status = wait_for(client, job_id, on_logs=lambda text: typer.echo(text, nl=False, err=True))
         except Exception as e:  # noqa: BLE001 - the cluster, not the job: say what is known
             raise fail(f"lost contact with {address} while waiting ({type(e).__name__}: {e}); job {job_id} may still be running", code=1) from None
-        console.print(f"job {job_id}: {status.value}")
+        results.print(f"job {job_id}: {status.value}")
         if status != JobStatus.SUCCEEDED:
             raise typer.Exit(1)
 
@@ -383,7 +386,7 @@ def print_summary(summary: RunSummary) -> None:
     table.add_row("segments", str(summary.segments))
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     table.add_row("output", summary.output)
-    Console().print(table)
+    results.print(table)
     if summary.images and not summary.ok:
         log.warning("every image of run %s failed: its rows hold the reasons (column `error`)", summary.run_id)
     repeated = summary.repeated_ids
@@ -414,21 +417,21 @@ def demo(
 
     # A seed the training never saw: the demo runs on images no one trained or tuned on.
     made = make_fixtures(workdir / "fixtures", images=images, size=DEMO_IMAGE_SIZE, seed=DEMO_SEED)
-    console.print(f"fixtures: {images} images in {made.images_dir}")
+    results.print(f"fixtures: {images} images in {made.images_dir}")
     headlines = []
     for task, truth in (("semantic", made.semantic_dir), ("instance", made.instances_json)):
         run_id = f"{new_run_id()}-{task}"
         output = workdir / "runs" / run_id
         spec = SegmentSpec(input=str(made.images_dir), output=str(output), model={"name": "unet", "options": {"task": task}}, run_id=run_id)
         print_summary(execute(spec, address))
-        console.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
+        results.print(f"predictions: {output} (Parquet, one row per image; {output / '_run.json'})")
         result = evaluate_predictions(str(output), str(truth), task=task)
         written = write_report(result, str(workdir / "reports" / run_id))
         print_evaluation(result, written)
         metric = ("mIoU", result.metrics["mIoU"]) if task == "semantic" else ("segm AP", result.metrics["segm"]["AP"])
         headlines.append((*metric, written.get("index.html", "")))
     for name, value, report in headlines:
-        console.print(f"{name} {value:.3f}  report: {report}")
+        results.print(f"{name} {100 * value:.1f}  report: {report}")
 
 
 if __name__ == "__main__":

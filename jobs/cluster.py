@@ -9,7 +9,19 @@ import time
 
 import ray
 
+from .terminal import filter_native_stderr
+
 log = logging.getLogger("rayseg")
+
+# Ray's loggers that a run quiets to their warnings unless -v: its own lines (the local
+# instance started, each dataset's plan and "finished" line, its progress blocks) say what
+# rayseg's progress says.
+RAY_DATA_LOGGER = "ray.data"
+# The new local instance's notice that token authentication is on, as it is by default:
+# safe and nothing to act on, so shown only with -v.
+RAY_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray Data's warning that its progress bars are off: rayseg turns them off for its own.
+RAY_PROGRESS_OFF = "Progress bars disabled"
 
 # Set by Ray in the environment of a job's driver (the job's config, runtime env included).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -23,20 +35,22 @@ class ClusterError(ValueError):
     """A Ray address that cannot be reached."""
 
 
-def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+# What to check when an address does not answer: ray.init's, and the Jobs API's (submit).
+GCS_HINT = "Is the head node up, and is that its GCS port (6379 by default; ray:// addresses use the client port, 10001)?"
+JOBS_API_HINT = "Is the head node up, and is that its dashboard port (8265 by default)?"
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S, hint: str = GCS_HINT) -> None:
     """Fails fast (ClusterError) when `address` names a host and port that refuse or do not
-    answer a connection: ray.init would retry for minutes without a word. Addresses that
-    name no port ("auto") are left to ray.init."""
+    answer a connection: ray.init (or the Jobs API's client) would retry for minutes without
+    a word. Addresses that name no port ("auto") are left to ray.init."""
     host, separator, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not separator or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ClusterError(
-            f"cannot reach Ray at {address}: {e}. Is the head node up, and is that its GCS port "
-            "(6379 by default; ray:// addresses use the client port, 10001)?"
-        ) from None
+        raise ClusterError(f"cannot reach Ray at {address}: {e}. {hint}") from None
 
 
 def connect(address: str | None = None) -> float:
@@ -50,20 +64,48 @@ def connect(address: str | None = None) -> float:
         return 0.0
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
+    verbose = log.isEnabledFor(logging.DEBUG)
+    if not verbose:
+        quiet_ray()
+    options = {"log_to_driver": True, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address and os.environ.get(JOB_CONFIG_ENV):
         # Running as a Ray job (`rayseg submit`): the job's runtime environment already
         # carries the storage settings to every worker.
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **options)
     elif address:
         check_reachable(address)
         # Workers on other machines do not share our environment: storage endpoints and
         # credentials travel with the job, in its runtime environment (never logged).
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage_env()})
+        ray.init(address=address, runtime_env={"env_vars": storage_env()}, **options)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
     seconds = time.perf_counter() - started
-    log.info("ray ready in %.1f s: %s", seconds, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    log.info(
+        "ray ready in %.1f s: %s, %g CPUs, %g GPUs",
+        seconds, f"{node_count()} nodes at {address}" if address else "local", resources.get("CPU", 0), resources.get("GPU", 0),
+    )  # fmt: skip
+    log.debug("cluster resources: %s", resources)
     return seconds
+
+
+def quiet_ray() -> None:
+    """Ray's own console at its warnings, its progress bars off (rayseg shows its own), and
+    the lines its C++ core prints that say nothing of the run filtered out (jobs/terminal.py).
+    Ray's log files keep everything."""
+    import ray.data
+
+    filter_native_stderr()
+    logging.getLogger(RAY_AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger(RAY_DATA_LOGGER).handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_progress_off)
+
+
+def _not_progress_off(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(RAY_PROGRESS_OFF)
 
 
 # Environment variables the storage libraries read (s3fs/botocore, pyarrow, gcsfs, adlfs).

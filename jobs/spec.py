@@ -189,11 +189,15 @@ class StorageSection(Strict):
             raise ValueError(f"inline secret(s) {', '.join(secrets)}: reference an environment variable instead, {example}")
         return options
 
+    def missing_env(self, environ: Optional[dict] = None) -> list[str]:
+        """The environment variables `env` names that `environ` (this process's) lacks."""
+        environ = os.environ if environ is None else environ
+        return sorted(name for name in self.env.values() if name not in environ)
+
     def resolve(self, environ: Optional[dict] = None) -> dict[str, Any]:
         """The storage options with env references filled in; missing variables are an error."""
         environ = os.environ if environ is None else environ
-        missing = sorted(name for name in self.env.values() if name not in environ)
-        if missing:
+        if missing := self.missing_env(environ):
             raise SpecError("storage.env", [f"storage.env: environment variable(s) not set: {', '.join(missing)}"])
         return {**self.options, **{option: environ[name] for option, name in self.env.items()}}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -30,6 +31,27 @@ INTERVAL_S = 5.0
 MAX_SAMPLES = 720
 # The sink's operator, whose input rows are the rows done.
 WRITE_OPERATOR = "Write"
+# How often the watchers (a terminal's progress bar) hear of a run: a bar that moves.
+WATCH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a watcher is told of a run: rows done of `expected` (None when unknown), errors
+    so far (None when nothing counts them), and whether the run has ended (`final`) or
+    failed."""
+
+    run: int  # the same number for every snapshot of one run
+    done: int
+    expected: int | None
+    errors: int | None
+    final: bool = False
+    failed: bool = False
+
+
+# Who else hears of every run in this process, besides the log: the CLI's progress bar in a
+# terminal. A watcher's failure is logged at debug and never stops the run.
+WATCHERS: list[Callable[[Snapshot], None]] = []
 
 
 class ErrorTally:
@@ -90,6 +112,7 @@ class RunProgress:
     _steps: int = 0
     _kept: list[int] = field(default_factory=list)  # the step of each sample
     _next: float = 0.0
+    _next_watch: float = 0.0
     _pending: object | None = None
     _last: tuple[float, int] = (0.0, 0)
 
@@ -107,21 +130,29 @@ class RunProgress:
     def unwatch(self) -> None:
         _WATCHED.pop(id(self), None)
 
-    def step(self, executor, final: bool = False) -> None:
+    def step(self, executor, final: bool = False, failed: bool = False) -> None:
         """Between two scheduling steps: every `interval_s`, and at the end, reads the
-        counters and logs a line."""
+        counters and logs a line; every WATCH_INTERVAL_S tells the WATCHERS."""
         now = time.monotonic()
-        if not final and now < self._next:
+        line_due = final or now >= self._next
+        watch_due = bool(WATCHERS) and (final or now >= self._next_watch)
+        if not (line_due or watch_due):
             return
-        self._next = now + self.interval_s
         topology = getattr(executor, "_topology", None) or {}
         self.stages = [_stage(op, state) for op, state in topology.items() if op.input_dependencies]  # not the input buffer
         done = sum(stage.rows for stage in self.stages if stage.name == WRITE_OPERATOR)
         self._read_errors(final)
-        seconds = now - self.started
-        self._record([round(seconds, 1), done, self.errors], final)
-        log.info("%s", self.line(seconds, done, now))
-        self._last = (now, done)
+        if watch_due:
+            self._next_watch = now + WATCH_INTERVAL_S
+            snapshot = Snapshot(id(self), done, self.expected, self.errors, final=final, failed=failed)
+            for watcher in WATCHERS:
+                watcher(snapshot)
+        if line_due:
+            self._next = now + self.interval_s
+            seconds = now - self.started
+            self._record([round(seconds, 1), done, self.errors], final)
+            log.info("%s", self.line(seconds, done, now))
+            self._last = (now, done)
 
     def _read_errors(self, final: bool) -> None:
         """The tally's count, without blocking the executor: the answer to the previous
@@ -202,11 +233,14 @@ class ProgressCallback(ExecutionCallback):
     def after_execution_succeeds(self, executor) -> None:
         self._step(executor, final=True)
 
-    def _step(self, executor, final: bool) -> None:
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        self._step(executor, final=True, failed=True)
+
+    def _step(self, executor, final: bool, failed: bool = False) -> None:
         if (progress := _WATCHED.get(self.key)) is None:
             return
         try:
-            progress.step(executor, final=final)
+            progress.step(executor, final=final, failed=failed)
         except Exception:  # noqa: BLE001 - a progress line is never worth a run: the counts come from the files
             log.debug("progress step failed", exc_info=True)
 

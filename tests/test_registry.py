@@ -203,13 +203,15 @@ def test_unet_weights_default_to_the_bundled_ones_and_other_models_need_them():
     assert all(entry.default_weights is None for name, entry in REGISTRY.items() if name != "unet")
 
 
-def test_models_command_lists_every_model_with_its_weights_and_options():
-    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "400"})
+def test_models_command_lists_every_model_with_its_weights_within_80_columns_uncut():
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
-    text = " ".join(result.output.split())
-    assert all(name in text for name in REGISTRY)
-    assert "[default: the bundled unet-shapes weights]" in text
-    assert "amp_dtype, task, min_area" in text
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in result.stdout, max(lines, key=len)
+    text = " ".join(result.stdout.split())
+    assert all(f"│ {name} " in result.stdout for name in REGISTRY)
+    assert "[default: the bundled" in text and "unet-shapes weights]" in text  # wrapped in its cell
+    assert "options, scores and thresholds of one model: rayseg models NAME" in text
 
 
 @pytest.mark.parametrize("name", ["unet", "maskrcnn"])

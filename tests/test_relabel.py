@@ -100,8 +100,11 @@ def test_versions_segment_only_what_changed_and_match_a_full_run(shapes, tmp_pat
     coco = COCO(str(root / "versions" / "v0002" / "coco.json"))
     assert len(coco.imgs) == 12 and len(coco.anns) == sum(len(r["segments"]) for r in version_rows.values())
 
-    listing = runner.invoke(app, ["versions", str(root)])
-    assert listing.exit_code == 0 and "v0001" in listing.output and "v0002" in listing.output
+    listing = runner.invoke(app, ["versions", str(root)], env={"COLUMNS": "80"})
+    assert listing.exit_code == 0 and "v0001" in listing.stdout and "v0002" in listing.stdout
+    lines = listing.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in listing.stdout, max(lines, key=len)
+    assert all(header in listing.stdout for header in ("finished (UTC)", "segments", "segmented", "removed", "retried", "relabelled"))
 
     spec.write_text(spec.read_text().replace(str(weights), "random"))  # another model over the same source
     third = runner.invoke(app, ["relabel", str(spec)])

@@ -3,6 +3,8 @@ specs are the same model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -181,6 +183,18 @@ def test_validate_command_exits_2_listing_errors_and_0_for_a_good_spec(tmp_path,
     assert "'sam' has no bundled weights" in bad.output
     missing = runner.invoke(app, ["validate", str(tmp_path / "absent.yaml")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+@pytest.mark.parametrize("shipped", sorted((Path(__file__).resolve().parents[1] / "infra" / "specs").glob("*.yaml")), ids=lambda p: p.name)
+def test_a_shipped_spec_validates_as_shipped_and_names_the_variables_its_job_needs(shipped, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(app, ["validate", str(shipped)])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.stdout and "not set here: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in result.stderr
+    strict = runner.invoke(app, ["validate", "--strict", str(shipped)])
+    assert strict.exit_code == 2 and "error: storage.env: environment variable(s) not set here" in strict.stderr
+    assert strict.stdout == ""
 
 
 def test_a_spec_file_round_trips_through_yaml(tmp_path):

@@ -103,6 +103,16 @@ def test_a_gcs_address_given_to_submit_is_refused_naming_the_jobs_api(tmp_path):
     assert result.exit_code == 2 and "is not the Ray Jobs API's URL: give http://HEAD:8265" in " ".join(result.output.split())
 
 
+def test_submit_to_a_jobs_api_that_does_not_answer_exits_2_naming_it_and_submits_nothing(tmp_path):
+    spec = spec_file(tmp_path, input="x", output="y")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+        result = runner.invoke(app, ["submit", str(spec), "--address", address])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"error: cannot reach Ray at {address}" in result.stderr and "dashboard port (8265" in result.stderr
+
+
 def test_jobs_carry_referenced_and_standard_storage_variables_only():
     spec = parse_spec({"input": "s3://b/i", "output": "s3://b/o", "model": {"name": "unet", "weights": "random"}, "storage": {"env": {"token": "MY_TOKEN"}}})
     environ = {"MY_TOKEN": "t", "AWS_ENDPOINT_URL": "http://minio:9000", "HOME": "/root", "UNRELATED": "x"}
