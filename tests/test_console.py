@@ -73,3 +73,21 @@ def test_the_demo_on_its_own_local_ray_prints_no_warning_or_error_line(tmp_path)
     assert noise == [], "\n".join(noise)
     assert re.search(r"INFO 4 of 4 images \(100\.0%\)", result.stderr), result.stderr
     assert "mIoU" in result.stdout and "segm AP" in result.stdout and "report:" in result.stdout
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_output_folder_reads_whole_in_pyarrow_pandas_and_ray_and_by_its_glob_in_polars(shapes, tmp_path):
+    import pandas as pd
+    import polars as pl
+    import pyarrow.parquet as pq
+    import ray
+    from typer.testing import CliRunner
+
+    from rayseg.jobs.cli import app
+
+    output = tmp_path / "out"
+    result = CliRunner().invoke(app, ["segment", str(shapes.images_dir), str(output), "--model", "threshold", "--weights", "random"])
+    assert result.exit_code == 0, result.output
+    assert (output / "_run.json").exists()
+    assert pq.read_table(output).num_rows == len(pd.read_parquet(output)) == ray.data.read_parquet(str(output)).count() == 20
+    assert pl.scan_parquet(f"{output}/*.parquet").select(pl.len()).collect().item() == 20
