@@ -92,6 +92,14 @@ class ProgressBar:
 
     def __init__(self) -> None:
         self._bars: dict[int, tuple[Progress, int]] = {}
+        # A run that stops before its end (Ctrl-C) leaves its bar live: stopped at exit, so
+        # the terminal gets its cursor back.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        for bar, _ in self._bars.values():
+            bar.stop()
+        self._bars.clear()
 
     def __call__(self, snapshot: progress.Snapshot) -> None:
         if snapshot.run not in self._bars:
