@@ -192,7 +192,15 @@ def export_panoptic_command(
     predictions: Annotated[str, typer.Argument(help="A `rayseg segment` OUTPUT (path or URI).")],
     out_dir: Annotated[str, typer.Argument(metavar="DIR", help="Where to write panoptic.json and panoptic/*.png.")],
     category_file: Annotated[
-        str | None, typer.Option(help="COCO json or list of categories with isthing (default: all things).")
+        str | None,
+        typer.Option(
+            help="COCO json or list of categories with isthing (default: --annotations' isthing, else the "
+            "run's category file, else the run's task)."
+        ),
+    ] = None,
+    annotations: Annotated[
+        Optional[str],
+        typer.Option(help="COCO instances or panoptic json whose image ids and file names the export takes."),
     ] = None,
     storage_option: Annotated[
         list[str], typer.Option(help="fsspec storage option KEY=VALUE, JSON values typed (repeatable).")
@@ -200,12 +208,13 @@ def export_panoptic_command(
 ) -> None:
     """COCO panoptic PNGs (id = R + 256·G + 256²·B) and json from a predictions OUTPUT."""
     try:
+        options = parse_storage_options(storage_option)
+        prediction_files(predictions, options)
         summary = export_panoptic(
-            predictions, out_dir, storage_options=parse_storage_options(storage_option), category_file=category_file
+            predictions, out_dir, storage_options=options, category_file=category_file, annotations=annotations
         )
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError, OutputError are ValueErrors
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (ValueError, FileNotFoundError) as e:  # ExportError, EvaluationError, OutputError are ValueErrors
+        raise fail(str(e)) from None
     typer.echo(
         f"wrote {summary.json_path} and {summary.images} PNGs in {summary.png_dir}: {summary.segments} segments"
         f" ({summary.error_rows} error rows left out, {summary.dropped_segments} segments without pixels dropped"

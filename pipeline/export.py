@@ -8,6 +8,8 @@
   With the bbox present, `COCO.loadRes` takes the *box* area for the area ranges of segm
   evaluation too, as `rayseg evaluate` does by default (`--segm-area box`); its
   `--segm-area mask` equals loadRes of the export without the bbox key.
+  A run whose `_run.json` says it produced semantic (or panoptic) segments is exported all
+  the same, each segment a detection, with the warning `rayseg evaluate` gives such a run.
 - `export_coco_dataset`: a COCO *dataset* of the predictions — images (id, file_name,
   width, height, plus the row's uri), categories from the segments' labels (and, for a run
   that names its categories in `_run.json` — a text-prompted run: one per phrase — every
@@ -49,6 +51,7 @@ from .run_reader import (
     predictions_from_table,
     read_run_info,
     uri_tails,
+    warn_if_other_task,
 )
 from .storage import filesystem, full_uri, move, remove
 
@@ -100,6 +103,8 @@ class ImageIds:
             fs, path = filesystem(annotations, storage_options)
             if not fs.exists(path):
                 raise ExportError(f"annotations not found: {annotations}")
+            if fs.isdir(path):  # label PNGs: they name no image ids
+                raise ExportError(f"{annotations} is a directory: --annotations takes a COCO instances or panoptic json")
             with fs.open(path, "r") as f:
                 try:
                     data = json.load(f)
@@ -173,6 +178,19 @@ class ImageIds:
                     self.assigned[image_id] = number
             file_name = image_id
         return {"id": number, "file_name": file_name, "width": prediction.width, "height": prediction.height}
+
+
+def dataset_image_ids(predictions: str, annotations: str | None, storage_options: dict | None = None) -> ImageIds:
+    """The ImageIds of an export that numbers every image (dataset, panoptic): GT's ids, else
+    numeric ids kept and the others numbered from above the largest of them."""
+    first_assigned = 1 if annotations is not None else _largest_coco_id(predictions, storage_options) + 1
+    return ImageIds(annotations, storage_options, assign=True, first_assigned=first_assigned)
+
+
+def image_entry(image: dict, prediction: Prediction) -> dict:
+    """A COCO `images[]` entry: `image` (ImageIds.lookup's) plus the row's uri and its own
+    image_id, which the numeric COCO id replaces (a directory run's relative path, say)."""
+    return {**image, "uri": prediction.uri, "rayseg_image_id": prediction.image_id}
 
 
 def _is_coco_id(image_id: str) -> bool:
@@ -308,6 +326,8 @@ def export_coco_results(
 ) -> ExportSummary:
     """Writes the COCO results json (module docstring); returns what was written."""
     ids = ImageIds(annotations, storage_options)
+    # Results are instances: a semantic run's classes would pass for instance categories unsaid.
+    warn_if_other_task(predictions, read_run_info(predictions, storage_options), "instance", "exported")
     repeats = _find_repeats(predictions, storage_options, ids)
     fs, path = filesystem(out, storage_options)
     summary = ExportSummary(output=full_uri(fs, path))
@@ -344,8 +364,7 @@ def export_coco_dataset(
     storage_options: dict | None = None,
 ) -> ExportSummary:
     """Writes a COCO dataset of the predictions (module docstring); returns what was written."""
-    first_assigned = 1 if annotations is not None else _largest_coco_id(predictions, storage_options) + 1
-    ids = ImageIds(annotations, storage_options, assign=True, first_assigned=first_assigned)
+    ids = dataset_image_ids(predictions, annotations, storage_options)
     run = read_run_info(predictions, storage_options)
     fs, path = filesystem(out, storage_options)
     summary = ExportSummary(output=full_uri(fs, path))
@@ -367,8 +386,7 @@ def export_coco_dataset(
         for table in iter_batches(predictions, storage_options):
             summary.rows += table.num_rows
             for prediction, image in _first_rows(table, ids, repeats, summary, by_image_id=True):
-                entry = {**image, "uri": prediction.uri, "rayseg_image_id": prediction.image_id}
-                f.write(("\n" if first else ",\n") + json.dumps(entry))
+                f.write(("\n" if first else ",\n") + json.dumps(image_entry(image, prediction)))
                 first = False
                 summary.images += 1
         # Pass 2: the annotations, in the same row order.

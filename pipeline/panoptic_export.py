@@ -12,17 +12,33 @@ Segment ids are the rows' panoptic `segment_id`s; rows without them (instance or
 output) get 1..N. Overlapping segments (instance output) are painted by descending score,
 a pixel going to the best-scored segment; area and bbox are those of the painted pixels
 and segments left with none are dropped, so PNG and json always agree. Rows with status
-"error" are left out (counted). image_id: the COCO int when the prediction's id is one,
-else the string.
+"error" are left out (counted).
 
-PNG names never leave DIR/panoptic: an image_id that is a plain file name
-([A-Za-z0-9_-] and inner dots) keeps its stem ("000003.png" → "000003.png"); any other
-(path separators, "..", spaces, unicode…) is reduced to its safe characters and given a
-stable suffix of its sha1, so that distinct ids never share a file (as is an id whose stem
-another id already took, e.g. "a.jpg" after "a.png"). An image_id in two rows is an error.
+Ids and file names are numeric COCO ones, as panopticapi's pq_compute and pycocotools
+expect (pq_compute pairs prediction and ground truth by `image_id` and reads each
+annotation's `file_name` in the PNG folder), chosen as `rayseg export dataset` chooses
+them (pipeline/export.py's ImageIds):
+
+- with `annotations` (a COCO instances or panoptic json): the ground truth's image ids,
+  file names and sizes, rows matched by COCO id, then by file name (the rows' ids or
+  their uris' tails), as `rayseg evaluate` joins; a row of an image not in it is an error
+  (ExportError), said before anything is written;
+- without: a numeric image_id (a run made from a COCO json) is the id, `file_name` the
+  uri's basename; other ids (a directory run's relative paths) are numbered from above the
+  largest numeric one, in the order the rows are read, and `file_name` is the id.
+
+`images[]` entries also keep the row's `uri` and its own id as `rayseg_image_id`. Each
+PNG is named after its image's `file_name` with `.png`, as COCO panoptic names them
+(`000000.png` for `000000.jpg`), so the annotations' `file_name`s equal the ground
+truth's. PNG names never leave DIR/panoptic: a file name that is a plain one
+([A-Za-z0-9_-] and inner dots) keeps its stem; any other (path separators, "..", spaces,
+unicode…) is reduced to its safe characters and given a stable suffix of its sha1, as is
+one whose name another image took already (e.g. "a.png" after "a.jpg"). An image is
+exported once, from its first ok row (later rows of its id are counted).
 
 isthing: from `category_file` (COCO json or list with `isthing`) when given, else from the
-category file the run's model was given; else, as the rows do not record it, from the
+`annotations`' categories when they say (a panoptic json), else from the category file the
+run's model was given; else, as the rows do not record it, from the
 run's task (`_run.json`): a semantic run's classes are stuff (one region per class and
 image), an instance or panoptic run's are things.
 
@@ -36,17 +52,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..models.categories import load_category_file
+from .export import ExportError, ImageIds, dataset_image_ids, image_entry
 from .run_reader import (
     PREDICTION_COLUMNS,
     Prediction,
@@ -57,6 +76,8 @@ from .run_reader import (
 )
 from .sink import RUN_FILE, committed_files
 from .storage import filesystem
+
+log = logging.getLogger("rayseg.pipeline")
 
 JSON_NAME = "panoptic.json"
 PNG_DIR = "panoptic"
@@ -74,24 +95,26 @@ class PanopticSummary:
     # Rows of an image_id already exported (ids should be unique; the first ok row wins).
     duplicate_rows: int = 0
     dropped_segments: int = 0
+    # Ground-truth images (with `annotations`) that got no annotation: pq_compute wants one each.
+    ground_truth_without_row: int = 0
     png_dir: str = ""
     json_path: str = ""
     files: list[str] = field(default_factory=list)
 
 
-def png_name(image_id: str) -> str:
-    """A file name for `image_id`'s PNG that cannot escape its directory (see the module
-    docstring)."""
-    text = str(image_id)
+def png_name(file_name: str) -> str:
+    """A file name for the PNG of the image `file_name` that cannot escape its directory (see
+    the module docstring)."""
+    text = str(file_name)
     if _SAFE.match(text) and len(text) <= 200:
         stem = text.rsplit(".", 1)[0] if "." in text else text
         return f"{stem}.png"
     return hashed_png_name(text)
 
 
-def hashed_png_name(image_id: str) -> str:
-    """`image_id`'s safe characters plus a stable sha1 suffix, `.png`."""
-    text = str(image_id)
+def hashed_png_name(text: str) -> str:
+    """`text`'s safe characters plus a stable sha1 suffix of it, `.png`."""
+    text = str(text)
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:100] or "image"
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
     return f"{safe}-{digest}.png"
@@ -109,11 +132,8 @@ def decode_ids(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def _image_id(image_id: str):
-    return int(image_id) if str(image_id).isdigit() else image_id
-
-
-def _rows(predictions: str, storage_options: dict | None) -> Iterator[Prediction]:
+def _tables(predictions: str, storage_options: dict | None, columns: list[str]) -> Iterator[pa.Table]:
+    """The committed run's row groups, in order, with `columns`."""
     fs, root = filesystem(predictions, storage_options)
     if fs.isdir(root) and fs.exists(posixpath.join(root, RUN_FILE)):
         files = committed_files(predictions, storage_options)
@@ -124,7 +144,30 @@ def _rows(predictions: str, storage_options: dict | None) -> Iterator[Prediction
         with file_fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             for row_group in range(parquet.metadata.num_row_groups):
-                yield from predictions_from_table(parquet.read_row_group(row_group, columns=PREDICTION_COLUMNS))
+                yield parquet.read_row_group(row_group, columns=columns)
+
+
+def _rows(predictions: str, storage_options: dict | None) -> Iterator[Prediction]:
+    for table in _tables(predictions, storage_options, PREDICTION_COLUMNS):
+        yield from predictions_from_table(table)
+
+
+def _check_covered(predictions: str, ids: ImageIds, annotations: str, storage_options: dict | None) -> None:
+    """ExportError unless every ok row's image is one of the ground truth's (a pass over the
+    small columns, before anything is written)."""
+    missing, examples = 0, []
+    for table in _tables(predictions, storage_options, ["image_id", "uri", "status"]):
+        for image_id, uri, status in zip(*(table[c].to_pylist() for c in ("image_id", "uri", "status"))):
+            if status == "ok" and ids.key(image_id, uri) is None:
+                missing += 1
+                if len(examples) < 5:
+                    examples.append(repr(image_id))
+    if missing:
+        raise ExportError(
+            f"{missing} ok rows of {predictions} are not images of {annotations} (matched by COCO id, then "
+            f"file name), e.g. {', '.join(examples)}: pass the ground truth the run was made from, or export "
+            "without --annotations"
+        )
 
 
 def panoptic_image(prediction: Prediction) -> tuple[np.ndarray, list[dict], int]:
@@ -166,14 +209,22 @@ def export_panoptic(
     *,
     storage_options: dict | None = None,
     category_file: str | None = None,
+    annotations: str | None = None,
 ) -> PanopticSummary:
-    """Writes OUT_DIR/panoptic.json and OUT_DIR/panoptic/*.png (module docstring)."""
+    """Writes OUT_DIR/panoptic.json and OUT_DIR/panoptic/*.png (module docstring).
+
+    annotations: a COCO instances or panoptic json whose image ids and file names the export
+    takes; every ok row must be one of its images.
+    """
     run = read_run_info(predictions, storage_options)
+    ids = dataset_image_ids(predictions, annotations, storage_options)
+    if annotations is not None:
+        _check_covered(predictions, ids, annotations, storage_options)
     model_options = ((run.get("spec") or {}).get("model") or {}).get("options") or {}
-    category_file = category_file or model_options.get("category_file")
-    isthing = {}
-    if category_file is not None:
-        isthing = {c.id: c.isthing for c in load_category_file(category_file, storage_options)}
+    isthing = {cid: bool(c["isthing"]) for cid, c in ids.categories.items() if "isthing" in c}
+    if category_file is not None or not isthing:
+        category_file = category_file or model_options.get("category_file")
+        isthing = {c.id: c.isthing for c in load_category_file(category_file, storage_options)} if category_file else {}
     things_by_default = run_task(run) != "semantic"
     fs, root = filesystem(out_dir, storage_options)
     root = root.rstrip("/")
@@ -182,42 +233,47 @@ def export_panoptic(
     png_dir = posixpath.join(root, PNG_DIR)
     fs.makedirs(png_dir, exist_ok=True)
     summary = PanopticSummary(output=out_dir, png_dir=png_dir, json_path=posixpath.join(root, JSON_NAME))
-    images, annotations, categories = [], [], {}
-    names: dict[str, str] = {}
-    exported: set[str] = set()
+    images, annotations_out, categories = [], [], {}
+    names: dict[str, int] = {}
+    exported: set[int] = set()
     for prediction in _rows(predictions, storage_options):
         if prediction.status != "ok":
             summary.error_rows += 1
             continue
-        if prediction.image_id in exported:
+        image = ids.lookup(prediction)  # never None: with ground truth, every row was found in it
+        if image["id"] in exported:
             summary.duplicate_rows += 1
             continue
-        exported.add(prediction.image_id)
-        name = png_name(prediction.image_id)
-        if names.setdefault(name, prediction.image_id) != prediction.image_id:
-            name = hashed_png_name(prediction.image_id)  # e.g. "a.png" after "a.jpg"
-            names[name] = prediction.image_id
-        ids, infos, dropped = panoptic_image(prediction)
+        exported.add(image["id"])
+        name = png_name(image["file_name"])
+        if names.setdefault(name, image["id"]) != image["id"]:
+            name = hashed_png_name(f"{image['file_name']} {image['id']}")  # e.g. "a.png" after "a.jpg"
+            names[name] = image["id"]
+        ids_map, infos, dropped = panoptic_image(prediction)
         for i, category_id in enumerate(prediction.category_id):
             categories.setdefault(int(category_id), prediction.label[i] or str(int(category_id)))
         buffer = io.BytesIO()
-        Image.fromarray(encode_ids(ids), mode="RGB").save(buffer, format="PNG")
-        path = posixpath.join(png_dir, name)
-        with fs.open(path, "wb") as f:
+        Image.fromarray(encode_ids(ids_map), mode="RGB").save(buffer, format="PNG")
+        with fs.open(posixpath.join(png_dir, name), "wb") as f:
             f.write(buffer.getvalue())
-        image_id = _image_id(prediction.image_id)
-        images.append(
-            {"id": image_id, "file_name": prediction.image_id, "width": int(prediction.width), "height": int(prediction.height)}
-        )
-        annotations.append({"image_id": image_id, "file_name": name, "segments_info": infos})
+        images.append(image_entry(image, prediction))
+        annotations_out.append({"image_id": image["id"], "file_name": name, "segments_info": infos})
         summary.images += 1
         summary.segments += len(infos)
         summary.dropped_segments += dropped
         summary.files.append(name)
+    if annotations is not None:
+        summary.ground_truth_without_row = len(ids.by_id) - summary.images
+    if summary.ground_truth_without_row:
+        # pq_compute stops at the first ground-truth image without a prediction.
+        log.warning(
+            "%d images of %s have no annotation in the export (no ok row): panopticapi's pq_compute needs one for each",
+            summary.ground_truth_without_row, annotations,
+        )  # fmt: skip
     document = {
         "info": {"description": f"rayseg predictions {predictions}"},
         "images": images,
-        "annotations": annotations,
+        "annotations": annotations_out,
         "categories": [
             {"id": cid, "name": name, "isthing": int(isthing.get(cid, things_by_default))}
             for cid, name in sorted(categories.items())

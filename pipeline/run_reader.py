@@ -5,6 +5,7 @@ Prediction objects, and its `_run.json`; evaluation and the exports read runs th
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import pyarrow.parquet as pq
 
 from .sink import RUN_FILE, OutputError
 from .storage import filesystem, full_uri
+
+log = logging.getLogger("rayseg.pipeline")
 
 PREDICTION_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "segments"]
 
@@ -134,6 +137,29 @@ def run_task(run: dict) -> str | None:
     options = ((run.get("spec") or {}).get("model") or {}).get("options") or {}
     task = options.get("task") or entry.task
     return "instance" if task == "promptable" else task
+
+
+# What becomes of a run used as another kind than it produced, and what to do instead.
+_OTHER_TASK_CONSEQUENCES = {
+    "evaluated": "the numbers mean little (evaluate against {produced} ground truth, or run a model "
+    "that gives {task} predictions: `rayseg models`)",
+    "exported": "every segment becomes a detection of its class, `background` and other stuff classes "
+    "too (`rayseg export panoptic` keeps stuff apart, or run a model that gives {task} predictions: "
+    "`rayseg models`)",
+}
+
+
+def warn_if_other_task(predictions: str, run: dict, task: str, done: str = "evaluated") -> str | None:
+    """Warns (logging) when `run` (the `_run.json` of `predictions`) says its model produced
+    another kind of segments than `task`, the kind they are `done` as ("evaluated" or
+    "exported"); returns the kind the run produced (None when the registry does not know)."""
+    produced = run_task(run)
+    if produced not in (None, task):
+        log.warning(
+            "%s holds %s predictions but is %s as %s: %s",
+            predictions, produced, done, task, _OTHER_TASK_CONSEQUENCES[done].format(produced=produced, task=task),
+        )  # fmt: skip
+    return produced
 
 
 def read_predictions(fs, parts: list[tuple[str, int, list[int]]]) -> list[Prediction]:

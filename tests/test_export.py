@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -71,6 +72,21 @@ def test_export_coco_is_accepted_by_load_res_and_reproduces_our_evaluation(shape
         silent(evaluation.accumulate)
         silent(evaluation.summarize)
         assert ours[iou_type]["stats"] == [float(s) for s in evaluation.stats]
+
+
+def test_export_coco_of_a_semantic_run_warns_that_its_classes_become_instances_and_of_an_instance_run_does_not(
+    shapes, predictions, tmp_path, caplog
+):
+    names = sorted(image["file_name"] for image in predictions[0]["images"])
+    rows = syn.semantic_rows(str(shapes.semantic_dir), names, images_dir=str(shapes.images_dir))
+    syn.write_predictions(rows, str(tmp_path / "semantic"), run_info={"model": "unet"})
+    for run, warned in ((tmp_path / "semantic", True), (predictions[1], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rayseg"):
+            result = cli("export", "coco", run, tmp_path / "results.json", "--annotations", shapes.instances_json)
+        assert result.exit_code == 0, result.output
+        assert ("holds semantic predictions but is exported as instance" in caplog.text) is warned, caplog.text
+        assert ("`background` and other stuff classes" in caplog.text) is warned
 
 
 def test_export_coco_needs_ground_truth_to_map_file_names(predictions, tmp_path):

@@ -13,6 +13,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
+from rayseg.jobs.cli import app
+from rayseg.pipeline.evaluation import evaluate_predictions
+from rayseg.pipeline.evaluation import synthetic as syn
 from rayseg.pipeline.panoptic_export import (
     decode_ids,
     encode_ids,
@@ -20,6 +23,8 @@ from rayseg.pipeline.panoptic_export import (
     png_name,
 )
 from rayseg.pipeline.schema import OUTPUT_SCHEMA
+
+from .test_evaluation_panoptic import edited, panopticapi_reference, perturbed_panoptic  # noqa: F401 (edited: a fixture)
 
 H, W = 20, 30
 
@@ -105,7 +110,10 @@ def test_round_trip_png_ids_and_json_match_the_segments(tmp_path):
     assert (summary.images, summary.error_rows, summary.dropped_segments) == (2, 1, 1)
 
     document = json.loads((tmp_path / "pan" / "panoptic.json").read_text())
-    assert [image["id"] for image in document["images"]] == [42, "scene.jpg"]
+    # A numeric id is kept; a file-name id is numbered above it and kept as rayseg_image_id.
+    assert [(image["id"], image["file_name"], image["rayseg_image_id"]) for image in document["images"]] == [
+        (42, "42", "42"), (43, "scene.jpg", "scene.jpg"),
+    ]  # fmt: skip
     assert document["categories"] == [
         {"id": 1, "name": "cat1", "isthing": 1}, {"id": 3, "name": "cat3", "isthing": 1}, {"id": 7, "name": "cat7", "isthing": 0},
     ]  # fmt: skip
@@ -162,8 +170,6 @@ def test_hostile_image_ids_stay_inside_dir(tmp_path):
 
 
 def test_rayseg_export_panoptic_writes_the_export_and_refuses_missing_predictions(tmp_path):
-    from rayseg.jobs.cli import app
-
     mask = np.ones((H, W), bool)
     predictions = tmp_path / "out"
     write_predictions(predictions, [row("1", [segment(mask, 2, 0.5, 1)])])
@@ -187,3 +193,89 @@ def test_an_image_id_in_two_rows_is_exported_once_from_its_first_ok_row(tmp_path
     assert [info["category_id"] for info in annotation["segments_info"]] == [sky_id]
     ids = decode_ids(np.asarray(Image.open(tmp_path / "pan" / "panoptic" / annotation["file_name"]).convert("RGB")))
     assert (ids != 0).sum() == sky.sum(), "the PNG is the first row's, not overwritten by the second"
+
+
+# --- ids and file names that panopticapi and pycocotools users find ------------------------------
+
+
+def exported(directory) -> dict:
+    return json.loads((directory / "panoptic.json").read_text())
+
+
+def images_and_annotations(document: dict) -> tuple[list, list]:
+    """What pq_compute pairs and reads: each image's (id, file_name, width, height) and each
+    annotation's (image_id, file_name)."""
+    images = [(i["id"], i["file_name"], i["width"], i["height"]) for i in document["images"]]
+    return images, [(a["image_id"], a["file_name"]) for a in document["annotations"]]
+
+
+def test_pq_computed_as_panopticapi_does_on_the_export_equals_rayseg_evaluate(edited, tmp_path):
+    fixtures, gt, _, gt_dir = edited
+    # COCO's layout: images are .jpg, their panoptic PNGs the same names with .png.
+    gt = {**gt, "images": [{**image, "file_name": image["file_name"].replace(".png", ".jpg")} for image in gt["images"]]}
+    gt_json = tmp_path / "gt.json"
+    gt_json.write_text(json.dumps(gt))
+    rows, _ = perturbed_panoptic(gt, gt_dir, seed=3, pred_dir=tmp_path / "unused")
+    syn.write_predictions(rows, str(tmp_path / "run"), rows_per_file=5, run_info={"model": "mask2former"})
+
+    result = CliRunner().invoke(app, ["export", "panoptic", str(tmp_path / "run"), str(tmp_path / "pan"), "--annotations", str(gt_json)])
+    assert result.exit_code == 0, result.output
+    document = exported(tmp_path / "pan")
+    assert images_and_annotations(document) == images_and_annotations(gt), "the ground truth's ids and file names"
+    assert document["annotations"][0]["file_name"] == "000000.png" and document["images"][0]["file_name"] == "000000.jpg"
+    assert {c["id"]: c["isthing"] for c in document["categories"]} == {c["id"]: c["isthing"] for c in gt["categories"]}
+
+    reference = panopticapi_reference(gt, gt_dir, document["annotations"], tmp_path / "pan" / "panoptic")
+    ours = evaluate_predictions(str(tmp_path / "run"), str(gt_json), use_ray=False, panoptic_root=str(gt_dir)).metrics
+    assert 0 < ours["PQ"] < 1
+    for group in ("All", "Things", "Stuff"):
+        assert reference[group] == ours[group], group
+
+
+def test_a_run_made_from_a_coco_json_keeps_its_numeric_ids_and_the_images_file_names(shapes, tmp_path):
+    gt = json.loads(shapes.panoptic_json.read_text())
+    rows = syn.panoptic_rows(gt, str(shapes.panoptic_dir), id_style="id", images_dir=str(shapes.images_dir))
+    syn.write_predictions(rows, str(tmp_path / "run"), run_info={"model": "mask2former"})
+    export_panoptic(str(tmp_path / "run"), str(tmp_path / "pan"))  # no ground truth: ids "1".."20" are the COCO ids
+    assert images_and_annotations(exported(tmp_path / "pan")) == images_and_annotations(gt)
+
+
+def test_a_directory_run_s_ids_are_numbered_and_kept_as_rayseg_image_id(tmp_path):
+    (sky, category, score, segment_id), *_ = panoptic_masks()
+    write_predictions(tmp_path / "run", [row(i, [segment(sky, category, score, segment_id)]) for i in ("b.png", "sub/a.jpg")])
+    export_panoptic(str(tmp_path / "run"), str(tmp_path / "pan"))
+    document = exported(tmp_path / "pan")
+    assert [(i["id"], i["file_name"], i["rayseg_image_id"]) for i in document["images"]] == [
+        (1, "b.png", "b.png"), (2, "sub/a.jpg", "sub/a.jpg"),
+    ]  # fmt: skip
+    (first, second) = document["annotations"]
+    assert (first["image_id"], first["file_name"], second["image_id"]) == (1, "b.png", 2)
+    assert (tmp_path / "pan" / "panoptic" / second["file_name"]).is_file() and "/" not in second["file_name"]
+
+
+def test_export_panoptic_refuses_annotations_missing_or_not_covering_the_run_with_exit_2(shapes, tmp_path):
+    mask = np.ones((H, W), bool)
+    write_predictions(tmp_path / "run", [row("000000.png", [segment(mask, 2, 0.5, 1)]), row("elsewhere.png", [])])
+
+    def export(annotations):
+        result = CliRunner().invoke(app, ["export", "panoptic", str(tmp_path / "run"), str(tmp_path / "pan"), "--annotations", str(annotations)])
+        return result.exit_code, " ".join(result.output.split())
+
+    code, output = export(tmp_path / "missing.json")
+    assert code == 2 and f"error: annotations not found: {tmp_path / 'missing.json'}" in output
+    code, output = export(shapes.semantic_dir)
+    assert code == 2 and "error:" in output and "is a directory" in output
+    code, output = export(shapes.panoptic_json)
+    assert code == 2 and "error: 1 ok rows of" in output and "'elsewhere.png'" in output
+    assert not (tmp_path / "pan").exists(), "refused before anything is written"
+
+
+def test_ground_truth_images_left_without_an_annotation_are_warned_of(shapes, tmp_path, caplog):
+    import logging
+
+    mask = np.ones((H, W), bool)
+    write_predictions(tmp_path / "run", [row("000000.png", [segment(mask, 2, 0.5, 1)]), row("000001.png", [], status="error")])
+    with caplog.at_level(logging.WARNING, logger="rayseg"):
+        summary = export_panoptic(str(tmp_path / "run"), str(tmp_path / "pan"), annotations=str(shapes.panoptic_json))
+    assert (summary.images, summary.ground_truth_without_row) == (1, 19)
+    assert "19 images of" in caplog.text and "pq_compute needs one for each" in caplog.text

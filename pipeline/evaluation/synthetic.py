@@ -90,6 +90,8 @@ def write_predictions(rows: list[dict], output: str, *, run_info: dict | None = 
         "weights": None,
         "weights_sha256": None,
         **(run_info or {}),
+        # The committed files, as pipeline/sink.py lists them (readers of committed runs need them).
+        "files": [f"part-{index:05d}.parquet" for index in range(len(chunks))],
         "counts": {
             "images": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows),
