@@ -27,7 +27,7 @@ from ..pipeline.export import (
     export_coco_results,
 )
 from ..pipeline.panoptic_export import export_panoptic
-from ..pipeline.run_reader import prediction_files, read_run_info, run_task
+from ..pipeline.run_reader import prediction_files, read_run_info, warn_if_other_task
 from ..pipeline.sink import OutputError
 from ..pipeline.storage import parse_storage_options
 from .terminal import fail
@@ -55,12 +55,19 @@ def evaluate(
     ] = "box",
     thumbnails: Annotated[int, typer.Option(help="Best and worst images drawn in the report (each); 0 for none.")] = 6,
     score_threshold: Annotated[float, typer.Option(help="Instance detections drawn and counted in the per-image ranking.")] = 0.5,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier report in --report (its folder is cleared first); without it a non-empty folder is refused.")
+    ] = False,
 ) -> None:
     """Evaluate PREDICTIONS against ground truth on Ray and write a report.
 
     Rows join ground-truth images by COCO id (image_id as a string) or by file name; only images in both count. Rows with status "error" count as images without predictions.
     """
-    from ..pipeline.evaluation.report import write_report
+    from ..pipeline.evaluation.report import (
+        ReportDirectoryError,
+        check_report_directory,
+        write_report,
+    )
     from ..pipeline.evaluation.runner import evaluate_predictions
     from . import cluster
 
@@ -77,14 +84,11 @@ def evaluate(
             raise EvaluationError(f"--thumbnails must be ≥ 0, got {thumbnails}")
         task = task or infer_task(annotations, options)
         prediction_files(predictions, options)
-        produced = run_task(read_run_info(predictions, options))
-        if produced not in (None, task):
-            log.warning(
-                "%s holds %s predictions but is evaluated as %s: the numbers mean little "
-                "(evaluate against %s ground truth, or run a model that gives %s predictions: `rayseg models`)",
-                predictions, produced, task, produced, task,
-            )  # fmt: skip
+        warn_if_other_task(predictions, read_run_info(predictions, options), task)
         category_list = [c.to_dict() for c in load_category_file(categories, options)] if categories else None
+        check_report_directory(report, options, overwrite=overwrite)
+    except ReportDirectoryError as e:
+        raise fail(f"{e}; {'give another --report' if overwrite else 'give --overwrite to replace it, or another --report'}") from None
     except (EvaluationError, ValueError, FileNotFoundError) as e:
         raise fail(str(e)) from None
     cluster.connect(address)
@@ -109,7 +113,11 @@ def evaluate(
         log.exception("evaluation failed")
         raise fail(f"evaluation failed: {type(e).__name__}: {e}", code=1) from None
     try:
-        written = write_report(result, report, storage_options=options, draw_thumbnails=thumbnails > 0, score_threshold=score_threshold)
+        written = write_report(
+            result, report, storage_options=options, draw_thumbnails=thumbnails > 0, score_threshold=score_threshold, overwrite=overwrite
+        )
+    except ReportDirectoryError as e:  # written to while the evaluation ran
+        raise fail(f"{e}; nothing written", code=1) from None
     except Exception as e:
         log.exception("report failed")
         raise fail(f"writing the report to {report} failed: {type(e).__name__}: {e}", code=1) from None

@@ -14,7 +14,11 @@ from typer.testing import CliRunner
 
 from rayseg.jobs.cli import app as rayseg_app
 from rayseg.jobs.evaluate_commands import register
-from rayseg.pipeline.evaluation import evaluate_predictions, write_report
+from rayseg.pipeline.evaluation import (
+    ReportDirectoryError,
+    evaluate_predictions,
+    write_report,
+)
 from rayseg.pipeline.evaluation import synthetic as syn
 
 runner = CliRunner()
@@ -62,7 +66,7 @@ def instance_predictions(shapes, tmp_path_factory):
 def test_instance_report_has_every_number_and_a_self_contained_page(shapes, instance_predictions, tmp_path):
     result = evaluate_predictions(str(instance_predictions), str(shapes.instances_json), use_ray=False, score_threshold=0.0)
     written = write_report(result, str(tmp_path / "report"))
-    assert {"report.json", "report.md", "index.html", "figures/pr_curves.png", "figures/ap_per_class.png"} <= set(written)
+    assert {"report.json", "report.md", "index.html", "figures/pr_curves.png", "figures/score_curve.png", "figures/ap_per_class.png"} <= set(written)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["task"] == "instance"
     assert report["run"]["model"] == "maskrcnn" and report["run"]["weights_sha256"] == "f" * 64 and report["run"]["run_id"] == "run-42"
@@ -76,7 +80,7 @@ def test_instance_report_has_every_number_and_a_self_contained_page(shapes, inst
     assert len(report["thumbnails"]) == 12
     html = (tmp_path / "report" / "index.html").read_text()
     images = check_html(html)
-    assert len(images) == 2 + 2 * 12, "two plots, and ground truth + prediction for 12 thumbnails"
+    assert len(images) == 3 + 2 * 12, "three plots, and ground truth + prediction for 12 thumbnails"
     assert f"{result.metrics['segm']['AP'] * 100:.1f}" in html and "run-42" in html and "maskrcnn" in html
     if any(t["image_id"] == "000000.png" for t in report["thumbnails"]):
         assert not next(t for t in report["thumbnails"] if t["image_id"] == "000000.png")["image_readable"]
@@ -111,6 +115,9 @@ def test_semantic_and_panoptic_reports(shapes, tmp_path):
     assert report["metrics"]["PQ"] == 1.0 and report["thumbnails"] == []
     html = (tmp_path / "pan-report" / "index.html").read_text()
     assert len(check_html(html)) == 1 and "PQ per class" in html
+    # A thumbnail that fails is logged and left out: panoptic ones are drawn.
+    write_report(result, str(tmp_path / "pan-thumbnails"))
+    assert len(json.loads((tmp_path / "pan-thumbnails" / "report.json").read_text())["thumbnails"]) == 2
 
 
 def test_predictions_and_report_on_object_storage(ray_cluster, s3_endpoint, shapes, tmp_path):
@@ -128,6 +135,17 @@ def test_predictions_and_report_on_object_storage(ray_cluster, s3_endpoint, shap
     assert written["index.html"] == f"{prefix}/report/index.html"
     with fsspec.open(f"{prefix}/report/report.json", "r") as f:
         assert json.load(f)["metrics"]["segm"]["AP"] == local.metrics["segm"]["AP"]
+    # A second report into the same prefix: refused, or with overwrite the earlier one's
+    # objects are deleted first (object stores have no folders to empty).
+    with fsspec.open(f"{prefix}/report/figures/stale.png", "wb") as f:
+        f.write(b"an earlier report's figure")
+    with pytest.raises(ReportDirectoryError, match="is not empty"):
+        write_report(remote, f"{prefix}/report", draw_thumbnails=False)
+    write_report(remote, f"{prefix}/report", draw_thumbnails=False, overwrite=True)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    left = {path.rsplit("/report/", 1)[1] for path in fs.find(f"{prefix}/report")}
+    assert "figures/stale.png" not in left and {"report.json", "index.html", "figures/score_curve.png"} <= left
 
 
 @pytest.mark.slow
@@ -258,3 +276,175 @@ def test_evaluating_a_run_against_another_tasks_ground_truth_warns(ray_cluster, 
         logger.removeHandler(caplog.handler)
     assert result.exit_code == 0, result.output
     assert "holds semantic predictions but is evaluated as instance" in caplog.text
+
+
+# --- the report folder ----------------------------------------------------------------------------
+
+
+def test_a_report_into_a_non_empty_folder_exits_2_before_any_evaluation(shapes, instance_predictions, tmp_path, monkeypatch):
+    from rayseg.jobs import cluster
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(cluster, "connect", no_work)
+    report = tmp_path / "report"
+    (report / "figures").mkdir(parents=True)
+    (report / "report.json").write_text("{}")
+    (report / "figures" / "worst-5-gt.png").write_bytes(b"stale")
+    result = evaluation_cli("evaluate", instance_predictions, "--annotations", shapes.instances_json, "--report", report)
+    assert result.exit_code == 2, result.output
+    assert "is not empty" in result.output and "--overwrite" in " ".join(result.output.split())
+    assert (report / "figures" / "worst-5-gt.png").read_bytes() == b"stale"
+    # --overwrite clears only a folder that holds nothing but a report's entries.
+    (report / "notes.txt").write_text("mine")
+    result = evaluation_cli("evaluate", instance_predictions, "--annotations", shapes.instances_json, "--report", report, "--overwrite")
+    assert result.exit_code == 2 and "holds more than a report (notes.txt)" in " ".join(result.output.split())
+    assert (report / "notes.txt").read_text() == "mine" and (report / "figures" / "worst-5-gt.png").exists()
+
+
+def test_overwrite_replaces_an_earlier_report_and_leaves_no_stale_file(ray_cluster, shapes, instance_predictions, tmp_path):
+    report = tmp_path / "report"
+    earlier = evaluate_predictions(str(instance_predictions), str(shapes.instances_json), use_ray=False, iou_types=("segm",))
+    write_report(earlier, str(report))
+    assert (report / "figures" / "worst-5-gt.png").is_file()
+    result = evaluation_cli(
+        "evaluate", instance_predictions, "--annotations", shapes.instances_json, "--report", report,
+        "--iou-type", "segm", "--thumbnails", "1", "--overwrite",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = sorted(path.name for path in (report / "figures").iterdir())
+    assert figures == ["ap_per_class.png", "best-0-gt.png", "best-0-pred.png", "pr_curves.png", "score_curve.png", "worst-0-gt.png", "worst-0-pred.png"]
+    assert len(json.loads((report / "report.json").read_text())["thumbnails"]) == 2
+
+
+# --- thumbnails and the score-threshold curve ----------------------------------------------------
+
+SIDE = 32
+
+
+def square(y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    mask = np.zeros((SIDE, SIDE), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def hand_made(tmp_path, objects: dict[str, list[np.ndarray]], detections: dict[str, list[tuple[np.ndarray, float]]], **kwargs):
+    """A COCO json of one-class `objects` per image, predictions of `detections` (mask,
+    score), evaluated in this process: the result."""
+    images, annotations = [], []
+    for number, (name, masks) in enumerate(sorted(objects.items()), start=1):
+        images.append({"id": number, "file_name": name, "height": SIDE, "width": SIDE})
+        for mask in masks:
+            counts, area, box = syn.encode_mask(mask)
+            segmentation = {"size": [SIDE, SIDE], "counts": counts}
+            annotations.append({"id": len(annotations) + 1, "image_id": number, "category_id": 1, "segmentation": segmentation, "area": area, "bbox": box, "iscrowd": 0})
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cell"}]}))
+    rows = [syn.row(name, SIDE, SIDE, [syn.segment(1, mask, score=score) for mask, score in detections.get(name, [])]) for name in objects]
+    syn.write_predictions(rows, str(tmp_path / "pred"))
+    return evaluate_predictions(str(tmp_path / "pred"), str(gt), use_ray=False, iou_types=("segm",), **kwargs)
+
+
+def thumbnail(result, name: str, score_threshold: float = 0.5):
+    """(ground-truth panel, prediction panel, matches) of image `name` as the report draws them."""
+    from rayseg.pipeline.evaluation.visualize import render_pair, thumbnail_size
+
+    gt = result.ground_truth.images[result.ground_truth.by_file[name]]
+    (prediction,) = read_row(result, name)
+    matches = result.evaluator.match_image(gt, prediction, score_threshold)
+    gt_panel, pred_panel, _ = render_pair("instance", gt, prediction, score_threshold=score_threshold, matches=matches)
+    assert gt_panel.shape[:2] == thumbnail_size(SIDE, SIDE)
+    return gt_panel, pred_panel, matches
+
+
+def read_row(result, name: str):
+    import pyarrow.parquet as pq
+
+    from rayseg.pipeline.run_reader import read_predictions
+    from rayseg.pipeline.storage import filesystem
+
+    fs, root = filesystem(result.predictions)
+    file = f"{root}/part-00000.parquet"
+    ids = pq.read_table(file, columns=["image_id"]).column("image_id").to_pylist()
+    return read_predictions(fs, [(file, 0, [ids.index(name)])])
+
+
+def pixel(panel: np.ndarray, y: int, x: int) -> np.ndarray:
+    """The thumbnail's pixel at image pixel (y, x)."""
+    scale = panel.shape[0] / SIDE
+    return panel[int((y + 0.5) * scale), int((x + 0.5) * scale)].astype(int)
+
+
+def test_two_touching_instances_of_one_class_get_different_colours(tmp_path):
+    left, right = square(8, 4, 24, 16), square(8, 16, 24, 28)  # one shared edge, no gap
+    result = hand_made(tmp_path, {"a.png": [left, right]}, {"a.png": [(left, 0.9), (right, 0.8)]})
+    gt_panel, pred_panel, _ = thumbnail(result, "a.png")
+    for panel in (gt_panel, pred_panel):
+        # Both fills over the same grey canvas (no image): their colours differ by far more
+        # than two shades of one class colour did (instance_shade's 1.0 and 0.75 of circle's
+        # blue, blended at 0.55: 11 + 17 + 23 = 51).
+        assert np.abs(pixel(panel, 16, 8) - pixel(panel, 16, 22)).sum() > 120
+    # A matched prediction takes its ground truth's colour.
+    assert (pixel(gt_panel, 16, 8) == pixel(pred_panel, 16, 8)).all() and (pixel(gt_panel, 16, 22) == pixel(pred_panel, 16, 22)).all()
+
+
+def test_an_unmatched_prediction_and_a_missed_object_are_marked(tmp_path):
+    from rayseg.pipeline.evaluation.instance import UNMATCHED
+    from rayseg.pipeline.evaluation.visualize import (
+        FALSE_POSITIVE_MARK,
+        MISSED_MARK,
+        _edge,
+    )
+
+    found, missed, stray = square(2, 2, 12, 12), square(18, 18, 30, 30), square(2, 18, 12, 30)
+    result = hand_made(tmp_path, {"a.png": [found, missed]}, {"a.png": [(found, 0.9), (stray, 0.7)]}, score_threshold=0.5)
+    gt_panel, pred_panel, matches = thumbnail(result, "a.png")
+    assert list(matches.detections) == [0, UNMATCHED] and list(matches.ground_truths) == [0, UNMATCHED]
+    (ranked,) = result.evaluator.ranking.worst
+    assert matches.counts == ranked.detail == {"tp": 1, "fp": 1, "fn": 1}, "the marks are what the image's F1 counts"
+
+    def colours_on_edge(panel, mask):
+        edge = _edge(np.kron(mask, np.ones((8, 8), dtype=bool)), 2)  # 32 px → 256 px thumbnails
+        return {tuple(c) for c in panel[edge].tolist()}
+
+    assert set(FALSE_POSITIVE_MARK) <= colours_on_edge(pred_panel, stray)
+    assert set(MISSED_MARK) <= colours_on_edge(gt_panel, missed) and set(MISSED_MARK) <= colours_on_edge(pred_panel, missed)
+    marks = set(FALSE_POSITIVE_MARK) | set(MISSED_MARK)
+    assert not marks & colours_on_edge(pred_panel, found) and not marks & colours_on_edge(gt_panel, found)
+
+
+def test_a_prediction_merging_two_touching_objects_shows_one_colour_and_a_miss(tmp_path):
+    """The instance U-Net's main failure: one blob over two touching cells (IoU 0.5 with each)."""
+    from rayseg.pipeline.evaluation.instance import UNMATCHED
+
+    left, right = square(8, 4, 24, 16), square(8, 16, 24, 28)
+    result = hand_made(tmp_path, {"a.png": [left, right]}, {"a.png": [(left | right, 0.9)]})
+    gt_panel, pred_panel, matches = thumbnail(result, "a.png")
+    assert matches.counts == {"tp": 1, "fp": 0, "fn": 1} and UNMATCHED in matches.ground_truths.tolist()
+    assert (pixel(pred_panel, 16, 8) == pixel(pred_panel, 16, 22)).all(), "one prediction, one colour"
+    assert not (pixel(gt_panel, 16, 8) == pixel(gt_panel, 16, 22)).all()
+
+
+def test_precision_recall_and_f1_against_the_score_threshold_equal_a_direct_count(tmp_path):
+    a, b, c = square(2, 2, 12, 12), square(18, 18, 30, 30), square(2, 18, 12, 30)
+    detections = {
+        "a.png": [(a, 0.9), (b, 0.8), (a, 0.55)],  # a hit, a false positive, a duplicate of the hit
+        "b.png": [(c, 0.6), (square(20, 2, 30, 12), 0.3)],  # a hit, a false positive below 0.5
+    }
+    result = hand_made(tmp_path, {"a.png": [a], "b.png": [c, b]}, detections)
+    curve = result.metrics["segm"]["score_curve"]
+    assert curve["ground_truths"] == 3
+    # By hand: ≥ 0.5 keeps 0.9 (hit), 0.8, 0.6 (hit), 0.55: 2 TP, 2 FP, 1 of 3 missed.
+    # ≥ 0.7: 0.9 (hit), 0.8: 1 TP, 1 FP, 2 missed. ≥ 0.95: nothing, precision undefined.
+    for threshold, tp, fp in ((0.0, 2, 3), (0.5, 2, 2), (0.7, 1, 1)):
+        i = curve["thresholds"].index(threshold)
+        assert (curve["tp"][i], curve["fp"][i]) == (tp, fp)
+        assert curve["precision"][i] == tp / (tp + fp) and curve["recall"][i] == tp / 3
+        assert curve["f1"][i] == 2 * tp / (2 * tp + fp + (3 - tp))
+    i = curve["thresholds"].index(0.95)
+    assert curve["precision"][i] is None and curve["recall"][i] == 0 and curve["f1"][i] == 0
+    written = write_report(result, str(tmp_path / "report"), draw_thumbnails=False)
+    assert "figures/score_curve.png" in written
+    assert "![Precision, recall and F1 against the score threshold](figures/score_curve.png)" in (tmp_path / "report" / "report.md").read_text()
+    assert "Precision, recall and F1 against the score threshold" in (tmp_path / "report" / "index.html").read_text()

@@ -6,6 +6,7 @@ semantic (confusion matrix), panoptic (PQ); exact, distributed over Ray tasks, w
     result = evaluate_predictions("s3://bucket/masks/run1", "instances_val.json")   # task inferred
     result.metrics["segm"]["AP"]
     write_report(result, "reports/run1")    # report.json, report.md, index.html
+    write_report(result, "reports/run1", overwrite=True)   # replaces that report (else refused)
 
 Evaluators follow detectron2's `reset / process / evaluate`, plus `merge` so that
 evaluators of different shards sum exactly (see base.py).
@@ -16,7 +17,7 @@ from .base import DatasetEvaluator, EvaluationError, ExactSum, ImageRanking, Ran
 from .data import GroundTruth, infer_task, load_ground_truth
 from .instance import InstanceEvaluator
 from .panoptic import PanopticEvaluator
-from .report import render, write_report
+from .report import ReportDirectoryError, check_report_directory, render, write_report
 from .runner import EvaluationResult, evaluate_predictions, make_evaluator
 from .semantic import SemanticEvaluator
 
@@ -31,8 +32,10 @@ __all__ = [
     "PanopticEvaluator",
     "Prediction",
     "RankedImage",
+    "ReportDirectoryError",
     "RowLocation",
     "SemanticEvaluator",
+    "check_report_directory",
     "evaluate_predictions",
     "infer_task",
     "load_ground_truth",

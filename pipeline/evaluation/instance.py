@@ -49,6 +49,13 @@ IOU_TYPES = ("segm", "bbox")
 # What puts a `segm` detection in the small / medium / large area ranges (module docstring).
 SEGM_AREAS = ("box", "mask")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+# The score thresholds of `score_curve` (precision / recall / F1 against the threshold).
+SCORE_THRESHOLDS = [round(i / 100, 2) for i in range(101)]
+# match_image: a detection or ground truth matched to nothing (a false positive, a miss), and
+# one the per-image counts leave out (a detection below the threshold, of a class not
+# evaluated or matched to a crowd region; crowd ground truth).
+UNMATCHED = -1
+NOT_COUNTED = -2
 
 
 def default_params(iou_type: str = "segm") -> Params:
@@ -69,6 +76,25 @@ class _Group:
     gt_crowd: np.ndarray  # (G,) bool
     gt_nonzero: np.ndarray  # (G,) bool: annotation id != 0
     image: int  # index of the image within this process() call
+    first: int = 0  # position of the group's first detection in the image's `dts` (match_image)
+    gt_columns: np.ndarray | None = None  # the group's ground truth, as indices into the image's kept annotations
+
+
+@dataclass
+class ImageMatches:
+    """How one image's detections and ground truth matched at IoU 0.5, as its ranking counts them."""
+
+    detections: np.ndarray  # per prediction row: index into gt.annotations of its match, UNMATCHED or NOT_COUNTED
+    ground_truths: np.ndarray  # per gt annotation: the prediction row matched to it, UNMATCHED or NOT_COUNTED
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """tp / fp / fn, as in the image's ranking detail."""
+        return {
+            "tp": int((self.detections >= 0).sum()),
+            "fp": int((self.detections == UNMATCHED).sum()),
+            "fn": int((self.ground_truths == UNMATCHED).sum()),
+        }
 
 
 class _Records:
@@ -145,17 +171,30 @@ class InstanceEvaluator(DatasetEvaluator):
             K = len(self.categories)
             self.ground_truths += np.bincount(np.concatenate([c[0] for c in self._batch_counts]), minlength=K)
             self.detections += np.bincount(np.concatenate([c[1] for c in self._batch_counts]), minlength=K)
-        quality_type = "segm" if "segm" in self.iou_types else self.iou_types[0]
         for iou_type, groups in self._batch_groups.items():
             per_image = self._match_and_store(iou_type, groups)
-            if iou_type == quality_type:
+            if iou_type == self.quality_type:
                 self._rank_images(per_image)
         del self._batch_groups, self._batch_images, self._batch_counts
+
+    @property
+    def quality_type(self) -> str:
+        """The IoU type that ranks the images and marks their thumbnails: segm when evaluated."""
+        return "segm" if "segm" in self.iou_types else self.iou_types[0]
 
     def _process_one(self, gt: InstanceImage, prediction: Prediction) -> None:
         prediction = self._mismatch(prediction, gt.height, gt.width)
         image = len(self._batch_images)
         self._batch_images.append((gt, prediction))
+        counts, groups, _ = self._image_groups(gt, prediction, image, self.iou_types)
+        self._batch_counts.append(counts)
+        for iou_type, image_groups in groups.items():
+            self._batch_groups[iou_type].extend(image_groups)
+
+    def _image_groups(self, gt: InstanceImage, prediction: Prediction, image: int, iou_types: tuple[str, ...]):
+        """One image's (gt, detection) category counts, its groups per IoU type, and `dts`:
+        the prediction rows the groups' detections are, group by group (touches no state)."""
+        groups: dict[str, list[_Group]] = {iou_type: [] for iou_type in iou_types}
         # Ground truth of the evaluated categories, in json order (COCO.getAnnIds order).
         index = self.category_index
         anns = [a for a in gt.annotations if a.get("category_id") in index]
@@ -170,7 +209,7 @@ class InstanceEvaluator(DatasetEvaluator):
             position = known = np.zeros(len(prediction), dtype=bool)
         dts = np.nonzero(known)[0]
         dt_cat = position[dts]
-        self._batch_counts.append((gt_cat[~gt_crowd], dt_cat))
+        counts = (gt_cat[~gt_crowd], dt_cat)
         order = np.lexsort((-prediction.score[dts], dt_cat))
         dts, dt_cat = dts[order], dt_cat[order]
         starts = np.searchsorted(dt_cat, dt_cat, side="left")
@@ -178,14 +217,14 @@ class InstanceEvaluator(DatasetEvaluator):
         dts, dt_cat = dts[keep], dt_cat[keep]
         categories = np.array(sorted(set(gt_cat.tolist()) | set(dt_cat.tolist())), dtype=np.int64)
         if not len(categories):
-            return
+            return counts, groups, dts
         scores = prediction.score[dts]
         crowd_list = gt_crowd.astype(np.uint8)
         gt_area = np.array([a["area"] for a in anns], dtype=np.float64)
         gt_nonzero = np.array([a.get("id") != 0 for a in anns], dtype=bool)
         dt_bounds = np.searchsorted(dt_cat, np.append(categories, len(self.categories)), side="left")
         gt_columns = [np.nonzero(gt_cat == k)[0] for k in categories]
-        for iou_type in self.iou_types:
+        for iou_type in iou_types:
             # One IoU matrix per image (all detections × all ground truth), sliced per category.
             # loadRes's w·h of the exported float32 box, in float64 as Python computes it.
             box_area = prediction.bbox[dts, 2] * prediction.bbox[dts, 3]
@@ -203,16 +242,16 @@ class InstanceEvaluator(DatasetEvaluator):
                 dt_area = box_area
             ious = np.asarray(mask_utils.iou(d, g, crowd_list)) if len(d) and len(g) else np.zeros(0)
             ious = ious.reshape(len(d), len(g))
-            groups = self._batch_groups[iou_type]
             for j, k in enumerate(categories.tolist()):
                 a, b = dt_bounds[j], dt_bounds[j + 1]
                 cols = gt_columns[j]
-                groups.append(
+                groups[iou_type].append(
                     _Group(
                         gt.order, k, ious[a:b][:, cols], scores[a:b], dt_area[a:b],
-                        gt_area[cols], gt_crowd[cols], gt_nonzero[cols], image,
+                        gt_area[cols], gt_crowd[cols], gt_nonzero[cols], image, int(a), cols,
                     )
                 )
+        return counts, groups, dts
 
     def _match_and_store(self, iou_type: str, groups: list[_Group]) -> dict[int, tuple[int, int, int]]:
         """Matches all groups, appends the records; returns per-image (tp, fp, fn) for ranking."""
@@ -248,6 +287,77 @@ class InstanceEvaluator(DatasetEvaluator):
             self.ranking.add(
                 RankedImage(f1, str(gt.id), prediction.image_id, prediction.location, {"tp": tp, "fp": fp, "fn": fn})
             )
+
+    def match_image(self, gt: InstanceImage, prediction: Prediction, score_threshold: float | None = None) -> ImageMatches:
+        """The matching of one image, by the evaluation's own code (the ranking's IoU type, IoU
+        0.5, area all), for drawing it: which detections scoring at least `score_threshold`
+        (default: the ranking's) matched which ground truth. Changes no state.
+
+        Detections are matched by descending score, so those above the threshold match as
+        they did among all of them, and the counts equal the image's ranking detail.
+        """
+        threshold = self.ranking_score_threshold if score_threshold is None else score_threshold
+        if not prediction.ok or (prediction.height, prediction.width) != (gt.height, gt.width):
+            prediction = prediction.without_segments()
+        iou_type = self.quality_type
+        _, groups, dts = self._image_groups(gt, prediction, 0, (iou_type,))
+        kept = np.array([i for i, a in enumerate(gt.annotations) if a.get("category_id") in self.category_index], dtype=np.int64)
+        detections = np.full(len(prediction), NOT_COUNTED, dtype=np.int64)
+        ground_truths = np.full(len(gt.annotations), NOT_COUNTED, dtype=np.int64)
+        regular = [i for i in kept.tolist() if not gt.annotations[i].get("iscrowd", 0)]
+        ground_truths[regular] = UNMATCHED
+        groups = groups[iou_type]
+        if groups:
+            det_group, det_rank, det_score, matched, ignored, _, det_gt = match_groups(
+                groups, self.iou_thresholds, self.area_ranges, with_gt=True
+            )
+            # [:, 0, 0]: area range "all", IoU threshold 0.5 (the ranking's).
+            counted = ~ignored[:, 0, 0] & (det_score >= threshold)
+            for d in np.nonzero(counted)[0].tolist():
+                group = groups[det_group[d]]
+                row = int(dts[group.first + det_rank[d]])
+                if matched[d, 0, 0]:
+                    annotation = int(kept[group.gt_columns[det_gt[d, 0, 0]]])
+                    detections[row] = annotation
+                    ground_truths[annotation] = row
+                else:
+                    detections[row] = UNMATCHED
+        return ImageMatches(detections, ground_truths)
+
+    def score_curve(self, iou_type: str) -> dict:
+        """Precision, recall and F1 of the detections scoring at least t, for t in SCORE_THRESHOLDS.
+
+        From the records accumulate reads (each image's top 100 detections per class, matched
+        by COCOeval's rules) at IoU 0.5, area all, pooled over classes: a detection of a class
+        without ground truth is a false positive, one matched to a crowd region is not counted.
+        None where undefined (no detection at t: precision; no ground truth: recall and F1).
+        """
+        records = self.records[iou_type]
+        ground_truths = int(records.npig[:, 0].sum())
+        columns = records.columns()
+        if columns is None:
+            scores, hits = np.zeros(0), np.zeros(0, dtype=bool)
+        else:
+            _, _, _, score, matched, ignored = columns
+            counted = ~ignored[:, 0, 0]
+            scores, hits = score[counted], matched[counted, 0, 0]
+        order = np.argsort(-scores, kind="stable")
+        # tp among the n best-scoring detections; those scoring ≥ t are the n(t) best.
+        tp_of_n = np.concatenate([[0], np.cumsum(hits[order])])
+        n = len(scores) - np.searchsorted(np.sort(scores), np.array(SCORE_THRESHOLDS), side="left")
+        tp = tp_of_n[n]
+        fp = n - tp
+        fn = ground_truths - tp
+        return {
+            "iou": 0.5,
+            "thresholds": list(SCORE_THRESHOLDS),
+            "precision": [float(t / k) if k else None for t, k in zip(tp, n)],
+            "recall": [float(t / ground_truths) if ground_truths else None for t in tp],
+            "f1": [float(2 * t / (2 * t + f + m)) if ground_truths else None for t, f, m in zip(tp, fp, fn)],
+            "tp": [int(t) for t in tp],
+            "fp": [int(f) for f in fp],
+            "ground_truths": ground_truths,
+        }
 
     def _merge(self, other: "InstanceEvaluator") -> None:
         for iou_type in self.iou_types:
@@ -390,6 +500,7 @@ class InstanceEvaluator(DatasetEvaluator):
                 **{name: _metric(v) for name, v in zip(STAT_NAMES, stats)},
                 "per_category": per_category,
                 "pr_curves": {"recall": recall_thresholds, "per_category": curves},
+                "score_curve": self.score_curve(iou_type),
             }
         return results
 
@@ -403,13 +514,14 @@ def _curve(values: np.ndarray) -> list[float] | None:
     return None if (values == -1).all() else [float(v) for v in values]
 
 
-def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: np.ndarray):
+def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: np.ndarray, *, with_gt: bool = False):
     """COCOeval.evaluateImg's greedy matching for many (image, category) groups at once.
 
     Returns, for every detection of every group: its group index, its rank within the
     group, its score, matched (n, A, T) bool (COCOeval's dtMatches != 0) and ignored
     (n, A, T) bool (dtIgnore); and per group the count of non-ignored ground truths
-    (groups, A) (what accumulate calls npig).
+    (groups, A) (what accumulate calls npig). With `with_gt`, also the ground truth each
+    detection took, (n, A, T) int: its column in the group's `ious`, -1 for none.
 
     Groups with the same number G of ground truths are stacked; sorted by their number of
     detections (descending), the groups still having a detection of rank r are a prefix,
@@ -420,7 +532,7 @@ def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: 
     thresholds = np.array([min([t, 1 - 1e-10]) for t in iou_thresholds.tolist()], dtype=np.float64)
     lo, hi = area_ranges[:, 0], area_ranges[:, 1]
     npig = np.zeros((len(groups), A), dtype=np.int64)
-    out_group, out_rank, out_score, out_matched, out_ignored = [], [], [], [], []
+    out_group, out_rank, out_score, out_matched, out_ignored, out_gt = [], [], [], [], [], []
     buckets: dict[int, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         buckets[group.ious.shape[1]].append(index)
@@ -454,6 +566,7 @@ def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: 
         dt_out = (dt_area[:, :, None] < lo[None, None, :]) | (dt_area[:, :, None] > hi[None, None, :])  # (P, D, A)
         dtm = np.zeros((P, D, A, T), dtype=bool)
         dtig = np.zeros((P, D, A, T), dtype=bool)
+        dt_gt = np.full((P, D, A, T), -1, dtype=np.int32) if with_gt else None
         if G:
             gt_taken = np.zeros((P, A, T, G), dtype=bool)
             regular = ~gt_ignore[:, :, None, :]  # (P, A, 1, G)
@@ -476,6 +589,8 @@ def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: 
                 gt_taken[pi, ai, ti, gi] = True
                 dtig[pi, r, ai, ti] = gt_ignore[pi, ai, gi]
                 dtm[pi, r, ai, ti] = nonzero[pi, gi]
+                if with_gt:
+                    dt_gt[pi, r, ai, ti] = gi
         # Unmatched detections outside the area range are ignored.
         dtig |= ~dtm & dt_out[:, :, :, None]
         pi, ri = np.nonzero(np.arange(D)[None, :] < sizes[:, None])
@@ -484,10 +599,13 @@ def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: 
         out_score.append(scores[pi, ri])
         out_matched.append(dtm[pi, ri])
         out_ignored.append(dtig[pi, ri])
+        if with_gt:
+            out_gt.append(dt_gt[pi, ri])
     if not out_group:
         empty = np.zeros((0, A, T), dtype=bool)
-        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0), empty, empty, npig
-    return (
+        out = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0), empty, empty, npig)
+        return out + (np.zeros((0, A, T), np.int32),) if with_gt else out
+    out = (
         np.concatenate(out_group),
         np.concatenate(out_rank),
         np.concatenate(out_score),
@@ -495,3 +613,4 @@ def match_groups(groups: list[_Group], iou_thresholds: np.ndarray, area_ranges: 
         np.concatenate(out_ignored),
         npig,
     )
+    return out + (np.concatenate(out_gt),) if with_gt else out

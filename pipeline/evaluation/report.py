@@ -19,8 +19,8 @@ import numpy as np
 
 from ... import __version__
 from ..run_reader import read_predictions
-from ..storage import filesystem, full_uri
-from .base import RankedImage
+from ..storage import filesystem, full_uri, remove
+from .base import EvaluationError, RankedImage
 from .runner import EvaluationResult
 
 log = logging.getLogger("rayseg")
@@ -29,6 +29,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "index.html"
 FIGURES = "figures"
+# What a report folder holds: what overwrite=True may delete, and nothing else.
+REPORT_ENTRIES = (REPORT_JSON, REPORT_MD, REPORT_HTML, FIGURES)
 
 CONVENTIONS = {
     "instance": [
@@ -298,10 +300,49 @@ def _instance_figures(result: EvaluationResult) -> list[Figure]:
             ax.legend(fontsize=7, loc="lower left", frameon=False)
     fig.tight_layout()
     out.append(Figure("pr_curves", "Precision–recall curves", "Interpolated precision at the 101 COCO recall thresholds, per class at IoU 0.50 and averaged over classes at 0.50 and 0.75.", _png(fig), wide=True))
+    out.append(_score_curve_figure(result, types))
     main = "segm" if "segm" in m else "bbox"
     bars = [(c["name"], c["AP"], c["id"]) for c in m[main]["per_category"]]
     out.append(_bars(bars, f"{main} AP per class", "AP (IoU .50:.95)", "ap_per_class", "Average precision per class; classes without ground truth have none."))
     return out
+
+
+def _score_curve_figure(result: EvaluationResult, types: list[str]) -> Figure:
+    """Precision, recall and F1 against the score threshold (metrics[t]["score_curve"])."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(types), figsize=(5.2 * len(types), 3.8), squeeze=False)
+    for ax, iou_type in zip(axes[0], types):
+        curve = result.metrics[iou_type]["score_curve"]
+        thresholds = np.array(curve["thresholds"])
+        for key, color in (("precision", "#3b6fb6"), ("recall", "#e15759"), ("f1", "#222")):
+            values = np.array([np.nan if v is None else v for v in curve[key]], dtype=np.float64)
+            ax.plot(thresholds, values, color=color, lw=2.2 if key == "f1" else 1.5, label=key if key != "f1" else "F1")
+        best = _best_f1(curve)
+        if best is not None:
+            ax.axvline(best[0], color="#999", lw=1, ls=":")
+            ax.annotate(f"best F1 {best[1]:.3f} at {best[0]:.2f}", (best[0], best[1]), xytext=(4, 6), textcoords="offset points", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("score threshold")
+        ax.set_title(f"{iou_type}: precision / recall / F1 @ IoU .50")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left", frameon=False)
+    fig.tight_layout()
+    caption = (
+        "Detections scoring at least the threshold, matched to ground truth at IoU 0.50 as COCOeval matches them "
+        "(each image's 100 best per class), pooled over classes: precision = TP / detections, recall = TP / ground truth, "
+        "F1 = 2TP / (2TP + FP + FN). The dotted line is the threshold of the best F1; report.json has the values (metrics.<type>.score_curve)."
+    )
+    return Figure("score_curve", "Precision, recall and F1 against the score threshold", caption, _png(fig), wide=True)
+
+
+def _best_f1(curve: dict) -> tuple[float, float] | None:
+    """(threshold, F1) of the best F1, the lowest such threshold; None when F1 is undefined."""
+    defined = [(f1, -t) for t, f1 in zip(curve["thresholds"], curve["f1"]) if f1 is not None]
+    if not defined:
+        return None
+    f1, t = max(defined)
+    return -t, f1
 
 
 def _bars(items: list[tuple[str, float | None, int]], title: str, xlabel: str, name: str, caption: str, colors=None) -> Figure:
@@ -386,9 +427,11 @@ def thumbnails(result: EvaluationResult, score_threshold: float = 0.5) -> dict[s
                     continue
                 fs, _ = filesystem(ranked.location.file, result.storage_options)
                 (prediction,) = read_predictions(fs, [(ranked.location.file, ranked.location.row_group, [ranked.location.row])])
+                # The evaluation's own matching marks false positives and misses.
+                matches = evaluator.match_image(gt, prediction, score_threshold) if result.task == "instance" else None
                 gt_panel, pred_panel, readable = render_pair(
                     result.task, gt, prediction, storage_options=result.storage_options,
-                    score_threshold=score_threshold, ignore_labels=ignore,
+                    score_threshold=score_threshold, ignore_labels=ignore, matches=matches,
                 )
             except Exception as e:  # noqa: BLE001 - a thumbnail is never worth failing a report
                 log.warning("thumbnail for %s skipped: %s", ranked.image_id, e)
@@ -399,6 +442,7 @@ def thumbnails(result: EvaluationResult, score_threshold: float = 0.5) -> dict[s
                     "quality": ranked.quality,
                     "detail": ranked.detail,
                     "image_readable": readable,
+                    "marks": matches.counts if matches is not None else None,
                     "gt_png": png_bytes(gt_panel),
                     "pred_png": png_bytes(pred_panel),
                 }
@@ -442,7 +486,7 @@ def render(result: EvaluationResult, *, draw_thumbnails: bool = True, score_thre
             item["gt_b64"] = base64.b64encode(item["gt_png"]).decode("ascii")
             item["pred_b64"] = base64.b64encode(item["pred_png"]).decode("ascii")
             item["which"] = which
-            listing.append({"which": which, "image_id": item["image_id"], "quality": item["quality"], "ground_truth_png": item["gt_file"], "prediction_png": item["pred_file"], "image_readable": item["image_readable"]})
+            listing.append({"which": which, "image_id": item["image_id"], "quality": item["quality"], "ground_truth_png": item["gt_file"], "prediction_png": item["pred_file"], "image_readable": item["image_readable"], "marks": item["marks"]})
     data = report_data(result, thumbnails=listing)
     context = _context(result, data, figs, thumbs, score_threshold)
     files = {
@@ -506,9 +550,41 @@ def _context(result: EvaluationResult, data: dict, figs: list[Figure], thumbs: d
         "coverage_rows": coverage_rows,
         "run_rows": run_rows,
         "notes": data["evaluation"]["conventions"],
-        "legend": [(name, _hex(category_color(i))) for i, name in legend],
+        "legend": [(name, _hex(category_color(i))) for i, name in legend] if result.task == "semantic" else [],
+        "marks": _marks_legend(result.task),
+        "thumbnail_caption": thumbnail_caption(result.task, score_threshold),
         "fmt": _fmt,
     }
+
+
+def thumbnail_caption(task: str, score_threshold: float) -> str:
+    """What the thumbnails' colours and marks mean (visualize.py draws them)."""
+    if task == "semantic":
+        return "Each class has its colour (legend); left: ground truth, right: prediction."
+    if task == "panoptic":
+        return (
+            "Each segment has its own colour, chosen far from its neighbours' (colours are not classes); a predicted "
+            "segment matching a ground-truth one (same class, IoU > 0.5) takes its colour. Left: ground truth, right: prediction."
+        )
+    return (
+        f"Left: ground truth, right: detections scoring ≥ {score_threshold}. Each object has its own colour, "
+        "far from its neighbours' (colours are not classes), so touching objects of one class show as two. "
+        "A detection matched to a ground-truth object (same class, IoU ≥ 0.5, the evaluation's own matching) "
+        "takes that object's colour. Red-and-white dashed outline: a false positive (a detection matched to no "
+        "ground truth, or of the wrong class). Yellow-and-black dashed outline: a missed object (no detection "
+        "scoring ≥ the threshold matched it), drawn in both panels. Crowd regions and detections on them are "
+        "not marked."
+    )
+
+
+def _marks_legend(task: str) -> list[tuple[str, str, str]]:
+    """(name, dash colour, gap colour) of the thumbnails' marks."""
+    if task != "instance":
+        return []
+    from .visualize import FALSE_POSITIVE_MARK, MISSED_MARK
+
+    return [("false positive", _hex(FALSE_POSITIVE_MARK[0]), _hex(FALSE_POSITIVE_MARK[1])),
+            ("missed ground truth", _hex(MISSED_MARK[0]), _hex(MISSED_MARK[1]))]  # fmt: skip
 
 
 def _legend(result: EvaluationResult) -> list[tuple[int, str]]:
@@ -519,6 +595,45 @@ def _legend(result: EvaluationResult) -> list[tuple[int, str]]:
     return [(c["id"], c["name"]) for c in m["per_class"]]
 
 
+class ReportDirectoryError(EvaluationError):
+    """A report folder that is not empty (without overwrite), or that holds more than a report."""
+
+
+def check_report_directory(directory: str, storage_options: dict | None = None, *, overwrite: bool = False) -> list[str]:
+    """The entries of the report folder `directory` (path or URI), when it may be written.
+
+    A folder that does not exist or is empty may. A non-empty one may only with `overwrite`,
+    and only when it holds nothing but a report's own entries (REPORT_ENTRIES): an earlier
+    report's files would otherwise be left beside the new ones, and anything else in it is
+    not the report's to delete. ReportDirectoryError otherwise. Cheap: one listing.
+    """
+    fs, root = filesystem(directory, storage_options)
+    fs.invalidate_cache(root)  # s3fs/gcsfs cache listings: a report written since is seen
+    if fs.isfile(root):
+        raise ReportDirectoryError(f"report folder {directory} is a file")
+    try:
+        entries = sorted(fs.ls(root, detail=False)) if fs.isdir(root) else []
+    except FileNotFoundError:
+        entries = []
+    # Object stores list a folder's own marker object under its name: not an entry.
+    entries = [e for e in entries if e.rstrip("/") != root.rstrip("/")]
+    if not entries:
+        return []
+    names = [posixpath.basename(e.rstrip("/")) for e in entries]
+    if not overwrite:
+        raise ReportDirectoryError(
+            f"report folder {directory} is not empty ({', '.join(names[:5])}{', …' if len(names) > 5 else ''}): "
+            "an earlier report's figures would stay beside the new ones"
+        )
+    foreign = [n for n in names if n not in REPORT_ENTRIES]
+    if foreign:
+        raise ReportDirectoryError(
+            f"report folder {directory} holds more than a report ({', '.join(foreign[:5])}{', …' if len(foreign) > 5 else ''}): "
+            f"only a folder holding nothing but {', '.join(REPORT_ENTRIES)} is cleared"
+        )
+    return entries
+
+
 def write_report(
     result: EvaluationResult,
     directory: str,
@@ -526,10 +641,20 @@ def write_report(
     storage_options: dict | None = None,
     draw_thumbnails: bool = True,
     score_threshold: float = 0.5,
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Writes the report under `directory` (path or URI); returns {file name: full path}."""
+    """Writes the report under `directory` (path or URI); returns {file name: full path}.
+
+    The folder must be empty or new; with `overwrite`, an earlier report in it is deleted
+    first (check_report_directory says which folders qualify; ReportDirectoryError if not).
+    """
+    options = storage_options if storage_options is not None else result.storage_options
+    stale = check_report_directory(directory, options, overwrite=overwrite)
     files = render(result, draw_thumbnails=draw_thumbnails, score_threshold=score_threshold)
-    fs, root = filesystem(directory, storage_options if storage_options is not None else result.storage_options)
+    fs, root = filesystem(directory, options)
+    # Cleared after rendering: a report that fails to render leaves the earlier one whole.
+    for entry in stale:
+        remove(fs, entry)
     fs.makedirs(posixpath.join(root, FIGURES), exist_ok=True)
     written = {}
     for name, content in files.items():
