@@ -6,7 +6,6 @@ import logging
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..models.weights import WeightsError
@@ -19,8 +18,9 @@ from ..pipeline.training import (
     parse_size,
     train_unet,
 )
+from ..pipeline.training.progress import percent
 from . import cluster
-from .terminal import fail
+from .terminal import fail, results
 
 log = logging.getLogger("rayseg")
 
@@ -54,7 +54,7 @@ def unet(
         window = parse_size(crop, "--crop")
     except ValueError as e:
         raise fail(str(e)) from None
-    cluster.connect(address)
+    cluster.connect(address, state_api=True)
     try:
         summary = train_unet(
             data, out, epochs=epochs, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
@@ -66,12 +66,15 @@ def unet(
     except Exception as e:
         log.exception("training failed")
         raise fail(f"training failed: {type(e).__name__}: {e}", code=1) from None
-    table = Table("epoch", "loss", "val mIoU", "pixel acc", "lr", "seconds", title=f"train {summary.run_id}")
+    # Results on stdout (the epoch lines and Ray's are diagnostics, on stderr).
+    table = Table("epoch", "loss", "val mIoU %", "pixel acc %", "lr", "seconds", title=f"train {summary.run_id}")
     for row in summary.history:
-        fmt = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        table.add_row(str(row["epoch"]), f"{row['loss']:.4f}", fmt(row["val_mIoU"]), fmt(row["val_pixel_accuracy"]), f"{row['lr']:.2e}", f"{row['seconds']:.0f}")
-    Console().print(table)
-    Console().print(f"weights: {summary.out} (epochs {summary.start_epoch}→{summary.epochs}, {summary.seconds:.0f} s)", soft_wrap=True)
+        table.add_row(
+            str(row["epoch"]), f"{row['loss']:.4f}", percent(row["val_mIoU"]), percent(row["val_pixel_accuracy"]),
+            f"{row['lr']:.2e}", f"{row['seconds']:.0f}",
+        )  # fmt: skip
+    results.print(table)
+    results.print(f"weights: {summary.out} (epochs {summary.start_epoch}→{summary.epochs}, {summary.seconds:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:

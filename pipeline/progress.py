@@ -35,6 +35,12 @@ WRITE_OPERATOR = "Write"
 WATCH_INTERVAL_S = 0.5
 
 
+def ray_is_verbose() -> bool:
+    """Whether Ray's own INFO lines (its plans, bars, notices) are wanted: when rayseg logs
+    at debug (`rayseg -v`). Otherwise rayseg's progress says what they say."""
+    return logging.getLogger("rayseg").isEnabledFor(logging.DEBUG)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a watcher is told of a run: rows done of `expected` (None when unknown), errors

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 from contextlib import chdir
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,6 +379,111 @@ def test_cli_refuses_gpus_on_a_cpu_cluster(ray_cluster, tiny, tmp_path):
     result = CliRunner().invoke(app, ["train", "unet", str(tiny.root), "--out", str(tmp_path / "w"), "--gpus-per-worker", "1"])
     assert result.exit_code == 2, result.output
     assert "has none" in result.output
+
+
+# --- what a run says ---------------------------------------------------------------------------
+
+# What of Ray's own processes rayseg's training cannot quiet: it depends on how Ray was
+# started (jobs/cluster.py; here the session's Ray, conftest) and on the machine.
+# - Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, every
+#   second whether the run's controller lives: without it, 'Failed to query …' each time.
+#   It finds its cluster by looking for Ray instances on the machine, and with two (a test
+#   session beside another) its thread dies with a ConnectionError's traceback.
+# - Ray Data's console in its SplitCoordinator actors logs each dataset's "execution
+#   finished" at INFO.
+RAY_STARTED_ACTORS = ("PlacementGroupCleaner",)
+RAY_STARTED_LINES = ("execution finished in",)
+# Ray's markers in its worker logs, which its log monitor strips before forwarding.
+RAY_LOG_MARKER = re.compile(r"^:(job_id|actor_name|task_name):")
+ACTOR_NAME = re.compile(r"^:actor_name:(\S+)", re.MULTILINE)
+# Of a tqdm bar: its percentage, its rate, its cursor-up.
+TQDM = re.compile(r"\d%\||row/s|\x1b\[A")
+
+
+def _worker_log_sizes() -> dict[str, int]:
+    """Sizes of the session's worker logs: what Ray forwards to a driver's terminal (.out to
+    stdout, .err to stderr) where it runs with log_to_driver, as `rayseg` does."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return {str(path): path.stat().st_size for path in logs.glob("worker-*")}
+
+
+def _written_since(before: dict[str, int]) -> dict[str, list[str]]:
+    """The lines written to the worker logs since `before`, by stream ("out", "err"), but
+    for those of RAY_STARTED_ACTORS, once the logs stop growing: an executor's last lines
+    come as it shuts down, after fit returns."""
+    sizes = _worker_log_sizes()
+    for _ in range(20):
+        time.sleep(0.5)
+        sizes, previous = _worker_log_sizes(), sizes
+        if sizes == previous:
+            break
+    lines = {"out": [], "err": []}
+    for path, size in sizes.items():
+        raw = Path(path).read_bytes()[:size]
+        actor = ACTOR_NAME.search(raw.decode(errors="replace"))
+        if actor and actor[1] in RAY_STARTED_ACTORS:
+            continue
+        new = raw[before.get(path, 0) :].decode(errors="replace")
+        stream = "out" if path.endswith(".out") else "err"
+        lines[stream] += [line for line in new.splitlines() if line.strip() and not RAY_LOG_MARKER.match(line)]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def cli_run(ray_cluster, tiny, tmp_path_factory):
+    """`rayseg train unet` for two epochs, in this process: its stdout and stderr, and what
+    Ray's processes wrote meanwhile."""
+    from typer.testing import CliRunner
+
+    from rayseg.jobs.cli import app
+
+    out = tmp_path_factory.mktemp("cli-train") / "unet"
+    # Seed 1's split validates at 43.1% mIoU (seed 0's at 0%, the same in any unit).
+    options = {"--epochs": 2, **{f"--{k.replace('_', '-')}": v for k, v in TINY.items()}, "--seed": 1}
+    before = _worker_log_sizes()
+    result = CliRunner().invoke(app, ["train", "unet", str(tiny.root), "--out", str(out), *(str(x) for kv in options.items() for x in kv)])
+    assert result.exit_code == 0, result.output
+    return result, _written_since(before), out
+
+
+def test_the_run_logs_one_line_an_epoch_on_stderr_and_its_results_on_stdout(cli_run):
+    result, _, _ = cli_run
+    epoch_lines = [line for line in result.stderr.splitlines() if re.search(r"\bepoch \d+/2:", line)]
+    assert len(epoch_lines) == 2, result.stderr
+    assert all(re.search(r"epoch (\d)/2: loss [\d.]+, val mIoU [\d.]+%, \d+ s$", line) for line in epoch_lines), epoch_lines
+    assert [re.search(r"epoch (\d)/", line)[1] for line in epoch_lines] == ["1", "2"]
+    # stderr: the run's plan and its epochs, nothing else of rayseg's.
+    assert len(result.stderr.splitlines()) <= 3, result.stderr
+    assert "epoch 1/2" not in result.stdout
+    assert "weights: " in result.stdout and "val mIoU %" in result.stdout
+
+
+def test_the_epoch_lines_and_the_table_give_mIoU_in_percent_of_the_stored_fraction(cli_run):
+    result, _, out = cli_run
+    logged = [float(m[1]) for m in re.finditer(r"val mIoU ([\d.]+)%", result.stderr)]
+    # The table's rows: │ epoch │ loss │ val mIoU % │ pixel acc % │ lr │ seconds │
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines() if re.match(r"│ \d", line)]
+    assert [float(row[2]) for row in rows] == logged and len(logged) == 2, (result.stderr, result.stdout)
+    # metrics.json keeps the fraction, as report.json does.
+    stored = [row["val_mIoU"] for row in load_history(str(out))]
+    assert logged == [round(100 * value, 1) for value in stored] and all(0 < value < 1 for value in stored), (logged, stored)
+
+
+def test_rays_processes_show_no_bars_train_info_or_warnings_of_ours(cli_run):
+    from rayseg.jobs.terminal import NATIVE_NOISE
+
+    _, ray_lines, _ = cli_run
+    # Ray Train's print patch tees a worker's print to stdout: results only, there.
+    assert ray_lines["out"] == []
+    err = [line for line in ray_lines["err"] if not any(text in line for text in NATIVE_NOISE)]
+    assert not [line for line in err if TQDM.search(line)], err
+    for text in ("Reporting training result", "Starting execution of Dataset", "Setting up process group", "Warning"):
+        assert not [line for line in err if text in line], (text, err)
+    # What is left: Ray Data's warning that its bars are off, once a dataset (train, val).
+    left = [line for line in err if not any(text in line for text in RAY_STARTED_LINES)]
+    assert len(left) <= 2, left
 
 
 # --- instance output -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .checkpoints import RAY_TRAIN_DIR, load_history, read_checkpoint_epoch
 from .data import TrainingError, find_training_data, split_items
 from .loop import train_loop_per_worker
 from .pairs import DecodePairs
+from .progress import epoch_progress, quiet_data_context, ray_train_log_level
 from .resources import plan_train_resources
 
 log = logging.getLogger("rayseg")
@@ -93,7 +94,14 @@ def train_unet(
     TrainingError / WeightsError / ResourceError before any cluster work.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from ...models.unet import UNetConfig
@@ -162,9 +170,10 @@ def train_unet(
             decode, batch_size=8, batch_format="numpy", num_cpus=resources.task_cpus
         )
 
-    datasets = {"train": pairs(train_items).randomize_block_order(seed=seed)}
-    if val_items:
-        datasets["val"] = pairs(val_items)
+    with quiet_data_context():
+        datasets = {"train": pairs(train_items).randomize_block_order(seed=seed)}
+        if val_items:
+            datasets["val"] = pairs(val_items)
     config = {
         "categories": [c.to_dict() for c in categories],
         "width": width,
@@ -195,29 +204,30 @@ def train_unet(
         width, depth, len(categories), len(train_items), len(val_items), size[0], size[1], start_epoch, epochs,
         resources.workers, resources.cpus_per_worker, resources.gpus_per_worker,
     )  # fmt: skip
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker=worker_resources,
-        ),
-        run_config=RunConfig(
-            name=run_id,
-            storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-        datasets=datasets,
-    )
-    # Per-epoch bars of every dataset pass would bury the per-epoch metric lines.
-    context = ray.data.DataContext.get_current()
-    progress_bars, context.enable_progress_bars = context.enable_progress_bars, False
-    try:
+    ray_log_level = ray_train_log_level()
+    with epoch_progress(epochs) as progress:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**config, "progress": progress, "ray_train_log_level": ray_log_level},
+            scaling_config=ScalingConfig(
+                num_workers=resources.workers,
+                use_gpu=resources.gpus_per_worker > 0,
+                resources_per_worker=worker_resources,
+            ),
+            run_config=RunConfig(
+                name=run_id,
+                storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                failure_config=FailureConfig(max_failures=max_failures),
+                logging_config=LoggingConfig(log_level=ray_log_level),
+            ),
+            # The DataContext's options, which Train's default (`default_ingest_options`)
+            # means to carry over too, but rebuilds passing the deprecated
+            # `exclude_resources`: a RayDeprecationWarning from the DatasetManager each run.
+            dataset_config=DataConfig(execution_options=ray.data.DataContext.get_current().execution_options),
+            datasets=datasets,
+        )
         trainer.fit()
-    finally:
-        context.enable_progress_bars = progress_bars
     history = load_history(out, storage_options)
     return TrainSummary(
         out=out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import tempfile
 import time
@@ -21,6 +22,17 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def _hold_report_lines_to(level: str) -> None:
+    """Ray 2.60's train context names its logger by its file path, not `ray.train.…`, so
+    RunConfig's LoggingConfig misses it: a 'Reporting training result N: TrainingReport(…)'
+    line per epoch at INFO. Its level is set here, on the worker that logs them."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: nothing to hold
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: build or restore the network, then per epoch train on this
     worker's shard, validate (confusion matrices all-reduced), checkpoint and report."""
@@ -30,6 +42,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ...models.unet import UNet, UNetConfig, load_unet
 
+    _hold_report_lines_to(config["ray_train_log_level"])
     torch.set_num_threads(max(1, int(config["torch_threads"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -102,9 +115,13 @@ def train_loop_per_worker(config: dict) -> None:
             model.eval()
             with torch.inference_mode():
                 for batch in val_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy"):
-                    x = normalise(torch.from_numpy(batch["image"]).to(device))
+                    # Ray Data's batches are read-only views of its blocks: torch.from_numpy
+                    # warns of them (a UserWarning on each worker's stderr). augment() hands
+                    # the training loop new arrays.
+                    images, labels = (np.require(batch[k], requirements="W") for k in ("image", "label"))
+                    x = normalise(torch.from_numpy(images).to(device))
                     predicted = model(x).argmax(dim=1).cpu()
-                    confusion += confusion_matrix(predicted, torch.from_numpy(batch["label"]), num_classes)
+                    confusion += confusion_matrix(predicted, torch.from_numpy(labels), num_classes)
         if world > 1:
             import torch.distributed as dist
 
@@ -125,12 +142,10 @@ def train_loop_per_worker(config: dict) -> None:
             "train_step_seconds": round(compute_seconds, 2),
         }
         history.append(metrics)
-        if rank == 0:  # Ray forwards workers' stdout to the driver: one progress line per epoch
-            print(
-                f"epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f}, val mIoU "
-                f"{'-' if miou is None else f'{miou:.3f}'}, {metrics['seconds']:.0f} s",
-                flush=True,
-            )
+        if rank == 0 and config.get("progress") is not None:
+            # The driver logs the epoch's line (progress.py); not awaited, so that the
+            # line never holds up, or fails, the training.
+            config["progress"].add.remote({k: v for k, v in metrics.items() if k != "val_IoU"})
 
         with tempfile.TemporaryDirectory(prefix="rayseg-ckpt-") as local:
             checkpoint = None
