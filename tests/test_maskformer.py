@@ -325,9 +325,11 @@ def test_through_the_ray_pipeline(checkpoints, ray_cluster, tmp_path):
     document = json.loads((tmp_path / "pan" / "panoptic.json").read_text())
     assert {c["id"]: c["isthing"] for c in document["categories"]}.items() <= {0: 1, 1: 1, 2: 0, 3: 0}.items()
     rows = {r["image_id"]: r for r in table}
+    # String ids are numbered; each image keeps its row's id as rayseg_image_id.
+    row_ids = {image["id"]: image["rayseg_image_id"] for image in document["images"]}
     for annotation in document["annotations"]:
         ids = decode_ids(np.asarray(Image.open(tmp_path / "pan" / "panoptic" / annotation["file_name"])))
-        row = rows[annotation["image_id"]]
+        row = rows[row_ids[annotation["image_id"]]]
         for seg in row["segments"]:
             mask = mask_utils.decode({"size": [row["height"], row["width"]], "counts": seg["rle"]}).astype(bool)
             assert ((ids == seg["segment_id"]) == mask).all()
