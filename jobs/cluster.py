@@ -10,6 +10,7 @@ import time
 import ray
 
 from ..pipeline.progress import ray_is_verbose
+from .ray_data_console import LOGGING_CONFIG, LOGGING_CONFIG_ENV, NotProgressOff
 from .terminal import filter_native_stderr
 
 log = logging.getLogger("rayseg")
@@ -21,8 +22,6 @@ RAY_DATA_LOGGER = "ray.data"
 # The new local instance's notice that token authentication is on, as it is by default:
 # safe and nothing to act on, so shown only with -v.
 RAY_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
-# Ray Data's warning that its progress bars are off: rayseg turns them off for its own.
-RAY_PROGRESS_OFF = "Progress bars disabled"
 
 # Set by Ray in the environment of a job's driver (the job's config, runtime env included).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -83,6 +82,10 @@ def connect(address: str | None = None, *, state_api: bool = False) -> float:
         # credentials travel with the job, in its runtime environment (never logged).
         ray.init(address=address, runtime_env={"env_vars": storage_env()}, **options)
     else:
+        if not verbose:
+            # The processes of this Ray inherit it (Ray Train's dataset coordinators log
+            # their plans and bars' warnings there); a user's own config is kept.
+            os.environ.setdefault(LOGGING_CONFIG_ENV, str(LOGGING_CONFIG))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=state_api, **options)
     seconds = time.perf_counter() - started
     resources = ray.cluster_resources()
@@ -103,14 +106,12 @@ def quiet_ray() -> None:
     filter_native_stderr()
     logging.getLogger(RAY_AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # As LOGGING_CONFIG sets it in Ray's processes: this process configured Ray Data's
+    # logging when it imported ray.data.
     for handler in logging.getLogger(RAY_DATA_LOGGER).handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
-            handler.addFilter(_not_progress_off)
-
-
-def _not_progress_off(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(RAY_PROGRESS_OFF)
+            handler.addFilter(NotProgressOff())
 
 
 # Environment variables the storage libraries read (s3fs/botocore, pyarrow, gcsfs, adlfs).

@@ -50,7 +50,11 @@ def ray_cluster(tmp_path_factory, s3_endpoint):
     """Local Ray (2 CPUs, no dashboard) in a temp dir, shut down at the end of the session."""
     import ray
 
+    from rayseg.jobs.ray_data_console import LOGGING_CONFIG, LOGGING_CONFIG_ENV
+
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray Data's console in Ray's processes as `rayseg` sets it for the local Ray it starts.
+    os.environ.setdefault(LOGGING_CONFIG_ENV, str(LOGGING_CONFIG))
     ray.init(
         num_cpus=2,
         include_dashboard=False,
