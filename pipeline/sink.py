@@ -244,7 +244,7 @@ def staged_image_ids(output: str, run_id: str, storage_options: dict | None = No
         return None
     # A quarter CPU: the manifest's reader holds one for the whole run, and on a 2-CPU
     # machine a read of 1 CPU waited 401 s for it to finish (BENCHMARKS.md, issue 25).
-    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs), ray_remote_args={"num_cpus": 0.25}).select_columns(
+    return ray.data.read_parquet(complete, filesystem=arrow_filesystem(fs), num_cpus=0.25).select_columns(
         ["image_id"]
     )
 
