@@ -88,19 +88,18 @@ def models(
             entry = get_entry(name)
         except ValueError as e:
             raise fail(str(e)) from None
-        out = results
         lines = [
             f"{entry.name}: {entry.task}", f"weights: {entry.weights}", f"on CPUs: {entry.cpu_parallelism}",
             f"score: {entry.scores.meaning}", f"--score-threshold F: {entry.scores.range}: {entry.scores.cut}",
             "options (--model-option K=V):",
         ]  # fmt: skip
-        lines = [textwrap.fill(line, out.width, subsequent_indent="    ") for line in lines]
+        lines = [textwrap.fill(line, results.width, subsequent_indent="    ") for line in lines]
         for option, values, meaning in describe(entry.options):
             lines += [
-                textwrap.fill(f"  {option}: {values}", out.width, subsequent_indent="    "),
-                textwrap.fill(meaning, out.width, initial_indent=" " * 6, subsequent_indent=" " * 6),
+                textwrap.fill(f"  {option}: {values}", results.width, subsequent_indent="    "),
+                textwrap.fill(meaning, results.width, initial_indent=" " * 6, subsequent_indent=" " * 6),
             ]
-        out.print(Text("\n".join(lines)))
+        results.print(Text("\n".join(lines)))
         return
     # Within 80 columns: a model's options are `rayseg models NAME`'s, in full.
     table = Table("model", "task", "weights", Column("on CPUs", no_wrap=True), caption="options, scores and thresholds of one model: rayseg models NAME")
@@ -268,6 +267,10 @@ def run_relabel(spec: RelabelSpec, address: str | None) -> None:
     )
 
 
+# A version's diff counts (jobs/relabel.py), in the order `rayseg versions` shows them.
+DIFF_COUNTS = ("added", "removed", "changed", "retried", "relabelled")
+
+
 @app.command()
 def versions(
     root: Annotated[str, typer.Argument(help="A relabel spec's output_root.")],
@@ -291,10 +294,6 @@ def versions(
         rows.add_row(version.name, finished, *(f"{counts[k]:,}" for k in ("images", "ok", "error", "segments")), f"{version.run.get('processed', 0):,}")
         changes.add_row(version.name, *(f"{images[k]:,}" if k in images else "" for k in DIFF_COUNTS))
     results.print(rows, changes)
-
-
-# A version's diff counts (jobs/relabel.py), in the order `rayseg versions` shows them.
-DIFF_COUNTS = ("added", "removed", "changed", "retried", "relabelled")
 
 
 @app.command()

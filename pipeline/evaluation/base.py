@@ -108,6 +108,12 @@ class ImageRanking:
         self.worst = sorted(pool, key=lambda r: (r.quality, r.key))[: self.k]
 
 
+def fits(prediction: Prediction, height: int, width: int) -> bool:
+    """Whether a row's segments are scored against ground truth of height × width: its own
+    size is that (an error row has no segments to score)."""
+    return not prediction.ok or (prediction.height, prediction.width) == (height, width)
+
+
 class DatasetEvaluator(ABC):
     """reset / process / merge / evaluate (see the module docstring)."""
 
@@ -146,7 +152,7 @@ class DatasetEvaluator(ABC):
 
     def _mismatch(self, prediction: Prediction, height: int, width: int) -> Prediction:
         """The row, or the row without segments when its size is not the ground truth's."""
-        if not prediction.ok or (prediction.height, prediction.width) == (height, width):
+        if fits(prediction, height, width):
             return prediction
         self.size_mismatch += 1
         if len(self.size_mismatch_examples) < 5:

@@ -42,7 +42,7 @@ from pycocotools.cocoeval import Params
 
 from ..coco_masks import annotation_rle
 from ..run_reader import Prediction
-from .base import DatasetEvaluator, RankedImage, finite_or_none
+from .base import DatasetEvaluator, RankedImage, finite_or_none, fits
 from .data import InstanceImage
 
 IOU_TYPES = ("segm", "bbox")
@@ -297,7 +297,7 @@ class InstanceEvaluator(DatasetEvaluator):
         they did among all of them, and the counts equal the image's ranking detail.
         """
         threshold = self.ranking_score_threshold if score_threshold is None else score_threshold
-        if not prediction.ok or (prediction.height, prediction.width) != (gt.height, gt.width):
+        if not fits(prediction, gt.height, gt.width):
             prediction = prediction.without_segments()
         iou_type = self.quality_type
         _, groups, dts = self._image_groups(gt, prediction, 0, (iou_type,))
