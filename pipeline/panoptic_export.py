@@ -42,9 +42,9 @@ run's model was given; else, as the rows do not record it, from the
 run's task (`_run.json`): a semantic run's classes are stuff (one region per class and
 image), an instance or panoptic run's are things.
 
-Reads only a committed run: the files its `_run.json` lists, or one Parquet file given
-directly (pipeline/run_reader.py's prediction_files); rows stream one row group at a
-time, the json is written at the end.
+Reads only a committed run (one with its `_run.json`), or one Parquet file given directly,
+as the other exports do (pipeline/export.py's iter_batches); rows stream a batch at a time,
+the json is written at the end.
 """
 
 from __future__ import annotations
@@ -55,26 +55,26 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..models.categories import load_category_file
-from .export import ExportError, ImageIds, dataset_image_ids, image_entry
+from .export import (
+    ExportError,
+    ImageIds,
+    dataset_image_ids,
+    image_entry,
+    iter_batches,
+    iter_rows,
+)
 from .run_reader import (
-    PREDICTION_COLUMNS,
     Prediction,
-    prediction_files,
-    predictions_from_table,
     read_run_info,
     run_task,
 )
-from .sink import RUN_FILE, committed_files
 from .storage import filesystem
 
 log = logging.getLogger("rayseg.pipeline")
@@ -132,31 +132,11 @@ def decode_ids(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def _tables(predictions: str, storage_options: dict | None, columns: list[str]) -> Iterator[pa.Table]:
-    """The committed run's row groups, in order, with `columns`."""
-    fs, root = filesystem(predictions, storage_options)
-    if fs.isdir(root) and fs.exists(posixpath.join(root, RUN_FILE)):
-        files = committed_files(predictions, storage_options)
-    else:
-        fs, files = prediction_files(predictions, storage_options)
-    for file in files:
-        file_fs, path = filesystem(file, storage_options)
-        with file_fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            for row_group in range(parquet.metadata.num_row_groups):
-                yield parquet.read_row_group(row_group, columns=columns)
-
-
-def _rows(predictions: str, storage_options: dict | None) -> Iterator[Prediction]:
-    for table in _tables(predictions, storage_options, PREDICTION_COLUMNS):
-        yield from predictions_from_table(table)
-
-
 def _check_covered(predictions: str, ids: ImageIds, annotations: str, storage_options: dict | None) -> None:
     """ExportError unless every ok row's image is one of the ground truth's (a pass over the
     small columns, before anything is written)."""
     missing, examples = 0, []
-    for table in _tables(predictions, storage_options, ["image_id", "uri", "status"]):
+    for table in iter_batches(predictions, storage_options, ["image_id", "uri", "status"]):
         for image_id, uri, status in zip(*(table[c].to_pylist() for c in ("image_id", "uri", "status"))):
             if status == "ok" and ids.key(image_id, uri) is None:
                 missing += 1
@@ -236,7 +216,7 @@ def export_panoptic(
     images, annotations_out, categories = [], [], {}
     names: dict[str, int] = {}
     exported: set[int] = set()
-    for prediction in _rows(predictions, storage_options):
+    for prediction in iter_rows(predictions, storage_options):
         if prediction.status != "ok":
             summary.error_rows += 1
             continue
