@@ -448,3 +448,18 @@ def test_precision_recall_and_f1_against_the_score_threshold_equal_a_direct_coun
     assert "figures/score_curve.png" in written
     assert "![Precision, recall and F1 against the score threshold](figures/score_curve.png)" in (tmp_path / "report" / "report.md").read_text()
     assert "Precision, recall and F1 against the score threshold" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_a_thumbnail_shows_an_exif_rotated_photo_upright_as_the_run_decoded_it(tmp_path):
+    from PIL import Image
+
+    from rayseg.pipeline.decode import decode_image
+    from rayseg.pipeline.evaluation.visualize import read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": stored 40 wide, shown 40 high
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(path, exif=exif, quality=100)
+    shown = read_image(str(path))
+    assert shown.shape == (40, 20, 3), "the masks, at the decoded size, fit over it"
+    assert np.array_equal(shown, decode_image(path.read_bytes()))

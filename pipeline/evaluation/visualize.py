@@ -26,6 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..coco_masks import annotation_mask
+from ..decode import decode_image
 from ..run_reader import Prediction
 from ..storage import filesystem
 from .data import InstanceImage, PanopticImage, SemanticImage
@@ -65,15 +66,14 @@ def category_color(category_id: int) -> tuple[int, int, int]:
 
 
 def read_image(uri: str | None, storage_options: dict | None = None) -> np.ndarray | None:
-    """The image at `uri` as RGB uint8, or None when there is none or it cannot be read."""
+    """The image at `uri` as RGB uint8, or None when there is none or it cannot be read:
+    decoded as the run decoded it (EXIF orientation, 16-bit), so its masks fit it."""
     if not uri:
         return None
     try:
         fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
-            image = Image.open(io.BytesIO(f.read()))
-            image.load()
-        return np.asarray(image.convert("RGB"))
+            return decode_image(f.read())
     except Exception as e:  # noqa: BLE001 - a thumbnail is never worth failing a report
         log.debug("thumbnail image %s unreadable: %s", uri, e)
         return None
